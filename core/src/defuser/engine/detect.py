@@ -1,0 +1,60 @@
+"""Walking a model: module paths, their model types, decoder layer indices, parents."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["iter_typed_modules", "layer_index", "parents_of"]
+
+# The numbered decoder-stack segment of a path: layers.3, h.3, blocks.3, block.3, layer.3.
+_LAYER_SEGMENT = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_index(path: str) -> int | None:
+    """Index of the decoder layer ``path`` lies in (the first numbered stack), or None."""
+    match = _LAYER_SEGMENT.search(path)
+    return int(match.group(1)) if match else None
+
+
+def _own_model_type(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    # Only a pretrained (sub-)model defines the type of what it holds; experts carry the
+    # config too but never change it.
+    if model_type and hasattr(module, "base_model_prefix"):
+        return str(model_type)
+    return None
+
+
+def iter_typed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    """Yield ``(path, module, model_type)`` for every module, each once, in definition order.
+
+    ``model_type`` is that of the closest enclosing pretrained model, so the thinker and the
+    talker of a composite report their own types.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module, str | None]] = [("", model, _own_model_type(model))]
+    while stack:
+        path, module, model_type = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module, model_type
+        children = []
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            children.append((child_path, child, _own_model_type(child) or model_type))
+        stack.extend(reversed(children))
+
+
+def parents_of(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every ``(parent, attribute)`` pair holding ``target`` (shared blocks have several)."""
+    found = []
+    for module in model.modules():
+        for name, child in module._modules.items():
+            if child is target:
+                found.append((module, name))
+    return found

@@ -1,0 +1,117 @@
+"""Declaring a model family in a few lines: the base most plugins are made of.
+
+A plugin module creates one :class:`Family` and exposes it through its entry point::
+
+    plugin = Family(
+        name="qwen",
+        model_types=[TypeSupport("qwen3_moe", preload=True), TypeSupport("qwen3_vl_moe")],
+    )
+
+The family claims its model types; decorated experts are read from transformers' own flags,
+dense fused MLPs are named in ``dense_classes``; quirks go in ``layout_overrides`` (per class
+name).  Override a method (keeping its ``@hookimpl``) only for special forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from defuser.engine.candidates import Candidate, DenseLayout, read_experts_layout
+from defuser.engine.preload import PreloadPlan
+from defuser.hookspecs import hookimpl
+from defuser.plugin_info import PluginInfo, TypeSupport
+
+__all__ = ["Family", "modeling_module_for"]
+
+logger = logging.getLogger(__name__)
+
+
+def modeling_module_for(model_type: str) -> str:
+    """Import path of the transformers modeling module that defines ``model_type``."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(model_type)
+    return f"transformers.models.{module}.modeling_{module}"
+
+
+class Family:
+    """A declarative plugin for one family of model types."""
+
+    def __init__(
+        self,
+        name: str,
+        model_types: Iterable[TypeSupport],
+        *,
+        dense_classes: Mapping[str, DenseLayout] | None = None,
+        layout_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        key_renames: Mapping[str, Iterable[tuple[str, str]]] | None = None,
+        legacy_projection_names: Mapping[str, Mapping[str, str]] | None = None,
+        dense_key_patterns: Mapping[str, Iterable[str]] | None = None,
+        transformers: str = ">=5.3.0",
+        core: str = ">=0.1,<1",
+        priority: int = 0,
+        description: str = "",
+    ):
+        self.info = PluginInfo(
+            name=name,
+            model_types=tuple(model_types),
+            transformers=transformers,
+            core=core,
+            priority=priority,
+            description=description,
+        )
+        self.dense_classes = dict(dense_classes or {})
+        self.layout_overrides = {key: dict(value) for key, value in (layout_overrides or {}).items()}
+        self.key_renames = {key: tuple(value) for key, value in (key_renames or {}).items()}
+        self.legacy_projection_names = {key: dict(value) for key, value in (legacy_projection_names or {}).items()}
+        self.dense_key_patterns = {key: tuple(value) for key, value in (dense_key_patterns or {}).items()}
+
+    def __repr__(self) -> str:
+        return f"Family({self.info.name!r}, {len(self.info.model_types)} model types)"
+
+    @hookimpl
+    def defuser_plugin_info(self) -> PluginInfo:
+        return self.info
+
+    @hookimpl
+    def defuser_detect_candidate(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
+        if not self.info.claims(model_type):
+            return None
+        class_name = type(module).__name__
+        dense = self.dense_classes.get(class_name)
+        if dense is not None:
+            if isinstance(getattr(module, dense.fused_name, None), nn.Linear):
+                return Candidate(path, module, "dense", self.info.name, dense, model_type)
+            return None
+        layout = read_experts_layout(module)
+        if layout is None:
+            return None
+        overrides = self.layout_overrides.get(class_name)
+        if overrides:
+            layout = layout.with_overrides(**overrides)
+        return Candidate(path, module, "experts", self.info.name, layout, model_type)
+
+    @hookimpl
+    def defuser_preload_plan(self, model_type: str) -> PreloadPlan | None:
+        support = self.info.support_for(model_type)
+        if support is None or not support.preload:
+            return None
+        module_name = modeling_module_for(model_type)
+        return PreloadPlan(
+            model_type=model_type,
+            modeling_modules=(module_name,),
+            dense_classes=self._dense_classes_in(module_name),
+            key_renames=self.key_renames.get(model_type, ()),
+            legacy_projection_names=self.legacy_projection_names.get(model_type, {}),
+            dense_key_patterns=self.dense_key_patterns.get(model_type, ()),
+        )
+
+    def _dense_classes_in(self, module_name: str) -> dict[str, DenseLayout]:
+        import importlib
+
+        module = importlib.import_module(module_name)
+        return {name: layout for name, layout in self.dense_classes.items() if hasattr(module, name)}

@@ -1,0 +1,277 @@
+"""The plugin manager: finds plugins through entry points, lazily, and tolerates broken ones.
+
+Plugins are published under the entry-point group :data:`ENTRY_POINT_GROUP` (``defuser``)::
+
+    [project.entry-points.defuser]
+    qwen = "defuser_qwen.hooks:plugin"
+
+Nothing is imported at ``import defuser``; the first conversion or patch loads the plugins.
+Which load is decided, by entry-point name, by the environment (or :func:`configure`):
+
+* ``DEFUSER_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry point (register plugins by hand);
+* ``DEFUSER_LOAD_PLUGINS=qwen,glm``: load only these (set but empty: none);
+* ``DEFUSER_DISABLED_PLUGINS=mixtral``: never load these.
+
+A plugin that fails to import, describes itself wrongly, or supports neither the installed
+transformers nor this core is skipped with a warning naming it (``strict=True`` re-raises).
+When two plugins claim one model type, the higher ``priority`` wins, then the smaller name;
+a warning names both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from defuser import hookspecs
+from defuser.compat import transformers_version, version_in
+from defuser.engine.candidates import Candidate
+from defuser.engine.generic import GENERIC_PLUGIN_NAME, GenericEngine
+from defuser.engine.preload import PreloadPlan
+from defuser.plugin_info import PluginInfo
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_DISABLED_PLUGINS",
+    "ENV_DISABLE_AUTOLOAD",
+    "ENV_LOAD_PLUGINS",
+    "DefuserPluginManager",
+    "LoadedPlugin",
+    "PluginError",
+    "configure",
+    "get_plugin_manager",
+    "list_plugins",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "defuser"
+ENV_DISABLE_AUTOLOAD = "DEFUSER_DISABLE_PLUGIN_AUTOLOAD"
+ENV_LOAD_PLUGINS = "DEFUSER_LOAD_PLUGINS"
+ENV_DISABLED_PLUGINS = "DEFUSER_DISABLED_PLUGINS"
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load or a hook of it raised; the message names plugin and hook."""
+
+
+@dataclass
+class LoadedPlugin:
+    """A plugin the manager knows about (loaded or not)."""
+
+    name: str
+    info: PluginInfo | None = None
+    distribution: str | None = None
+    version: str | None = None
+    error: str | None = None
+    obj: Any = field(default=None, repr=False)
+
+
+def _names_from_env(variable: str) -> set[str] | None:
+    raw = os.environ.get(variable)
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _core_version() -> str:
+    try:
+        return version("defuser-core")
+    except PackageNotFoundError:  # running from a source tree
+        from defuser import __version__
+
+        return __version__
+
+
+class DefuserPluginManager:
+    """Loads plugins and answers the three hooks on behalf of core."""
+
+    def __init__(
+        self,
+        *,
+        autoload: bool | None = None,
+        allow: set[str] | list[str] | None = None,
+        block: set[str] | list[str] | None = None,
+        strict: bool = False,
+    ):
+        self.autoload = autoload if autoload is not None else os.environ.get(ENV_DISABLE_AUTOLOAD, "") in ("", "0")
+        self.allow = set(allow) if allow is not None else _names_from_env(ENV_LOAD_PLUGINS)
+        self.block = set(block) if block is not None else (_names_from_env(ENV_DISABLED_PLUGINS) or set())
+        self.strict = strict
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, LoadedPlugin] = {}
+        self._owners: dict[str | None, str | None] = {}
+        self._loaded = False
+        self._lock = threading.RLock()
+        self._register_object(GenericEngine(), GENERIC_PLUGIN_NAME, distribution="defuser-core")
+
+    # -- loading ------------------------------------------------------------------------
+
+    def ensure_loaded(self) -> None:
+        """Load the entry-point plugins once (no-op when autoload is off)."""
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            if not self.autoload:
+                return
+            for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+                if entry_point.name in self.block or (self.allow is not None and entry_point.name not in self.allow):
+                    logger.debug("plugin %s not loaded (by configuration)", entry_point.name)
+                    continue
+                distribution = getattr(entry_point.dist, "name", None)
+                try:
+                    obj = entry_point.load()
+                except Exception as error:
+                    self._fail(entry_point.name, f"import of {entry_point.value} failed: {error!r}", distribution)
+                    continue
+                self._register_object(obj, entry_point.name, distribution=distribution)
+
+    def register(self, plugin: Any, name: str | None = None) -> LoadedPlugin:
+        """Register a plugin object or module by hand (tests, notebooks, private plugins)."""
+        with self._lock:
+            return self._register_object(plugin, name or getattr(plugin, "__name__", type(plugin).__name__))
+
+    def unregister(self, name: str) -> None:
+        """Forget the plugin registered under ``name``."""
+        with self._lock:
+            loaded = self.plugins.pop(name, None)
+            if loaded is not None and loaded.obj is not None:
+                self.pm.unregister(loaded.obj)
+            self._owners.clear()
+
+    def _fail(self, name: str, message: str, distribution: str | None = None) -> LoadedPlugin:
+        failed = LoadedPlugin(name=name, distribution=distribution, error=message)
+        self.plugins[name] = failed
+        logger.warning("defuser plugin %r skipped: %s", name, message)
+        if self.strict:
+            raise PluginError(f"plugin {name!r}: {message}")
+        return failed
+
+    def _register_object(self, obj: Any, name: str, distribution: str | None = None) -> LoadedPlugin:
+        dist_version = None
+        if distribution:
+            try:
+                dist_version = version(distribution)
+            except PackageNotFoundError:
+                dist_version = None
+        try:
+            describe = getattr(obj, "defuser_plugin_info", None)
+            info = describe() if callable(describe) else PluginInfo(name=name)
+            if not isinstance(info, PluginInfo):
+                raise TypeError(f"defuser_plugin_info returned {type(info).__name__}, expected PluginInfo")
+        except Exception as error:
+            return self._fail(name, f"hook defuser_plugin_info raised {error!r}", distribution)
+        found = transformers_version()
+        if not version_in(info.transformers, found):
+            return self._fail(name, f"requested transformers{info.transformers} but found {found}", distribution)
+        core = _core_version()
+        if not version_in(info.core, core):
+            return self._fail(name, f"requested defuser-core{info.core} but found {core}", distribution)
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as error:
+            return self._fail(name, f"registration failed: {error!r}", distribution)
+        loaded = LoadedPlugin(name, info, distribution, dist_version, obj=obj)
+        self.plugins[name] = loaded
+        self._owners.clear()
+        return loaded
+
+    # -- ownership ----------------------------------------------------------------------
+
+    def owner_of(self, model_type: str | None) -> str | None:
+        """Name of the plugin that handles ``model_type`` (None: nobody claims it)."""
+        self.ensure_loaded()
+        with self._lock:
+            if model_type in self._owners:
+                return self._owners[model_type]
+            claimants = sorted(
+                (p for p in self.plugins.values() if p.info is not None and p.info.claims(model_type)),
+                key=lambda p: (-p.info.priority, p.name),
+            )
+            owner = claimants[0].name if claimants else None
+            if len(claimants) > 1:
+                others = ", ".join(p.name for p in claimants[1:])
+                logger.warning("model type %r is claimed by %s and %s; using %s", model_type, owner, others, owner)
+            self._owners[model_type] = owner
+            return owner
+
+    def _caller(self, hook_name: str, model_type: str | None) -> Any:
+        owner = self.owner_of(model_type)
+        if owner is None:
+            return getattr(self.pm.hook, hook_name)
+        others = [p.obj for p in self.plugins.values() if p.obj is not None and p.name not in (owner, GENERIC_PLUGIN_NAME)]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+
+    def _call(self, hook_name: str, owner_type: str | None, **kwargs: Any) -> Any:
+        try:
+            return self._caller(hook_name, owner_type)(**kwargs)
+        except Exception as error:
+            raise PluginError(f"hook {hook_name} of the plugin for {owner_type!r} ({self.owner_of(owner_type)}) "
+                              f"raised {error!r}") from error
+
+    # -- the three jobs -----------------------------------------------------------------
+
+    def detect(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
+        """Detection: the candidate for one module, from its model type's plugin or generic."""
+        self.ensure_loaded()
+        return self._call("defuser_detect_candidate", model_type, module=module, path=path, model_type=model_type)
+
+    def preload_plan(self, model_type: str) -> PreloadPlan | None:
+        """Pre-load patching: the owner plugin's plan for ``model_type``."""
+        self.ensure_loaded()
+        return self._call("defuser_preload_plan", model_type, model_type=model_type)
+
+    def defuse(self, candidate: Candidate) -> nn.Module:
+        """Runtime defusion: the replacement module for ``candidate``."""
+        self.ensure_loaded()
+        result = self._caller("defuser_defuse_candidate", candidate.model_type)(candidate=candidate)
+        if result is None:
+            raise PluginError(f"no plugin could defuse {candidate.path} ({candidate.class_name})")
+        return result
+
+    def describe(self) -> list[LoadedPlugin]:
+        """All plugins known, loaded or failed, sorted by name."""
+        self.ensure_loaded()
+        return sorted(self.plugins.values(), key=lambda p: p.name)
+
+
+_manager: DefuserPluginManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_plugin_manager() -> DefuserPluginManager:
+    """The process-wide plugin manager, created on first use."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = DefuserPluginManager()
+        return _manager
+
+
+def configure(
+    *,
+    autoload: bool | None = None,
+    allow: list[str] | None = None,
+    block: list[str] | None = None,
+    strict: bool = False,
+) -> DefuserPluginManager:
+    """Replace the process-wide manager with one using these choices (same meaning as the
+    environment variables; arguments win over them)."""
+    global _manager
+    with _manager_lock:
+        _manager = DefuserPluginManager(autoload=autoload, allow=allow, block=block, strict=strict)
+        return _manager
+
+
+def list_plugins() -> list[LoadedPlugin]:
+    """Installed plugins with their info, version and load error (``defuser plugins``)."""
+    return get_plugin_manager().describe()

@@ -1,0 +1,1 @@
+"""defuser plugin: the glm model family."""

@@ -1,0 +1,16 @@
+"""Mixtral.  Decorated experts (generic engine); before load, the legacy
+``block_sparse_moe.experts.N.w1/w2/w3`` checkpoint keys load into
+``mlp.experts.N.gate_proj/down_proj/up_proj`` instead of being fused."""
+
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="mixtral",
+    description="Mixtral sparse MoE",
+    model_types=[TypeSupport("mixtral", preload=True, notes="legacy block_sparse_moe w1/w2/w3 keys load")],
+    # w1 is each expert's gate, w3 its up and w2 its down projection.
+    legacy_projection_names={"mixtral": {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}},
+)
