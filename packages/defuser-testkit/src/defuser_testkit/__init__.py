@@ -1,0 +1,1 @@
+"""Test helpers for defuser plugins: tiny models, conformance checks, pytest fixtures."""

@@ -1,0 +1,1 @@
+"""pytest fixtures for defuser plugin tests (filled in below)."""
