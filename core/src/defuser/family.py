@@ -38,6 +38,13 @@ def modeling_module_for(model_type: str) -> str:
     return f"transformers.models.{module}.modeling_{module}"
 
 
+def _module_or_none(model_type: str) -> str | None:
+    try:
+        return modeling_module_for(model_type)
+    except Exception:  # a type this transformers does not know
+        return None
+
+
 class Family:
     """A declarative plugin for one family of model types."""
 
@@ -101,8 +108,14 @@ class Family:
         if support is None or not support.preload:
             return None
         module_name = modeling_module_for(model_type)
+        # Sub-models (thinker, talker, text-only) load through their own model types.
+        related = tuple(
+            t.model_type for t in self.info.model_types
+            if t.model_type != model_type and _module_or_none(t.model_type) == module_name
+        )
         return PreloadPlan(
             model_type=model_type,
+            mapping_types=(model_type, *related),
             modeling_modules=(module_name,),
             dense_classes=self._dense_classes_in(module_name),
             key_renames=self.key_renames.get(model_type, ()),

@@ -90,8 +90,10 @@ def read_experts_layout(module: nn.Module) -> ExpertsLayout | None:
     if not all(isinstance(getattr(module, flag, None), bool) for flag in _DECORATOR_FLAGS):
         return None
     has_gate = module.has_gate
-    fused_in = getattr(module, "gate_up_proj" if has_gate else "up_proj", None)
-    down = getattr(module, "down_proj", None)
+    # Registered tensors only: a defused module answers fused names with placeholders.
+    tensors = {**module._buffers, **module._parameters}
+    fused_in = tensors.get("gate_up_proj" if has_gate else "up_proj")
+    down = tensors.get("down_proj")
     if getattr(fused_in, "ndim", 0) != 3 or getattr(down, "ndim", 0) != 3:
         return None
     if fused_in.shape[0] != down.shape[0]:

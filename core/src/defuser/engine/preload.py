@@ -53,10 +53,13 @@ class PreloadPlan:
     ``legacy_projection_names`` maps legacy per-expert projection names to defused ones
     (Mixtral: ``{"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}``);
     ``dense_key_patterns`` are checkpoint keys of fused dense Linears to split on load.
+    ``mapping_types`` are the model types whose checkpoint mapping changes (default: the
+    model type alone; composites add their sub-models' types).
     """
 
     model_type: str
     modeling_modules: tuple[str, ...]
+    mapping_types: tuple[str, ...] = ()
     experts_classes: tuple[str, ...] | None = None
     dense_classes: dict[str, DenseLayout] = field(default_factory=dict)
     key_renames: tuple[tuple[str, str], ...] = ()
@@ -69,7 +72,7 @@ class PreloadPlan:
 class _AppliedPatch:
     plan: PreloadPlan
     replaced: dict[tuple[str, str], type] = field(default_factory=dict)
-    previous_mapping: Any = None
+    previous_mappings: dict[str, Any] = field(default_factory=dict)
 
 
 def decorated_experts_classes(module: Any) -> dict[str, type[nn.Module]]:
@@ -144,10 +147,10 @@ def _fuses_experts(transform: Any) -> bool:
     return any(target.rstrip("$").endswith(("experts.gate_up_proj", "experts.down_proj")) for target in targets)
 
 
-def _checkpoint_mapping(plan: PreloadPlan) -> tuple[list[Any], Any]:
+def _checkpoint_mapping(plan: PreloadPlan, model_type: str) -> tuple[list[Any], Any]:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    stock = get_checkpoint_conversion_mapping(plan.model_type)
+    stock = get_checkpoint_conversion_mapping(model_type)
     kept = [transform for transform in (stock or []) if not _fuses_experts(transform)]
     return kept + _split_transforms(plan), stock
 
@@ -177,9 +180,12 @@ def apply_preload_plan(plan: PreloadPlan) -> bool:
         if not replacements:
             logger.warning("nothing to patch for model type %r in %s", plan.model_type, plan.modeling_modules)
             return False
-        mapping, applied.previous_mapping = _checkpoint_mapping(plan)
+        mappings = {}
+        for model_type in plan.mapping_types or (plan.model_type,):
+            mappings[model_type], applied.previous_mappings[model_type] = _checkpoint_mapping(plan, model_type)
         register_patch_mapping(replacements, overwrite=True)
-        register_checkpoint_conversion_mapping(plan.model_type, mapping, overwrite=True)
+        for model_type, mapping in mappings.items():
+            register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
         for (module_name, name), _ in applied.replaced.items():
             setattr(importlib.import_module(module_name), name, replacements[name])
         _applied[plan.model_type] = applied
@@ -210,6 +216,7 @@ def restore_preload_patches(model_type: str | None = None) -> list[str]:
                 unregister_patch_mapping(names)
             for (module_name, name), original in applied.replaced.items():
                 setattr(importlib.import_module(module_name), name, original)
-            register_checkpoint_conversion_mapping(current_type, applied.previous_mapping or [], overwrite=True)
+            for mapped_type, previous in applied.previous_mappings.items():
+                register_checkpoint_conversion_mapping(mapped_type, previous or [], overwrite=True)
             restored.append(current_type)
         return restored

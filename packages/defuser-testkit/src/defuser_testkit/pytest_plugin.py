@@ -1,1 +1,48 @@
-"""pytest fixtures for defuser plugin tests (filled in below)."""
+"""pytest plugin (entry point ``pytest11``) for defuser plugin authors.
+
+* parametrizes :class:`defuser_testkit.conformance.FamilyConformance` tests over the model
+  types each one applies to;
+* ``defuser_restore_patches``: undoes every ``replace_fused_blocks`` made during a test;
+* ``defuser_plugin_manager``: a fresh plugin manager with autoload off, installed as the
+  process-wide one for the test (register your plugin on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from defuser_testkit.conformance import FamilyConformance
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    cls = metafunc.cls
+    group = getattr(metafunc.function, "_defuser_over", None)
+    if cls is None or group is None or not issubclass(cls, FamilyConformance):
+        return
+    model_types = sorted(getattr(cls, group))
+    if not model_types:
+        metafunc.parametrize("model_type", [pytest.param(None, marks=pytest.mark.skip(reason=f"no {group} declared"))])
+        return
+    metafunc.parametrize("model_type", model_types)
+
+
+@pytest.fixture
+def defuser_restore_patches() -> Iterator[None]:
+    """Undo all pre-load patches made during the test."""
+    from defuser.engine.preload import restore_preload_patches
+
+    yield
+    restore_preload_patches()
+
+
+@pytest.fixture
+def defuser_plugin_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fresh manager (autoload off) used by ``convert_model`` during the test."""
+    import defuser.plugins as plugins
+
+    manager = plugins.DefuserPluginManager(autoload=False)
+    monkeypatch.setattr(plugins, "_manager", manager)
+    yield manager

@@ -1,0 +1,189 @@
+"""Conformance checks a plugin runs on its model types.
+
+Each check builds what it needs from a *factory*: a zero-argument callable returning a fresh
+tiny model (same seed, same weights every call).  Checks assert real behaviour: outputs
+equal before and after, names and shapes present, per-expert weights equal to their slice of
+the fused tensor (computed here independently of defuser's own slicing code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from defuser import convert_model, replace_fused_blocks
+from defuser.api import find_candidates
+from defuser.engine.candidates import ExpertsLayout
+from defuser.engine.experts import DefusedExperts
+from defuser.engine.preload import restore_preload_patches
+
+__all__ = [
+    "ATOL",
+    "assert_converts_equal",
+    "assert_generate_same",
+    "assert_max_layers",
+    "assert_meta_conversion",
+    "assert_preload_loads_both_layouts",
+    "expected_expert_weights",
+    "model_output",
+    "preload_patched",
+]
+
+ATOL = 1e-5
+ModelFactory = Callable[[], nn.Module]
+
+
+def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits, or the last hidden state for models without a head."""
+    with torch.no_grad():
+        output = model(**inputs)
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output.last_hidden_state
+
+
+def expected_expert_weights(fused: nn.Module, layout: ExpertsLayout, expert: int) -> dict[str, torch.Tensor]:
+    """The per-expert weights a fused module should defuse into, by meaning."""
+    first = getattr(fused, layout.gate_up_name if layout.has_gate else layout.up_name).detach()[expert]
+    down = fused.down_proj.detach()[expert]
+    if layout.is_transposed:
+        first, down = first.T, down.T
+    expected = {"down_proj": down}
+    if not layout.has_gate:
+        expected["up_proj"] = first
+        return expected
+    half = first.shape[0] // 2
+    if layout.is_concatenated:
+        halves = (first[:half], first[half:])
+    else:
+        halves = (first[0::2], first[1::2])
+    gate, up = halves if layout.gate_first else halves[::-1]
+    expected.update(gate_proj=gate, up_proj=up)
+    return expected
+
+
+def _fused_snapshot(model: nn.Module) -> dict[str, tuple[nn.Module, Any]]:
+    return {c.path: (copy.deepcopy(c.module), c.layout) for c in find_candidates(model) if c.kind == "experts"}
+
+
+def assert_converts_equal(factory: ModelFactory, inputs: dict[str, torch.Tensor], atol: float = ATOL) -> nn.Module:
+    """Convert a fresh model: outputs equal, names and per-expert weights right, nothing
+    fused left, a second conversion a no-op.  Returns the converted model."""
+    model = factory()
+    reference = model_output(model, inputs)
+    candidates = find_candidates(model)
+    assert candidates, f"{type(model).__name__}: no fused candidates detected"
+    snapshot = _fused_snapshot(model)
+    assert convert_model(model) is True
+    modules = dict(model.named_modules())
+    for path, (fused, layout) in snapshot.items():
+        defused = modules[path]
+        assert isinstance(defused, DefusedExperts), f"{path} is {type(defused).__name__}"
+        assert len(defused) == layout.num_experts
+        assert len(list(defused)) == layout.num_experts
+        for index in range(layout.num_experts):
+            for name, tensor in expected_expert_weights(fused, layout, index).items():
+                linear = getattr(defused[index], name)
+                assert isinstance(linear, nn.Linear), f"{path}.{index}.{name} is not nn.Linear"
+                assert torch.equal(linear.weight, tensor), f"{path}.{index}.{name} differs from its fused slice"
+    state = model.state_dict()
+    for candidate in candidates:
+        if candidate.kind == "experts":
+            for name in ("gate_proj", "up_proj", "down_proj") if candidate.layout.has_gate else ("up_proj", "down_proj"):
+                assert f"{candidate.path}.0.{name}.weight" in state, f"missing {candidate.path}.0.{name}.weight"
+            assert f"{candidate.path}.gate_up_proj" not in state
+        else:
+            for name in ("gate_proj", "up_proj"):
+                assert f"{candidate.path}.{name}.weight" in state, f"missing {candidate.path}.{name}.weight"
+            assert f"{candidate.path}.gate_up_proj.weight" not in state
+    assert find_candidates(model) == [], "fused modules left after conversion"
+    converted = model_output(model, inputs)
+    difference = (converted - reference).abs().max().item()
+    assert difference <= atol, f"outputs differ by {difference} after conversion"
+    assert convert_model(model) is False, "second conversion changed something"
+    return model
+
+
+def assert_generate_same(factory: ModelFactory, inputs: dict[str, torch.Tensor], new_tokens: int = 6) -> None:
+    """Greedy ``generate()`` gives the same tokens before and after conversion."""
+    model = factory()
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        before = model.generate(**inputs, **settings)
+    assert convert_model(model)
+    with torch.no_grad():
+        after = model.generate(**inputs, **settings)
+    assert torch.equal(before, after), f"generate() differs: {before.tolist()} vs {after.tolist()}"
+
+
+def assert_meta_conversion(factory: ModelFactory) -> None:
+    """Conversion of a meta-device model builds the structure and allocates nothing."""
+    with torch.device("meta"):
+        model = factory()
+    assert convert_model(model) is True
+    assert find_candidates(model) == []
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.is_meta for t in model.parameters()), "conversion allocated real parameters"
+    assert tensors, "model has no tensors"
+    assert any(isinstance(m, DefusedExperts) for m in model.modules()) or any(
+        "gate_proj" in name for name, _ in model.named_modules()
+    )
+
+
+def assert_max_layers(factory: ModelFactory, inputs: dict[str, torch.Tensor], atol: float = ATOL) -> None:
+    """``max_layers=1`` converts layer 0 only; the rest keep their fused form and the
+    mixed model still matches."""
+    model = factory()
+    reference = model_output(model, inputs)
+    before = find_candidates(model)
+    assert convert_model(model, max_layers=1) is True
+    left = {c.path for c in find_candidates(model)}
+    for candidate in before:
+        in_first = ".0." in f".{candidate.path}." and "layers.0." in candidate.path + "."
+        assert (candidate.path in left) != in_first, f"{candidate.path}: max_layers=1 handled it wrongly"
+    difference = (model_output(model, inputs) - reference).abs().max().item()
+    assert difference <= atol, f"mixed fused/defused model differs by {difference}"
+
+
+@contextlib.contextmanager
+def preload_patched(model_type: str) -> Iterator[None]:
+    """``replace_fused_blocks(model_type)`` for the duration of a block, then undone."""
+    assert replace_fused_blocks(model_type) is True
+    try:
+        yield
+    finally:
+        restore_preload_patches(model_type)
+
+
+def assert_preload_loads_both_layouts(
+    factory: ModelFactory, model_type: str, inputs: dict[str, torch.Tensor], tmp_path: Path,
+    extra_checkpoints: Callable[[nn.Module, Path], dict[str, Path]] | None = None, atol: float = ATOL,
+) -> None:
+    """A stock model saved per-expert (transformers' default) and fused loads into the
+    pre-load patched class with equal outputs and defused blocks; so do ``extra_checkpoints``."""
+    stock = factory()
+    reference = model_output(stock, inputs)
+    checkpoints = {"per-expert": tmp_path / "per_expert", "fused": tmp_path / "fused"}
+    stock.save_pretrained(checkpoints["per-expert"])
+    stock.save_pretrained(checkpoints["fused"], save_original_format=False)
+    if extra_checkpoints is not None:
+        checkpoints.update(extra_checkpoints(stock, tmp_path))
+    stock_class = type(stock)
+    with preload_patched(model_type):
+        built = factory()
+        assert find_candidates(built) == [], "direct construction still built fused blocks"
+        for name, folder in checkpoints.items():
+            loaded = stock_class.from_pretrained(folder).eval()
+            assert find_candidates(loaded) == [], f"{name} checkpoint: fused blocks after patched load"
+            assert any(isinstance(m, DefusedExperts) for m in loaded.modules()) or any(
+                n.endswith("gate_proj") for n, _ in loaded.named_modules()
+            )
+            difference = (model_output(loaded, inputs) - reference).abs().max().item()
+            assert difference <= atol, f"{name} checkpoint: outputs differ by {difference}"
+    after = factory()
+    assert find_candidates(after), "restore left the classes patched"

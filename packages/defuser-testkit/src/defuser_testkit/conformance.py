@@ -1,0 +1,86 @@
+"""A conformance suite plugin authors subclass, one subclass per family.
+
+    class TestQwen(FamilyConformance):
+        cases = {"qwen3_moe": lambda: build_tiny_model("qwen3_moe")}
+        preload = {"qwen3_moe"}
+        generate = {"qwen3_moe"}
+
+Every test is parametrized over the model types it applies to (``model_type`` argument).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from defuser import convert_model
+from defuser.api import find_candidates
+from defuser_testkit import checks
+from defuser_testkit.tiny import tiny_inputs
+
+__all__ = ["FamilyConformance", "over"]
+
+
+def over(group: str) -> Callable:
+    """Mark a conformance test to run over ``cases`` keys in ``group`` (an attribute name)."""
+
+    def mark(function: Callable) -> Callable:
+        function._defuser_over = group
+        return function
+
+    return mark
+
+
+class FamilyConformance:
+    """Standard checks for every model type of a plugin."""
+
+    cases: ClassVar[dict[str, Callable[[], nn.Module]]] = {}
+    preload: ClassVar[set[str]] = set()
+    generate: ClassVar[set[str]] = set()
+    extra_checkpoints: ClassVar[dict[str, Callable[[nn.Module, Path], dict[str, Path]]]] = {}
+
+    def inputs(self, model_type: str) -> dict[str, torch.Tensor]:
+        """Inputs for ``model_type`` (override for models that need more than token ids)."""
+        return tiny_inputs(self.cases[model_type]())
+
+    @over("cases")
+    def test_converts_with_equal_outputs(self, model_type: str) -> None:
+        checks.assert_converts_equal(self.cases[model_type], self.inputs(model_type))
+
+    @over("cases")
+    def test_meta_device(self, model_type: str) -> None:
+        checks.assert_meta_conversion(self.cases[model_type])
+
+    @over("cases")
+    def test_max_layers_converts_first_layers_only(self, model_type: str) -> None:
+        checks.assert_max_layers(self.cases[model_type], self.inputs(model_type))
+
+    @over("cases")
+    def test_filter_excludes_and_includes(self, model_type: str) -> None:
+        model = self.cases[model_type]()
+        inputs = self.inputs(model_type)
+        reference = checks.model_output(model, inputs)
+        paths = [c.path for c in find_candidates(model)]
+        assert convert_model(model, filter=["-:.*"]) is False
+        assert [c.path for c in find_candidates(model)] == paths
+        target = paths[-1]
+        assert convert_model(model, filter=[f"+:^{target}$", "-:layers\\.0\\."]) is True
+        left = [c.path for c in find_candidates(model)]
+        assert left == [p for p in paths if p != target], f"only {target} should have been converted"
+        difference = (checks.model_output(model, inputs) - reference).abs().max().item()
+        assert difference <= checks.ATOL
+
+    @over("generate")
+    def test_generate_same_tokens(self, model_type: str) -> None:
+        checks.assert_generate_same(self.cases[model_type], self.inputs(model_type))
+
+    @over("preload")
+    def test_preload_patch_loads_both_layouts(self, model_type: str, tmp_path: Path) -> None:
+        checks.assert_preload_loads_both_layouts(
+            self.cases[model_type], model_type, self.inputs(model_type), tmp_path,
+            extra_checkpoints=self.extra_checkpoints.get(model_type),
+        )
