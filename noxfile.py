@@ -1,0 +1,119 @@
+"""Nox sessions for the defuser monorepo.
+
+    nox -l                           # list sessions
+    nox -s "tests-mixtral(latest)"   # one plugin against the newest supported transformers
+    nox -t qwen                      # every session of one family
+    nox -s lint build
+
+Sessions use the virtualenv backend: torch comes from a local CPU wheel that pip finds but uv
+does not, and it must always be pinned to exactly TORCH_VERSION.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: nox itself depends on tomli there
+    import tomli as tomllib
+
+nox.options.default_venv_backend = "virtualenv"
+
+ROOT = Path(__file__).resolve().parent
+TORCH_VERSION = "2.13.0"
+# Oldest and newest transformers releases defuser supports, with the ids sessions are named by.
+TRANSFORMERS_VERSIONS = [
+    nox.param("5.3.0", id="oldest"),
+    nox.param("5.24.0", id="latest"),
+]
+
+CORE = "core"
+TESTKIT = "packages/defuser-testkit"
+# One plugin distribution per folder under plugins/; adding a folder adds its test session.
+FAMILIES = sorted(path.name for path in (ROOT / "plugins").iterdir() if (path / "pyproject.toml").is_file())
+
+
+def _distribution_dirs() -> list[Path]:
+    """Every folder that holds a distribution: core, each plugin, each package under packages/."""
+    candidates = [ROOT / CORE, *sorted((ROOT / "plugins").iterdir()), *sorted((ROOT / "packages").iterdir())]
+    return [path for path in candidates if (path / "pyproject.toml").is_file()]
+
+
+def _install_stack(session: nox.Session, transformers: str, *editables: str, extra: tuple[str, ...] = ()) -> None:
+    """Install torch, then transformers, then the editable distributions, keeping both pins fixed."""
+    pins = (f"torch=={TORCH_VERSION}", f"transformers=={transformers}")
+    session.install(pins[0])
+    session.install(*pins)
+    args: list[str] = []
+    for path in editables:
+        args += ["-e", path]
+    session.install(*args, "pytest", *extra, *pins)
+
+
+def _make_family_session(family: str) -> None:
+    def tests(session: nox.Session, transformers: str) -> None:
+        _install_stack(session, transformers, CORE, TESTKIT, f"plugins/{family}")
+        session.run("pytest", f"plugins/{family}/tests", *session.posargs)
+
+    tests.__doc__ = f"Run the {family} plugin's tests against one supported transformers release."
+    tests.__name__ = f"tests_{family}"
+    parametrized = nox.parametrize("transformers", TRANSFORMERS_VERSIONS)(tests)
+    nox.session(name=f"tests-{family}", tags=[family, "tests"])(parametrized)
+
+
+for _family in FAMILIES:
+    _make_family_session(_family)
+
+
+@nox.session(name="tests-core", tags=["core", "tests"])
+@nox.parametrize("transformers", TRANSFORMERS_VERSIONS)
+def tests_core(session: nox.Session, transformers: str) -> None:
+    """Run core's tests and the cross-package tests (with every plugin installed)."""
+    plugins = [f"plugins/{family}" for family in FAMILIES]
+    # build + hatchling: tests/test_wheels.py builds every distribution.
+    _install_stack(session, transformers, CORE, TESTKIT, *plugins, extra=("build", "hatchling"))
+    session.run("pytest", "core/tests", "tests", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint the whole repository with ruff (configuration in ruff.toml)."""
+    session.install("ruff")
+    session.run("ruff", "check", ".", *session.posargs)
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the sdist and wheel of every distribution into dist/ and check each wheel is there."""
+    session.install("build", "hatchling")
+    outdir = ROOT / "dist"
+    outdir.mkdir(exist_ok=True)
+    expected: list[tuple[str, str]] = []
+    for path in _distribution_dirs():
+        project = tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+        stem = f"{_normalized(project['name'])}-{project['version']}"
+        # Drop artifacts of this exact version first, so a stale file cannot pass the check below.
+        for stale in [*outdir.glob(f"{stem}-*.whl"), outdir / f"{stem}.tar.gz"]:
+            stale.unlink(missing_ok=True)
+        session.run("python", "-m", "build", "--no-isolation", "--outdir", str(outdir), str(path))
+        expected.append((path.relative_to(ROOT).as_posix(), stem))
+
+    missing = []
+    for rel, stem in expected:
+        wheels = sorted(outdir.glob(f"{stem}-*.whl"))
+        if not wheels:
+            missing.append(f"{rel}: no {stem}-*.whl")
+        if not (outdir / f"{stem}.tar.gz").is_file():
+            missing.append(f"{rel}: no {stem}.tar.gz")
+        for wheel in wheels:
+            session.log(f"built {wheel.name}")
+    if missing:
+        session.error("missing build artifacts in dist/: " + "; ".join(missing))

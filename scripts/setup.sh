@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (or refresh) a virtual environment with core, every first-party plugin, the
+# testkit and the test tools, for one transformers version.
+#   scripts/setup.sh [VENV_DIR] [TRANSFORMERS_VERSION]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-$root/.venv}"
+transformers_version="${2:-5.24.0}"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned: this machine carries the CPU build of 2.13.0; an open range
+# would pull a multi-GB CUDA build.
+"${pip[@]}" "torch==2.13.0"
+"${pip[@]}" "transformers==$transformers_version" safetensors accelerate \
+    pytest hypothesis build hatchling ruff
+"${pip[@]}" -e "$root/core" -e "$root/packages/defuser-testkit" \
+    $(for plugin in "$root"/plugins/*/; do printf -- '-e %s ' "$plugin"; done)
+echo "environment ready: $venv (transformers $transformers_version)"
