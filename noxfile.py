@@ -31,6 +31,9 @@ TRANSFORMERS_VERSIONS = [
     nox.param("5.24.0", id="latest"),
 ]
 
+# Test runner and test-only libraries every test session installs.
+TEST_DEPS = ("pytest", "hypothesis")
+
 CORE = "core"
 TESTKIT = "packages/defuser-testkit"
 # One plugin distribution per folder under plugins/; adding a folder adds its test session.
@@ -51,7 +54,7 @@ def _install_stack(session: nox.Session, transformers: str, *editables: str, ext
     args: list[str] = []
     for path in editables:
         args += ["-e", path]
-    session.install(*args, "pytest", *extra, *pins)
+    session.install(*args, *TEST_DEPS, *extra, *pins)
 
 
 def _make_family_session(family: str) -> None:

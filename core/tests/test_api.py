@@ -26,11 +26,13 @@ def test_public_api_is_exact():
 
 @pytest.mark.parametrize("bad", [None, "model", 3, object()])
 def test_convert_model_rejects_non_modules(bad):
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         convert_model(bad)
 
 
-@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-2, ValueError), ("2", TypeError), (1.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-2, ValueError), ("2", TypeError), (1.5, TypeError), (True, TypeError)]
+)
 def test_max_layers_validation_changes_nothing(value, error):
     model = build_tiny_model("qwen3_moe")
     with pytest.raises(error, match="max_layers"):

@@ -8,7 +8,12 @@ from hypothesis import strategies as st
 
 from defuser.filtering import compile_filter
 
-PATHS = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts", "model.layers.10.mlp", "thinker.layers.0.mlp.experts"]
+PATHS = [
+    "model.layers.0.mlp.experts",
+    "model.layers.1.mlp.experts",
+    "model.layers.10.mlp",
+    "thinker.layers.0.mlp.experts",
+]
 
 
 def test_no_rules_allows_everything():
@@ -56,8 +61,12 @@ def _reference(rules, path):
 
 _SEGMENTS = st.sampled_from(["layers", "0", "1", "12", "mlp", "experts", "thinker", "model"])
 _RULES = st.lists(
-    st.tuples(st.sampled_from(["", "+:", "-:"]), st.sampled_from(["layers\\.1", "experts$", "^model", "mlp", "thinker", "\\.0\\."])),
-    min_size=1, max_size=4,
+    st.tuples(
+        st.sampled_from(["", "+:", "-:"]),
+        st.sampled_from(["layers\\.1", "experts$", "^model", "mlp", "thinker", "\\.0\\."]),
+    ),
+    min_size=1,
+    max_size=4,
 )
 
 

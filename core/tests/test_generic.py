@@ -12,7 +12,7 @@ from transformers.integrations.moe import use_experts_implementation
 from defuser import convert_model
 from defuser.engine.experts import DefusedExperts, per_expert_forward
 
-E, H, I = 4, 12, 6
+E, H, I = 4, 12, 6  # noqa: E741 - experts, hidden, intermediate as in the fused shapes
 
 
 def _decorate(cls, **flags):

@@ -11,7 +11,12 @@ SPECS = [name for name, value in vars(hookspecs).items() if name.startswith("def
 
 
 def test_there_are_hooks_for_the_three_jobs():
-    assert {"defuser_detect_candidate", "defuser_preload_plan", "defuser_defuse_candidate", "defuser_plugin_info"} <= set(SPECS)
+    assert {
+        "defuser_detect_candidate",
+        "defuser_preload_plan",
+        "defuser_defuse_candidate",
+        "defuser_plugin_info",
+    } <= set(SPECS)
 
 
 def test_every_hookspec_has_a_contract_docstring():
@@ -24,5 +29,7 @@ def test_every_hookspec_has_a_contract_docstring():
 
 
 def test_every_hookspec_is_implemented_by_core():
-    implemented = {n for n in dir(GenericEngine) if n.startswith("defuser_")} | {n for n in dir(Family) if n.startswith("defuser_")}
+    implemented = {n for n in dir(GenericEngine) if n.startswith("defuser_")} | {
+        n for n in dir(Family) if n.startswith("defuser_")
+    }
     assert set(SPECS) <= implemented

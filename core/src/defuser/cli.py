@@ -15,7 +15,7 @@ logger = logging.getLogger("defuser")
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -35,16 +35,21 @@ def _demo(args: argparse.Namespace) -> int:
     model = build_tiny_model(args.model_type)
     inputs = tiny_inputs(model)
     candidates = find_candidates(model)
-    print(f"model: {type(model).__name__} ({args.model_type}), "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, random weights")
+    print(
+        f"model: {type(model).__name__} ({args.model_type}), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, random weights"
+    )
     if not candidates:
         print(f"nothing to defuse in {args.model_type}")
         return 1
     print("\nbefore: fused modules")
     rows = []
     for c in candidates:
-        tensors = {n: p for n, p in c.module.named_parameters(recurse=False)} if c.kind == "experts" else {
-            f"{c.layout.fused_name}.weight": getattr(c.module, c.layout.fused_name).weight}
+        tensors = (
+            {n: p for n, p in c.module.named_parameters(recurse=False)}
+            if c.kind == "experts"
+            else {f"{c.layout.fused_name}.weight": getattr(c.module, c.layout.fused_name).weight}
+        )
         rows.append((c.path, c.class_name, ", ".join(f"{n} {_shape(t)}" for n, t in tensors.items()), c.plugin))
     print(_table(("module", "class", "fused tensors", "plugin"), rows))
     with torch.no_grad():
@@ -58,12 +63,22 @@ def _demo(args: argparse.Namespace) -> int:
         module = modules[c.path]
         if isinstance(module, DefusedExperts):
             expert = module[0]
-            projections = ", ".join(f"{n} {_shape(getattr(expert, n).weight)}" for n in ("gate_proj", "up_proj", "down_proj")
-                                    if hasattr(expert, n))
-            rows.append((c.path, f"{type(module).__name__}[{len(module)}]", f"{c.path}.0..{len(module) - 1}: {projections}"))
+            projections = ", ".join(
+                f"{n} {_shape(getattr(expert, n).weight)}"
+                for n in ("gate_proj", "up_proj", "down_proj")
+                if hasattr(expert, n)
+            )
+            rows.append(
+                (c.path, f"{type(module).__name__}[{len(module)}]", f"{c.path}.0..{len(module) - 1}: {projections}")
+            )
         else:
-            rows.append((c.path, type(module).__name__,
-                         f"gate_proj {_shape(module.gate_proj.weight)}, up_proj {_shape(module.up_proj.weight)}"))
+            rows.append(
+                (
+                    c.path,
+                    type(module).__name__,
+                    f"gate_proj {_shape(module.gate_proj.weight)}, up_proj {_shape(module.up_proj.weight)}",
+                )
+            )
     print("\nafter: per-expert nn.Linear layout")
     print(_table(("module", "now", "nn.Linear projections"), rows))
     name = "logits" if getattr(before, "logits", None) is not None else "last_hidden_state"
@@ -79,15 +94,25 @@ def _plugins(args: argparse.Namespace) -> int:
     for plugin in list_plugins():
         info = plugin.info
         types = ", ".join(t.model_type for t in info.model_types) if info else "-"
-        rows.append((plugin.name, plugin.distribution or "-", plugin.version or "-",
-                     info.transformers if info else "-", types or "(any decorated experts)", plugin.error or "ok"))
+        rows.append(
+            (
+                plugin.name,
+                plugin.distribution or "-",
+                plugin.version or "-",
+                info.transformers if info else "-",
+                types or "(any decorated experts)",
+                plugin.error or "ok",
+            )
+        )
     print(_table(("plugin", "distribution", "version", "transformers", "model types", "status"), rows))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``defuser`` command."""
-    parser = argparse.ArgumentParser(prog="defuser", description="Defuse fused MoE experts and MLPs of transformers models.")
+    parser = argparse.ArgumentParser(
+        prog="defuser", description="Defuse fused MoE experts and MLPs of transformers models."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="defuse a built-in tiny model and show before/after")
@@ -96,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.set_defaults(run=_plugins)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.run(args)
     except Exception as error:

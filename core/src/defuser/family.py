@@ -110,7 +110,8 @@ class Family:
         module_name = modeling_module_for(model_type)
         # Sub-models (thinker, talker, text-only) load through their own model types.
         related = tuple(
-            t.model_type for t in self.info.model_types
+            t.model_type
+            for t in self.info.model_types
             if t.model_type != model_type and _module_or_none(t.model_type) == module_name
         )
         return PreloadPlan(

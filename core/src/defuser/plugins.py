@@ -208,15 +208,18 @@ class DefuserPluginManager:
         owner = self.owner_of(model_type)
         if owner is None:
             return getattr(self.pm.hook, hook_name)
-        others = [p.obj for p in self.plugins.values() if p.obj is not None and p.name not in (owner, GENERIC_PLUGIN_NAME)]
+        others = [
+            p.obj for p in self.plugins.values() if p.obj is not None and p.name not in (owner, GENERIC_PLUGIN_NAME)
+        ]
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
 
     def _call(self, hook_name: str, owner_type: str | None, **kwargs: Any) -> Any:
         try:
             return self._caller(hook_name, owner_type)(**kwargs)
         except Exception as error:
-            raise PluginError(f"hook {hook_name} of the plugin for {owner_type!r} ({self.owner_of(owner_type)}) "
-                              f"raised {error!r}") from error
+            raise PluginError(
+                f"hook {hook_name} of the plugin for {owner_type!r} ({self.owner_of(owner_type)}) raised {error!r}"
+            ) from error
 
     # -- the three jobs -----------------------------------------------------------------
 

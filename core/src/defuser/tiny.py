@@ -47,7 +47,6 @@ SHRINK: dict[str, Any] = {
     "linear_value_head_dim": 8,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
-    "tie_word_embeddings": False,
     # vision towers of multimodal models
     "depth": 1,
     "num_heads": 4,
@@ -60,7 +59,7 @@ def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
         return
     seen.add(id(config))
     for name, value in {**SHRINK, **overrides}.items():
-        if hasattr(config, name) and name not in ("tie_word_embeddings",) or name in overrides:
+        if hasattr(config, name) or name in overrides:
             try:
                 setattr(config, name, value)
             except (AttributeError, TypeError, ValueError):
@@ -90,7 +89,9 @@ def _fit_mlp_layer_types(config: Any) -> None:
     # Every layer sparse, so layer 0 has experts (max_layers tests rely on it).
     kinds = getattr(config, "mlp_layer_types", None)
     if isinstance(kinds, list) and isinstance(getattr(config, "num_hidden_layers", None), int):
-        config.mlp_layer_types = ["sparse"] * config.num_hidden_layers if "sparse" in kinds else kinds[: config.num_hidden_layers]
+        config.mlp_layer_types = (
+            ["sparse"] * config.num_hidden_layers if "sparse" in kinds else kinds[: config.num_hidden_layers]
+        )
 
 
 def _fit_token_ids(config: Any) -> None:
@@ -145,7 +146,10 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 
 def build_tiny_model(
-    model_type: str, model_class: type[nn.Module] | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+    model_type: str,
+    model_class: type[nn.Module] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> nn.Module:
     """Build a tiny ``model_type`` model in eval mode with seeded random weights."""

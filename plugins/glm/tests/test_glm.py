@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from defuser_testkit.checks import model_output
-from defuser_testkit.conformance import FamilyConformance
-from defuser_testkit.tiny import build_tiny_model, tiny_inputs
 from torch import nn
 
 from defuser import convert_model
+from defuser_testkit.checks import model_output
+from defuser_testkit.conformance import FamilyConformance
+from defuser_testkit.tiny import build_tiny_model, tiny_inputs
 
 CASES = {
     "glm": lambda: build_tiny_model("glm"),

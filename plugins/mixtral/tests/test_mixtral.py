@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from defuser_testkit.conformance import FamilyConformance
-from defuser_testkit.tiny import build_tiny_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from defuser_testkit.conformance import FamilyConformance
+from defuser_testkit.tiny import build_tiny_model
 
 _LEGACY_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 

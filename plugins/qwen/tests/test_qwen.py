@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from defuser_testkit.conformance import FamilyConformance
-from defuser_testkit.tiny import build_tiny_model, tiny_config
 from torch import nn
 
 from defuser import convert_model
 from defuser.engine.experts import DefusedExperts
+from defuser_testkit.conformance import FamilyConformance
+from defuser_testkit.tiny import build_tiny_model, tiny_config
 
 
 def _omni_part(part: str):

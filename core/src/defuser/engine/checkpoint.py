@@ -35,7 +35,9 @@ class SplitFusedExperts(ConversionOps):
         return f"SplitFusedExperts(gated={self.gated})"
 
     @torch.no_grad()
-    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any):
+    def convert(
+        self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
+    ):
         tensor = next(iter(input_dict.values()))
         tensor = tensor[0] if isinstance(tensor, list) else tensor
         result = {}

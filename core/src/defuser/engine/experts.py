@@ -145,9 +145,7 @@ class DefusedExperts(nn.Module):
 
     def _populate(self, fused: nn.Module, layout: ExpertsLayout, materialize: bool) -> None:
         self._fused_shapes = {
-            name: (tuple(tensor.shape), tensor.dtype)
-            for name, tensor in fused.named_parameters(recurse=False)
-            if tensor is not None and tensor.ndim >= 2 or name.endswith("_bias")
+            name: (tuple(tensor.shape), tensor.dtype) for name, tensor in fused.named_parameters(recurse=False)
         }
         for name, value in vars(fused).items():
             if not name.startswith("_") and name not in _NOT_COPIED:
@@ -230,7 +228,9 @@ class DefusedExperts(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         implementation = ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION, per_expert_forward)

@@ -111,8 +111,11 @@ def _dense_replacement(original: type[nn.Module], layout: DenseLayout) -> type[n
         original.__init__(self, *args, **kwargs)
         split_dense_mlp(self, layout, materialize=False)
 
-    return type(original.__name__, (original,), {"__init__": __init__, "__module__": original.__module__,
-                                                  "_defuser_original": original})
+    return type(
+        original.__name__,
+        (original,),
+        {"__init__": __init__, "__module__": original.__module__, "_defuser_original": original},
+    )
 
 
 def _split_transforms(plan: PreloadPlan) -> list[Any]:
@@ -134,8 +137,9 @@ def _split_transforms(plan: PreloadPlan) -> list[Any]:
     for pattern in plan.dense_key_patterns:
         stem = pattern.rsplit(".gate_up_proj", 1)[0]
         transforms.append(
-            split_on_load_converter(pattern, [f"{stem}.gate_proj.weight", f"{stem}.up_proj.weight"], Chunk(dim=0),
-                                    keep_reverse=True)
+            split_on_load_converter(
+                pattern, [f"{stem}.gate_proj.weight", f"{stem}.up_proj.weight"], Chunk(dim=0), keep_reverse=True
+            )
         )
     transforms.extend(WeightRenaming(source, target) for source, target in plan.key_renames)
     transforms.extend(expert_projection_renames(plan.legacy_projection_names))

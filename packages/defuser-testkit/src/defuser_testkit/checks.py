@@ -94,7 +94,9 @@ def assert_converts_equal(factory: ModelFactory, inputs: dict[str, torch.Tensor]
     state = model.state_dict()
     for candidate in candidates:
         if candidate.kind == "experts":
-            for name in ("gate_proj", "up_proj", "down_proj") if candidate.layout.has_gate else ("up_proj", "down_proj"):
+            for name in (
+                ("gate_proj", "up_proj", "down_proj") if candidate.layout.has_gate else ("up_proj", "down_proj")
+            ):
                 assert f"{candidate.path}.0.{name}.weight" in state, f"missing {candidate.path}.0.{name}.weight"
             assert f"{candidate.path}.gate_up_proj" not in state
         else:
@@ -161,8 +163,12 @@ def preload_patched(model_type: str) -> Iterator[None]:
 
 
 def assert_preload_loads_both_layouts(
-    factory: ModelFactory, model_type: str, inputs: dict[str, torch.Tensor], tmp_path: Path,
-    extra_checkpoints: Callable[[nn.Module, Path], dict[str, Path]] | None = None, atol: float = ATOL,
+    factory: ModelFactory,
+    model_type: str,
+    inputs: dict[str, torch.Tensor],
+    tmp_path: Path,
+    extra_checkpoints: Callable[[nn.Module, Path], dict[str, Path]] | None = None,
+    atol: float = ATOL,
 ) -> None:
     """A stock model saved per-expert (transformers' default) and fused loads into the
     pre-load patched class with equal outputs and defused blocks; so do ``extra_checkpoints``."""

@@ -81,6 +81,9 @@ class FamilyConformance:
     @over("preload")
     def test_preload_patch_loads_both_layouts(self, model_type: str, tmp_path: Path) -> None:
         checks.assert_preload_loads_both_layouts(
-            self.cases[model_type], model_type, self.inputs(model_type), tmp_path,
+            self.cases[model_type],
+            model_type,
+            self.inputs(model_type),
+            tmp_path,
             extra_checkpoints=self.extra_checkpoints.get(model_type),
         )
