@@ -14,7 +14,7 @@ from torch import nn
 
 from defuser.engine.candidates import DenseLayout
 
-__all__ = ["JoinedGateUp", "is_defused_dense", "split_dense_mlp", "split_gate_up_linear"]
+__all__ = ["JoinedGateUp", "split_dense_mlp", "split_gate_up_linear"]
 
 
 class JoinedGateUp:
@@ -47,13 +47,6 @@ class JoinedGateUp:
     def __repr__(self) -> str:
         order = "gate_proj, up_proj" if self.layout.gate_first else "up_proj, gate_proj"
         return f"JoinedGateUp(cat({order}))"
-
-
-def is_defused_dense(module: nn.Module) -> bool:
-    """True when ``module``'s fused gate-up was already split by defuser."""
-    return isinstance(module.__dict__.get("gate_up_proj"), JoinedGateUp) or any(
-        isinstance(value, JoinedGateUp) for value in module.__dict__.values()
-    )
 
 
 def split_gate_up_linear(fused: nn.Linear, layout: DenseLayout, materialize: bool) -> tuple[nn.Linear, nn.Linear]:

@@ -160,8 +160,9 @@ class DefusedExperts(nn.Module):
         if layout.has_post_expert_norm:
             self.post_expert_norm = fused.post_expert_norm
         build = self._expert_views if materialize else self._expert_shells
+        tensors = self._fused_tensors(fused, layout)
         for index in range(layout.num_experts):
-            self.add_module(str(index), build(fused, layout, index, activation))
+            self.add_module(str(index), build(tensors, layout, index, activation))
 
     @staticmethod
     def _fused_tensors(fused: nn.Module, layout: ExpertsLayout) -> dict[str, torch.Tensor | None]:
@@ -171,8 +172,7 @@ class DefusedExperts(nn.Module):
         tensors["down_bias"] = getattr(fused, f"{layout.down_name}_bias", None) if layout.has_bias else None
         return tensors
 
-    def _expert_views(self, fused: nn.Module, layout: ExpertsLayout, index: int, activation: nn.Module) -> ExpertMLP:
-        tensors = self._fused_tensors(fused, layout)
+    def _expert_views(self, tensors: dict, layout: ExpertsLayout, index: int, activation: nn.Module) -> ExpertMLP:
         grad = tensors["first"].requires_grad
         first = orient(tensors["first"].detach()[index], layout.is_transposed)
         first_bias = tensors["first_bias"].detach()[index] if tensors["first_bias"] is not None else None
@@ -186,8 +186,7 @@ class DefusedExperts(nn.Module):
             up_w, up_b, gate_proj = linear_weight(first, False), first_bias, None
         return ExpertMLP(gate_proj, _linear(up_w, up_b, grad), _linear(down, down_bias, grad), activation)
 
-    def _expert_shells(self, fused: nn.Module, layout: ExpertsLayout, index: int, activation: nn.Module) -> ExpertMLP:
-        tensors = self._fused_tensors(fused, layout)
+    def _expert_shells(self, tensors: dict, layout: ExpertsLayout, index: int, activation: nn.Module) -> ExpertMLP:
         first = orient(tensors["first"][index], layout.is_transposed)
         down = orient(tensors["down"][index], layout.is_transposed)
         intermediate = first.shape[0] // 2 if layout.has_gate else first.shape[0]
