@@ -7,9 +7,12 @@ A plugin module creates one :class:`Family` and exposes it through its entry poi
         model_types=[TypeSupport("qwen3_moe", preload=True), TypeSupport("qwen3_vl_moe")],
     )
 
-The family claims its model types; decorated experts are read from transformers' own flags,
-dense fused MLPs are named in ``dense_classes``; quirks go in ``layout_overrides`` (per class
-name).  Override a method (keeping its ``@hookimpl``) only for special forwards.
+The family claims its model types; decorated experts are read from transformers' own flags
+and dense ``gate_up_proj`` MLPs are found by shape.  What differs is declared per class name:
+``dense_classes`` (another fused name, reversed halves), ``experts_classes`` (undecorated
+experts: their :class:`ExpertsLayout` fields), ``parallel_classes`` (stacked per-expert
+projections routed by the parent) and ``layout_overrides`` (quirks of decorated classes).
+Override a method (keeping its ``@hookimpl``) only for what declarations cannot say.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from typing import Any
 
 from torch import nn
 
-from defuser.engine.candidates import Candidate, DenseLayout, read_experts_layout
+from defuser.engine.candidates import (
+    Candidate,
+    DenseLayout,
+    ParallelLayout,
+    declared_experts_layout,
+    read_experts_layout,
+)
+from defuser.engine.generic import dense_layout_of
+from defuser.engine.parallel import parallel_weight
 from defuser.engine.preload import PreloadPlan
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TypeSupport
@@ -54,6 +65,8 @@ class Family:
         model_types: Iterable[TypeSupport],
         *,
         dense_classes: Mapping[str, DenseLayout] | None = None,
+        experts_classes: Mapping[str, Mapping[str, Any]] | None = None,
+        parallel_classes: Mapping[str, ParallelLayout] | None = None,
         layout_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         key_renames: Mapping[str, Iterable[tuple[str, str]]] | None = None,
         legacy_projection_names: Mapping[str, Mapping[str, str]] | None = None,
@@ -72,6 +85,8 @@ class Family:
             description=description,
         )
         self.dense_classes = dict(dense_classes or {})
+        self.experts_classes = {key: dict(value) for key, value in (experts_classes or {}).items()}
+        self.parallel_classes = dict(parallel_classes or {})
         self.layout_overrides = {key: dict(value) for key, value in (layout_overrides or {}).items()}
         self.key_renames = {key: tuple(value) for key, value in (key_renames or {}).items()}
         self.legacy_projection_names = {key: dict(value) for key, value in (legacy_projection_names or {}).items()}
@@ -89,12 +104,18 @@ class Family:
         if not self.info.claims(model_type):
             return None
         class_name = type(module).__name__
-        dense = self.dense_classes.get(class_name)
-        if dense is not None:
-            if isinstance(getattr(module, dense.fused_name, None), nn.Linear):
-                return Candidate(path, module, "dense", self.info.name, dense, model_type)
-            return None
-        layout = read_experts_layout(module)
+        if class_name in self.dense_classes:
+            dense = dense_layout_of(module, self.dense_classes[class_name])
+            return None if dense is None else Candidate(path, module, "dense", self.info.name, dense, model_type)
+        if class_name in self.parallel_classes:
+            parallel = self.parallel_classes[class_name]
+            if parallel_weight(module, parallel) is None:
+                return None
+            return Candidate(path, module, "parallel", self.info.name, parallel, model_type)
+        if class_name in self.experts_classes:
+            layout = declared_experts_layout(module, **self.experts_classes[class_name])
+        else:
+            layout = read_experts_layout(module)
         if layout is None:
             return None
         overrides = self.layout_overrides.get(class_name)

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Candidate", "DenseLayout", "ExpertsLayout", "read_experts_layout"]
+__all__ = [
+    "Candidate",
+    "DenseLayout",
+    "ExpertsLayout",
+    "ParallelLayout",
+    "declared_experts_layout",
+    "read_experts_layout",
+    "resolve_tensor",
+]
 
 # Attributes that ``@use_experts_implementation`` sets on every instance it wraps (5.3.0
 # already; ``is_concatenated`` and ``has_post_expert_norm`` came later and default off).
@@ -23,6 +31,15 @@ class ExpertsLayout:
     ``[H, I]`` (``nn.Linear`` orientation); transposed storage keeps their transposes.
     Concatenated gate-up puts the gate in rows ``[:I]``; interleaved alternates gate and up.
     ``gate_first=False`` says the first half (or the even rows) is the up projection.
+
+    Undecorated classes declare the rest: ``separate_gate_up`` (gate and up in two tensors),
+    ``flattened`` (2D ``[E*I, H]`` storage), ``down_transposed`` (down oriented unlike the
+    gate-up tensor), ``identity_experts`` (routing indices past the last expert pass the
+    input through) and ``contract``, the forward the fused class exposes:
+    ``"routed"`` ``(hidden_states, top_k_index, top_k_weights)``; ``"expert_major"``
+    ``(hidden_states[E*T, H])``, every token through every expert (llama4);
+    ``"weighted_all"`` ``(hidden_states, gammas)``, every token through every expert scaled
+    per token before the down projection, summed in float32 (inkling's shared experts).
     """
 
     num_experts: int
@@ -33,19 +50,47 @@ class ExpertsLayout:
     gate_first: bool = True
     has_post_expert_norm: bool = False
     gate_up_name: str = "gate_up_proj"
+    gate_name: str = "gate_proj"
     up_name: str = "up_proj"
     down_name: str = "down_proj"
+    separate_gate_up: bool = False
+    flattened: bool = False
+    down_transposed: bool | None = None
+    identity_experts: int = 0
+    contract: Literal["routed", "expert_major", "weighted_all"] = "routed"
+    activation: str = "act_fn"  # attribute path of the activation on the fused module
     # "default": act(gate) * up; "module": the fused class's own ``_apply_gate``.
     gate_style: Literal["default", "module"] = "default"
 
     @property
     def zero_copy(self) -> bool:
         """True when every per-expert weight can be a view of the fused storage."""
-        return not self.is_transposed and (self.is_concatenated or not self.has_gate)
+        gate_up_views = self.separate_gate_up or self.is_concatenated or not self.has_gate
+        return not self.is_transposed and not self.transposed_down and gate_up_views
+
+    @property
+    def transposed_down(self) -> bool:
+        """True when ``down_proj[e]`` is stored as ``[I, H]`` (input-major)."""
+        return self.is_transposed if self.down_transposed is None else self.down_transposed
 
     def with_overrides(self, **changes: Any) -> ExpertsLayout:
         """A copy with some fields replaced (plugins use this to declare quirks)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """One stacked ``weight[E, out, in]`` applied per expert to token groups of given sizes
+    (``forward(inputs, group_sizes)``: granite 5.3, jetmoe, aria 5.3).
+
+    ``transposed`` stores ``[E, in, out]``; paths matching ``gated_paths`` hold the gate and up
+    halves of a GLU (split into ``gate_proj`` and ``up_proj`` per expert).
+    """
+
+    weight_name: str = "weight"
+    transposed: bool = False
+    gated_paths: str = ""
+    gate_first: bool = True
 
 
 @dataclass(frozen=True)
@@ -62,9 +107,9 @@ class Candidate:
 
     path: str
     module: nn.Module
-    kind: Literal["experts", "dense"]
+    kind: Literal["experts", "dense", "parallel"]
     plugin: str
-    layout: ExpertsLayout | DenseLayout
+    layout: ExpertsLayout | DenseLayout | ParallelLayout
     model_type: str | None = None
     generic: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,3 +152,36 @@ def read_experts_layout(module: nn.Module) -> ExpertsLayout | None:
         has_post_expert_norm=bool(getattr(module, "has_post_expert_norm", False)),
         gate_style="default" if _uses_default_gate(module) else "module",
     )
+
+
+def resolve_tensor(module: nn.Module, name: str) -> Any:
+    """The registered tensor ``name`` of ``module`` (dotted names reach into children), or None."""
+    *owners, leaf = name.split(".")
+    for owner in owners:
+        module = module._modules.get(owner)
+        if module is None:
+            return None
+    return {**module._buffers, **module._parameters}.get(leaf)
+
+
+def declared_experts_layout(module: nn.Module, **fields: Any) -> ExpertsLayout | None:
+    """Layout of an undecorated experts ``module`` from a plugin's declaration ``fields``.
+
+    A callable field value is called with the module (per-instance values such as a count
+    of identity experts).  The expert count is read from the tensors (or the module's
+    ``num_experts`` for flattened storage).  Returns None when the declared tensors are
+    missing, e.g. already defused.
+    """
+    values = {name: value(module) if callable(value) else value for name, value in fields.items()}
+    layout = ExpertsLayout(num_experts=0, **values)
+    first = (
+        layout.gate_name if layout.separate_gate_up else (layout.gate_up_name if layout.has_gate else layout.up_name)
+    )
+    fused_in, down = resolve_tensor(module, first), resolve_tensor(module, layout.down_name)
+    rank = 2 if layout.flattened else 3
+    if getattr(fused_in, "ndim", 0) != rank or getattr(down, "ndim", 0) != rank:
+        return None
+    count = getattr(module, "num_experts", None) if layout.flattened else down.shape[0]
+    if not isinstance(count, int) or count < 1:
+        return None
+    return replace(layout, num_experts=count)

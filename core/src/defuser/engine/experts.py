@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout
-from defuser.engine.layout import join_gate_up, linear_weight, orient, split_gate_up
+from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -29,8 +29,10 @@ __all__ = [
     "ExpertMLP",
     "GateActivation",
     "defused_class_for",
+    "expert_major_forward",
     "per_expert_forward",
     "register_experts_implementation",
+    "weighted_all_forward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,12 @@ class ExpertMLP(nn.Module):
         return self.down_proj(hidden)
 
 
+def _attribute_path(module: Any, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
     """Wrap existing tensors in an ``nn.Linear`` without allocating anything new."""
     out_features, in_features = weight.shape
@@ -106,9 +114,10 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool
     return layer
 
 
-def _empty_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
-    """A new Linear built under the caller's device context (pre-load path)."""
-    return nn.Linear(in_features, out_features, bias=bias, dtype=like.dtype)
+def _empty_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """A new Linear shaped like ``weight``, built under the caller's device context (pre-load)."""
+    out_features, in_features = weight.shape
+    return nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
 
 
 class DefusedExperts(nn.Module):
@@ -152,50 +161,23 @@ class DefusedExperts(nn.Module):
                 object.__setattr__(self, name, value)
         self.layout = layout
         self.num_experts = layout.num_experts
-        act_fn = getattr(fused, "act_fn", None)
+        act_fn = _attribute_path(fused, layout.activation)
         gate_fn = type(fused)._apply_gate if layout.gate_style == "module" else None
         owner = types.SimpleNamespace(**{k: v for k, v in vars(self).items() if not k.startswith("_")})
         owner.act_fn = act_fn
         activation = GateActivation(act_fn, layout, gate_fn, owner) if layout.has_gate else act_fn
         if layout.has_post_expert_norm:
             self.post_expert_norm = fused.post_expert_norm
-        build = self._expert_views if materialize else self._expert_shells
-        tensors = self._fused_tensors(fused, layout)
+        tensors = fused_tensors(fused, layout)
         for index in range(layout.num_experts):
-            self.add_module(str(index), build(tensors, layout, index, activation))
-
-    @staticmethod
-    def _fused_tensors(fused: nn.Module, layout: ExpertsLayout) -> dict[str, torch.Tensor | None]:
-        first = layout.gate_up_name if layout.has_gate else layout.up_name
-        tensors = {"first": getattr(fused, first), "down": getattr(fused, layout.down_name)}
-        tensors["first_bias"] = getattr(fused, f"{first}_bias", None) if layout.has_bias else None
-        tensors["down_bias"] = getattr(fused, f"{layout.down_name}_bias", None) if layout.has_bias else None
-        return tensors
-
-    def _expert_views(self, tensors: dict, layout: ExpertsLayout, index: int, activation: nn.Module) -> ExpertMLP:
-        grad = tensors["first"].requires_grad
-        first = orient(tensors["first"].detach()[index], layout.is_transposed)
-        first_bias = tensors["first_bias"].detach()[index] if tensors["first_bias"] is not None else None
-        down = linear_weight(tensors["down"].detach()[index], layout.is_transposed)
-        down_bias = tensors["down_bias"].detach()[index] if tensors["down_bias"] is not None else None
-        if layout.has_gate:
-            gate_w, up_w = split_gate_up(first, layout)
-            gate_b, up_b = split_gate_up(first_bias, layout) if first_bias is not None else (None, None)
-            gate_proj = _linear(gate_w, gate_b, grad)
-        else:
-            up_w, up_b, gate_proj = linear_weight(first, False), first_bias, None
-        return ExpertMLP(gate_proj, _linear(up_w, up_b, grad), _linear(down, down_bias, grad), activation)
-
-    def _expert_shells(self, tensors: dict, layout: ExpertsLayout, index: int, activation: nn.Module) -> ExpertMLP:
-        first = orient(tensors["first"][index], layout.is_transposed)
-        down = orient(tensors["down"][index], layout.is_transposed)
-        intermediate = first.shape[0] // 2 if layout.has_gate else first.shape[0]
-        hidden = first.shape[1]
-        bias = layout.has_bias
-        gate_proj = _empty_linear(hidden, intermediate, bias, first) if layout.has_gate else None
-        up_proj = _empty_linear(hidden, intermediate, bias, first)
-        down_proj = _empty_linear(down.shape[1], down.shape[0], bias, down)
-        return ExpertMLP(gate_proj, up_proj, down_proj, activation)
+            weights = expert_weights(tensors, layout, index)
+            build = _linear if materialize else _empty_linear
+            gate_proj = (
+                build(weights.gate, weights.gate_bias, tensors.requires_grad) if weights.gate is not None else None
+            )
+            up_proj = build(weights.up, weights.up_bias, tensors.requires_grad)
+            down_proj = build(weights.down, weights.down_bias, tensors.requires_grad)
+            self.add_module(str(index), ExpertMLP(gate_proj, up_proj, down_proj, activation))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -227,13 +209,20 @@ class DefusedExperts(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        contract = self.layout.contract
+        if contract == "expert_major":
+            return expert_major_forward(self, hidden_states)
+        if contract == "weighted_all":
+            return weighted_all_forward(self, hidden_states, *args, **kwargs)
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+        # Families name the routing arguments differently (gpt_oss: router_indices, routing_weights).
+        routing = list(args) + list(kwargs.values())
+        if len(routing) != 2:
+            raise TypeError(f"{type(self).__name__}.forward expects hidden_states, top-k indices and weights")
         implementation = ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION, per_expert_forward)
-        return implementation(self, hidden_states, top_k_index, top_k_weights)
+        return implementation(self, hidden_states, *routing)
 
     def extra_repr(self) -> str:
         source = self.fused_class.__name__ if self.fused_class is not None else "?"
@@ -259,7 +248,8 @@ def per_expert_forward(
     top_k = top_k_index.shape[-1]
     flat_index = top_k_index.reshape(-1)
     order = torch.argsort(flat_index, stable=True)
-    counts = torch.bincount(flat_index, minlength=module.num_experts)[: module.num_experts].tolist()
+    routed = module.num_experts + module.layout.identity_experts
+    counts = torch.bincount(flat_index, minlength=routed)[:routed].tolist()
     sorted_inputs = hidden_states.index_select(0, order // top_k)
     sorted_outputs: torch.Tensor | None = None
     start = 0
@@ -267,7 +257,10 @@ def per_expert_forward(
         if count == 0:
             continue
         end = start + count
-        expert_out = module[index](sorted_inputs[start:end])
+        if index >= module.num_experts:  # an identity ("zero") expert passes its input through
+            expert_out = sorted_inputs[start:end]
+        else:
+            expert_out = module[index](sorted_inputs[start:end])
         if module.layout.has_post_expert_norm:
             expert_out = module.post_expert_norm(expert_out)
         if sorted_outputs is None:
@@ -281,6 +274,26 @@ def per_expert_forward(
     per_slot[order] = weighted
     combined = per_slot.view(-1, top_k, per_slot.shape[-1]).sum(dim=1)
     return combined.to(hidden_states.dtype).reshape(shape)
+
+
+def expert_major_forward(module: DefusedExperts, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``hidden_states`` is ``[E*T, H]``, expert-major: block ``e`` goes through expert ``e``."""
+    blocks = hidden_states.view(module.num_experts, -1, hidden_states.shape[-1])
+    return torch.cat([expert(block) for expert, block in zip(module, blocks, strict=True)], dim=0)
+
+
+def weighted_all_forward(module: DefusedExperts, hidden_states: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """Every token through every expert, scaled per token and expert before the down
+    projection, summed over experts in float32 (the fused order of operations)."""
+    shape = hidden_states.shape
+    tokens = hidden_states.reshape(-1, shape[-1])
+    scales = gammas.reshape(tokens.shape[0], module.num_experts, 1)
+    total = None
+    for index, expert in enumerate(module):
+        hidden = expert.act_fn(expert.gate_proj(tokens), expert.up_proj(tokens)) * scales[:, index]
+        out = expert.down_proj(hidden).float()
+        total = out if total is None else total + out
+    return total.to(hidden_states.dtype).view(shape)
 
 
 _DEFUSED_CLASSES: dict[type[nn.Module], type[DefusedExperts]] = {}

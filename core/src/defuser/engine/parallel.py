@@ -1,0 +1,92 @@
+"""Parallel experts: one stacked ``weight[E, out, in]`` applied to token groups of given sizes.
+
+transformers 5.3 granite and aria, and jetmoe in every version, keep each projection of all
+experts in one such module and do the routing in the parent.  :class:`DefusedParallelExperts`
+holds one ``nn.Linear`` per expert instead (or, for a GLU input projection, a ``gate_proj``
+and an ``up_proj`` whose outputs are joined in the fused order) and keeps the forward
+``(inputs_sorted_by_expert, group_sizes) -> outputs``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from defuser.engine.candidates import ParallelLayout
+
+__all__ = ["DefusedParallelExperts", "GateUpPair", "parallel_weight"]
+
+
+def _linear(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return layer
+
+
+class GateUpPair(nn.Module):
+    """One expert's GLU input projection: ``cat(gate_proj(x), up_proj(x))`` in the fused order."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, gate_first: bool = True):
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.gate_first = gate_first
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(hidden_states), self.up_proj(hidden_states)
+        return torch.cat((gate, up) if self.gate_first else (up, gate), dim=-1)
+
+
+def parallel_weight(module: nn.Module, layout: ParallelLayout) -> torch.Tensor | None:
+    """The stacked 3D weight of a parallel-experts ``module``, or None."""
+    weight = module._parameters.get(layout.weight_name)
+    return weight if getattr(weight, "ndim", 0) == 3 else None
+
+
+class DefusedParallelExperts(nn.Module):
+    """Per-expert form of a parallel-experts module; ``experts[i]`` is expert ``i``."""
+
+    def __init__(self, fused: nn.Module, layout: ParallelLayout, path: str):
+        super().__init__()
+        weight = parallel_weight(fused, layout)
+        if weight is None:
+            raise TypeError(f"{type(fused).__name__} has no stacked weight {layout.weight_name!r}")
+        for name, value in vars(fused).items():
+            if not name.startswith("_") and name != "training":
+                object.__setattr__(self, name, value)
+        self.defused_from = type(fused).__name__
+        self.num_experts = weight.shape[0]
+        gated = bool(layout.gated_paths) and re.search(layout.gated_paths, path) is not None
+        grad = weight.requires_grad
+        stacked = weight.detach()
+        for index in range(self.num_experts):
+            slice_ = stacked[index].transpose(0, 1) if layout.transposed else stacked[index]
+            slice_ = slice_ if slice_.is_contiguous() else slice_.contiguous()
+            if gated:
+                first, second = slice_.chunk(2, dim=0)
+                gate, up = (first, second) if layout.gate_first else (second, first)
+                expert: nn.Module = GateUpPair(_linear(gate, grad), _linear(up, grad), layout.gate_first)
+            else:
+                expert = _linear(slice_, grad)
+            self.add_module(str(index), expert)
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index % self.num_experts)]
+
+    def __iter__(self) -> Any:
+        return (self._modules[str(index)] for index in range(self.num_experts))
+
+    def forward(self, inputs: torch.Tensor, group_sizes: Any) -> torch.Tensor:
+        if isinstance(group_sizes, torch.Tensor):
+            group_sizes = group_sizes.tolist()
+        groups = inputs.split(list(group_sizes), dim=0)
+        return torch.cat([expert(group) for expert, group in zip(self, groups, strict=True)], dim=0)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, defused_from={self.defused_from}"
