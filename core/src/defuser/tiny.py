@@ -2,18 +2,35 @@
 
 :func:`tiny_config` shrinks the default config of a model type (and every sub-config) to a
 few thousand parameters while keeping its structure: several experts, top-k > 1, two
-decoder layers.  :func:`build_tiny_model` instantiates it with the first Auto class that
-fits, or with an explicit class.
+decoder layers, every layer sparse.  Generic rules (:data:`SHRINK` and the ``_fit_*``
+helpers) do most of it; :data:`TINY_OVERRIDES` holds what a model type needs beyond them.
+:func:`build_tiny_model` instantiates it with the first Auto class that fits, else with the
+model class of the config's own modeling module, or with an explicit class.
+:func:`tiny_inputs` makes inputs (token ids, or the tensors of :data:`TINY_INPUTS` for models
+that token ids cannot drive) and :func:`tiny_forward` runs a model on them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SHRINK", "build_tiny_model", "tiny_config", "tiny_inputs"]
+__all__ = [
+    "SHRINK",
+    "TINY_INPUTS",
+    "TINY_OVERRIDES",
+    "TinyModelDependencyError",
+    "build_tiny_model",
+    "tiny_config",
+    "tiny_forward",
+    "tiny_inputs",
+]
 
 # Attribute -> small value; applied wherever a config (or sub-config) has the attribute.
 SHRINK: dict[str, Any] = {
@@ -27,6 +44,9 @@ SHRINK: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 8,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 8,
     "num_experts": 8,
     "num_local_experts": 8,
     "n_routed_experts": 8,
@@ -35,6 +55,10 @@ SHRINK: dict[str, Any] = {
     "topk_group": 1,
     "n_shared_experts": 1,
     "first_k_dense_replace": 0,
+    "moe_layer_start_index": 0,
+    "moe_layer_interval": 1,
+    "expert_layer_offset": 0,
+    "expert_layer_period": 1,
     "max_position_embeddings": 128,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
@@ -45,8 +69,72 @@ SHRINK: dict[str, Any] = {
     "linear_num_key_heads": 2,
     "linear_key_head_dim": 8,
     "linear_value_head_dim": 8,
+    "linear_num_heads": 4,
+    "linear_head_dim": 8,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
+    "num_dense_layers": 0,
+    "enable_moe_block": True,
+    "top_k_experts": 2,
+    "moe_top_k": 2,
+    "moe_topk": 2,
+    "expert_ffn_hidden_size": 16,
+    "zero_expert_num": 2,
+    "ffn_hidden_size": 64,
+    "shared_intermediate_size": 16,
+    "shared_experts_intermediate_size": 16,
+    "moe_shared_expert_intermediate_size": 16,
+    "share_expert_dim": 16,
+    "index_n_heads": 4,
+    "index_head_dim": 16,
+    # whisper-style audio encoders (5.3.0 names them without an attribute_map)
+    "d_model": 32,
+    "encoder_layers": 2,
+    "encoder_ffn_dim": 64,
+    "encoder_attention_heads": 4,
+    # encoder-decoder cross attention
+    "cross_hidden_size": 32,
+    "cross_num_attention_heads": 4,
+    "cross_num_key_value_heads": 2,
+    "cross_head_dim": 8,
+    # mamba mixers: heads * head size == expand * hidden_size
+    "mamba_n_heads": 8,
+    "mamba_d_head": 8,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 8,
+    "mamba_d_state": 16,
+    "ssm_state_size": 16,
+    "n_groups": 1,
+    # projectors, adapters and audio/vision stems of multimodal models
+    "projector_hidden_size": 32,
+    "projection_hidden_dim": 32,
+    "projection_intermediate_size": 64,
+    "text_hidden_size": 32,
+    "thinker_hidden_size": 32,
+    "output_dim": 32,
+    "vision_hidden_size": 32,
+    "adapter_in_dim": 32,
+    "adapter_input_size": 32,
+    "adapter_out_dim": 32,
+    "downsample_hidden_size": 8,
+    "decoder_dim": 32,
+    "ext_pw_out_channel": 32,
+    "depthwise_separable_out_channel": 32,
+    "nemo_conv_channels": 8,
+    "mlp_dim": 64,
+    "dense_intermediate_size": 64,
+    "moe_hidden_size": 16,
+    "o_lora_rank": 16,
+    "projector_input_dim": 32,
+    "projector_output_dim": 32,
+    "vision_output_dim": 32,
+    "unpadded_vocab_size": 128,
+    "hidden_sizes": 32,
+    "output_channels": 16,
+    "downsample_channels": 32,
+    # per-layer embeddings (gemma)
+    "vocab_size_per_layer_input": 128,
+    "hidden_size_per_layer_input": 8,
     # vision towers of multimodal models
     "depth": 1,
     "num_heads": 4,
@@ -54,14 +142,85 @@ SHRINK: dict[str, Any] = {
 }
 
 
+# Per model type (of a config or any sub-config): values the generic rules cannot guess.  A dotted
+# name sets an attribute of a sub-config ("attn_config.rope_theta").
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    # dbrx: the default attention config lacks rope_theta; attention always clamps q/k/v and torch
+    # refuses a clamp without bounds; 5.3.0's experts run ffn_hidden_size wide, so it must be the
+    # hidden size.
+    "dbrx": {"attn_config.rope_theta": 10_000.0, "attn_config.clip_qkv": 8.0, "ffn_config.ffn_hidden_size": 32},
+    # The shipped default configs lack attributes their models read.
+    "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 16},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151_652},
+    "qwen3_omni_moe": {"talker_config.spatial_merge_size": 2},
+    # Its height and width rope sections must be equal: a rotary half of 6 splits [2, 2, 2].
+    "ernie4_5_vl_moe_text": {"head_dim": 12},
+    # 5.3.0 leaves the layer kinds unset; newer versions read the legacy names as linear/full attention.
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    # 5.3.0's model always applies the shared-block rotary embedding.
+    "zamba2": {"use_mem_rope": True},
+    # Optional parts that the default leaves unset but the model always builds.
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 4,
+        "indexer_compress_ratio": 2,
+        "hc_lowrank": 8,
+        "ple_embed_dim": 32,
+    },
+    # Trunk widths the generic names miss; the single inputs are the atom encoder output plus the
+    # residue features (2 * 33 + 1).
+    "esmfold2": {
+        "pairwise_hidden_size": 16,
+        "pair_transition_intermediate_size": 32,
+        "folding_trunk_num_hidden_layers": 2,
+        "num_loops": 1,
+        "single_inputs_size": 32 + 67,
+        "atom_encoder.output_dim": 32,
+        "structure_head.diffusion_module.atom_encoder.output_dim": 32,
+        # 3 spatial + 1 uid rotary pairs fill the 4 rotary pairs of an 8-wide head.
+        "atom_encoder.num_spatial_rope_pairs_per_axis": 1,
+        "atom_encoder.num_uid_rope_pairs": 1,
+        "structure_head.diffusion_module.atom_encoder.num_spatial_rope_pairs_per_axis": 1,
+        "structure_head.diffusion_module.atom_encoder.num_uid_rope_pairs": 1,
+    },
+    # The vision tower plans one layer per patch-size prime factor; fewer layers than that make it
+    # solve an assignment problem with scipy.  Patches of 2 x 2 x 2 plan 3 layers.
+    "inkling_vision": {"patch_size": 2, "temporal_patch_size": 2, "n_layers": 3},
+    # Its conformer stack counts blocks, not layers.
+    "phi4_multimodal_audio": {"num_blocks": 2},
+    # The canvas of tokens the decoder refines.
+    "diffusion_gemma": {"canvas_length": 8},
+    # The image tokenizer's codebook and latent widths have names of their own.
+    "glm_image_vqmodel": {"embed_dim": 32, "num_embeddings": 64, "latent_channels": 32},
+    # The composite model always builds a sliding-window mask.
+    "step3p5": {
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "num_sliding_attention_heads": 4,
+    },
+}
+
+
+_MISSING = object()
+
+
 def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
     if id(config) in seen:
         return
     seen.add(id(config))
-    for name, value in {**SHRINK, **overrides}.items():
-        if hasattr(config, name) or name in overrides:
+    per_layer = _detach_per_layer(config)
+    before = _own_values(config)
+    values = {**SHRINK, **TINY_OVERRIDES.get(getattr(config, "model_type", ""), {}), **overrides}
+    forced = set(TINY_OVERRIDES.get(getattr(config, "model_type", ""), {})) | set(overrides)
+    for name, value in values.items():
+        if "." in name:
+            continue
+        if hasattr(config, name) or name in forced:
             try:
-                setattr(config, name, value)
+                setattr(config, name, _like(getattr(config, name, None), value))
             except (AttributeError, TypeError, ValueError):
                 continue
     _fit_layer_types(config)
@@ -69,25 +228,138 @@ def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
     _fit_token_ids(config)
     _fit_rope_sections(config)
     _fit_mla_dims(config)
-    for name in list(vars(config)):
-        value = getattr(config, name, None)
-        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+    for value in list(vars(config).values()):
+        if _is_config(value):
             _shrink(value, {}, seen)
+    _rederive(config, before)
+    _attach_per_layer(config, per_layer)
+    for name, value in values.items():
+        if "." in name:
+            owner, _, attribute = name.rpartition(".")
+            target = config
+            for part in owner.split("."):
+                target = getattr(target, part)
+            setattr(target, attribute, value)
+
+
+def _is_config(value: Any) -> bool:
+    return hasattr(value, "to_dict") and hasattr(value, "model_type")
+
+
+def _own_values(config: Any) -> dict[str, Any]:
+    return {
+        name: copy.deepcopy(value)
+        for name, value in vars(config).items()
+        if not name.startswith("_") and not _is_config(value)
+    }
+
+
+def _rederive(config: Any, before: dict[str, Any]) -> None:
+    # Configs derive some sizes once, in their constructor (zamba2's mamba_headdim, an audio conv
+    # stem's output size, a projector's merged size from the text sub-config); a fresh config
+    # built from the shrunk values and sub-configs recomputes them.
+    now = _own_values(config)
+    changed = {name for name, value in now.items() if before.get(name, _MISSING) != value}
+    accepted = inspect.signature(type(config)).parameters
+    kwargs = {name: copy.deepcopy(value) for name, value in vars(config).items() if name in accepted}
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the throwaway config's validation warnings are noise
+    try:
+        fresh = type(config)(**kwargs)
+    except Exception:  # a config that refuses its own values keeps them as they are
+        return
+    finally:
+        logging.set_verbosity(verbosity)
+    for name, value in _own_values(fresh).items():
+        if name in before and name not in changed and now[name] != value:
+            try:
+                setattr(config, name, value)
+            except (AttributeError, TypeError, ValueError):
+                continue
+
+
+def _like(current: Any, value: Any) -> Any:
+    # A size of 0 switches a part off (no shared expert); keep it off.
+    if current == 0 and type(current) is int and type(value) is int:
+        return current
+    # A per-modality list of sizes ([text, vision]) stays a list, each entry shrunk.
+    if isinstance(current, (list, tuple)) and current and all(type(v) is int for v in current) and type(value) is int:
+        return type(current)([value] * len(current))
+    return value
+
+
+def _detach_per_layer(config: Any) -> tuple[dict[int, dict[str, Any]], list[str] | None] | None:
+    # Heterogeneous configs (per_layer_config) refuse reads of per-layer attributes; shrink them as
+    # homogeneous, then re-attach the per-layer values that no shrink rule sets.
+    spec = vars(config).get("_heterogeneity_spec")
+    if spec is None:
+        return None
+    layer_types = config._getattr_without_heterogeneous_validation("layer_types", None)
+    config.per_layer_config = None
+    return spec.per_layer_overrides, layer_types
+
+
+def _attach_per_layer(config: Any, per_layer: tuple[dict[int, dict[str, Any]], list[str] | None] | None) -> None:
+    if per_layer is None:
+        return
+    old_overrides, old_types = per_layer
+    new_types = getattr(config, "layer_types", None)
+    kept: dict[int, dict[str, Any]] = {}
+    for layer in range(config.num_hidden_layers):
+        # A new layer copies the first old layer of its kind (or the old layer at its index).
+        kind = new_types[layer] if new_types else None
+        source = old_types.index(kind) if old_types and kind in old_types else layer
+        values = {k: v for k, v in old_overrides.get(source, {}).items() if k not in SHRINK}
+        if values:
+            kept[layer] = values
+    if kept:
+        config.per_layer_config = kept
+
+
+# Hybrid layer kinds that hold the fused block (nemotron_h's moe, zamba2's hybrid).
+_FUSED_KINDS = ("moe", "hybrid")
 
 
 def _fit_layer_types(config: Any) -> None:
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and layer_types and isinstance(getattr(config, "num_hidden_layers", None), int):
-        kinds = list(dict.fromkeys(layer_types))
+    # One layer per kind, cycling over the kinds; legacy kind names get the current ones.  Where only
+    # some kinds hold the fused block, one comes first and comes back last (max_layers and filter
+    # tests want fused blocks in layer 0 and in a later layer), so every kind gets a layer.
+    for name in ("layer_types", "layers_block_type"):
+        layer_types = getattr(config, name, None)
+        if not (isinstance(layer_types, list) and layer_types):
+            continue
+        kinds = list(dict.fromkeys(_remap_legacy_layer_types(layer_types)))
+        kinds.sort(key=lambda kind: kind not in _FUSED_KINDS)
+        count = getattr(config, "num_hidden_layers", None)
+        derived = isinstance(getattr(type(config), "num_hidden_layers", None), property)  # len(list), as nemotron_h
+        if not isinstance(count, int) or derived:
+            count = len(kinds)
+        if len(kinds) > 1 and kinds[0] in _FUSED_KINDS:
+            count = max(count, len(kinds) + 1)
+            if not derived:
+                config.num_hidden_layers = count
         try:
-            config.layer_types = [kinds[i % len(kinds)] for i in range(config.num_hidden_layers)]
+            setattr(config, name, [kinds[i % len(kinds)] for i in range(count)])
         except (AttributeError, TypeError, ValueError):
-            pass
+            continue
+
+
+def _remap_legacy_layer_types(layer_types: list[str]) -> list[str]:
+    try:  # newer transformers renamed kinds ("mamba" -> "linear_attention"); 5.3.0 has no remap
+        from transformers.configuration_utils import remap_legacy_layer_types
+    except ImportError:
+        return layer_types
+    return remap_legacy_layer_types(layer_types)
 
 
 def _fit_mlp_layer_types(config: Any) -> None:
-    # Every layer sparse, so layer 0 has experts (max_layers tests rely on it).
+    # Every layer sparse, so layer 0 has experts (max_layers tests rely on it).  A declared but
+    # unset list (the model indexes it anyway) means all sparse too.
     kinds = getattr(config, "mlp_layer_types", None)
+    if kinds is None and "mlp_layer_types" in vars(config):
+        kinds = ["sparse"]
     if isinstance(kinds, list) and isinstance(getattr(config, "num_hidden_layers", None), int):
         config.mlp_layer_types = (
             ["sparse"] * config.num_hidden_layers if "sparse" in kinds else kinds[: config.num_hidden_layers]
@@ -107,17 +379,33 @@ def _fit_token_ids(config: Any) -> None:
 
 
 # Text configs whose model reads a default mrope_section when the config has none.
-_MROPE_BY_DEFAULT = {"glm4v_text", "glm4v_moe_text", "glm46v_text"}
+# (configs that say they skip mrope_section validation are multimodal-rope ones too).
+_MROPE_BY_DEFAULT = {
+    "glm4v_text",
+    "glm4v_moe_text",
+    "glm46v_text",
+    "glm_image_text",
+    "glm_ocr_text",
+    "ernie4_5_vl_moe_text",
+}
 
 
 def _fit_mla_dims(config: Any) -> None:
-    # Multi-head latent attention caches its derived head size at init.
-    if hasattr(config, "qk_head_dim") and hasattr(config, "qk_nope_head_dim"):
+    # Multi-head latent attention caches its derived head size at init; its keys have one head per
+    # query head, and its rotary part is the whole (shrunk) head_dim.
+    if not (
+        hasattr(config, "qk_nope_head_dim") and (hasattr(config, "qk_head_dim") or hasattr(config, "kv_lora_rank"))
+    ):
+        return
+    if hasattr(config, "qk_head_dim"):
         config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        if hasattr(config, "head_dim"):
-            config.head_dim = config.qk_rope_head_dim
-        if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = config.num_attention_heads
+    if hasattr(config, "head_dim"):
+        config.head_dim = config.qk_rope_head_dim
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "partial_rotary_factor" in rope and getattr(config, "head_dim", None):
+        rope["partial_rotary_factor"] = config.qk_rope_head_dim / config.head_dim
 
 
 def _fit_rope_sections(config: Any) -> None:
@@ -125,7 +413,10 @@ def _fit_rope_sections(config: Any) -> None:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     if not isinstance(rope, dict):
         return
-    if "mrope_section" not in rope and getattr(config, "model_type", "") not in _MROPE_BY_DEFAULT:
+    mrope = "mrope_section" in rope or "mrope_section" in (
+        getattr(config, "ignore_keys_at_rope_validation", None) or ()
+    )
+    if not mrope and getattr(config, "model_type", "") not in _MROPE_BY_DEFAULT:
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary = int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
@@ -145,6 +436,10 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     return config
 
 
+class TinyModelDependencyError(ImportError):
+    """A tiny model needs a package that is not installed."""
+
+
 def build_tiny_model(
     model_type: str,
     model_class: type[nn.Module] | None = None,
@@ -152,29 +447,253 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a tiny ``model_type`` model in eval mode with seeded random weights."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    """Build a tiny ``model_type`` model in eval mode with seeded random weights.
 
+    Raises :class:`TinyModelDependencyError` (an ``ImportError``) naming the package when the model
+    code imports one that is missing.
+    """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    if model_class is not None:
-        model = model_class(config)
-    else:
-        last_error: Exception | None = None
-        for auto in (AutoModelForCausalLM, AutoModel):
-            try:
-                model = auto.from_config(config)
-                break
-            except (ValueError, AttributeError) as error:  # 5.3.0 lacks some composite CausalLM mappings
-                last_error = error
-        else:
-            raise ValueError(f"no Auto class builds {model_type}") from last_error
+    try:
+        with _uninitialized_as_nan():
+            model = model_class(config) if model_class is not None else _instantiate(model_type, config)
+    except ModuleNotFoundError as error:
+        raise TinyModelDependencyError(
+            f"building a tiny {model_type} model needs the package {error.name!r}, which is not installed",
+            name=error.name,
+        ) from error
+    _init_uninitialized(model, getattr(config, "initializer_range", None) or 0.02)
     return model.to(dtype).eval()
 
 
-def tiny_inputs(model: nn.Module, batch: int = 2, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Random ``input_ids`` (and an attention mask) for a tiny text model."""
+def _instantiate(model_type: str, config: Any) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    last_error: Exception | None = None
+    for auto in (AutoModelForCausalLM, AutoModel):
+        # An unmapped config makes from_config import every model module for its error message.
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None and type(config) not in mapping:
+            continue
+        try:
+            return auto.from_config(config)
+        except (ValueError, AttributeError) as error:  # 5.3.0 lacks some composite CausalLM mappings
+            last_error = error
+    model_class = _config_model_class(config)
+    if model_class is None:
+        raise ValueError(f"no Auto class builds {model_type}") from last_error
+    return model_class(config)
+
+
+@contextlib.contextmanager
+def _uninitialized_as_nan() -> Iterator[None]:
+    # Some models leave a parameter to torch.empty (Qwen3-Omni's talker experts): garbage that
+    # differs run to run.  Deterministic mode fills fresh memory with NaN, so it can be found.
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _init_uninitialized(model: nn.Module, std: float) -> None:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and not parameter.is_meta and torch.isnan(parameter).any():
+                parameter.normal_(0.0, std)
+
+
+def _config_model_class(config: Any) -> type[nn.Module] | None:
+    """The model class of the config's own modeling module whose ``config_class`` is the config's class.
+
+    Sub-configs (a decoder, an audio encoder) have no Auto mapping but a model class next to the
+    composite one.  Prefer a class named after the config (``DiaDecoderConfig`` -> ``DiaDecoder``,
+    ``...Model``, ``...ForCausalLM``), then any head on it (``...For...``), then the rest; 5.3.0
+    lets sub-part classes inherit the composite's config_class, so a bare name match alone misleads.
+    """
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    module_name = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    stem = type(config).__name__.removesuffix("Config")
+    candidates = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, PreTrainedModel)
+        and value.__module__ == module.__name__
+        and getattr(value, "config_class", None) is type(config)
+        and "PreTrained" not in value.__name__
+    ]
+
+    def rank(cls: type) -> tuple[int, int, str]:
+        name = cls.__name__
+        rest = name[len(stem) :] if name.startswith(stem) else None
+        named = 0 if rest in ("ForCausalLM", "Model", "") else 1 if rest is not None and rest.startswith("For") else 2
+        kind = 0 if name.endswith("ForCausalLM") else 1 if name.endswith("Model") else 2
+        return (named, kind, name)
+
+    return min(candidates, key=rank, default=None)
+
+
+def tiny_inputs(model: nn.Module, batch: int = 2, length: int = 7, seed: int = 1) -> dict[str, Any]:
+    """Random inputs for a tiny model: ``input_ids`` and an attention mask, or the tensors of
+    :data:`TINY_INPUTS` for models that token ids alone cannot drive."""
     generator = torch.Generator().manual_seed(seed)
+    builder = TINY_INPUTS.get(getattr(model.config, "model_type", ""))
+    if builder is not None:
+        return builder(model, batch, length, generator)
     vocab = getattr(model.config, "vocab_size", None) or model.config.get_text_config().vocab_size
     input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+InputBuilder = Callable[[nn.Module, int, int, torch.Generator], dict[str, Any]]
+
+
+def _dia_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    # Text ids for the encoder, (batch, length, channels) audio codes for the decoder.
+    config = model.config
+    decoder = config.decoder_config
+    text = torch.randint(0, config.encoder_config.vocab_size, (batch, length), generator=generator)
+    codes = torch.randint(0, decoder.vocab_size, (batch, length, decoder.num_channels), generator=generator)
+    return {"input_ids": text, "attention_mask": torch.ones_like(text), "decoder_input_ids": codes}
+
+
+def _diffusion_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    # A prompt and a fixed canvas (left out, the model samples the canvas at random).
+    config = model.config
+    vocab = config.get_text_config().vocab_size
+    prompt = torch.randint(0, vocab, (batch, length), generator=generator)
+    canvas = torch.randint(0, vocab, (batch, config.canvas_length), generator=generator)
+    return {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "decoder_input_ids": canvas}
+
+
+def _dia_decoder_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    config = model.config
+    codes = torch.randint(0, config.vocab_size, (batch, length, config.num_channels), generator=generator)
+    encoded = torch.randn(batch, length, config.cross_hidden_size, generator=generator)
+    return {"input_ids": codes, "encoder_hidden_states": encoded}
+
+
+def _dots3_audio_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    # Mel features of ``length`` tokens per chunk (the conv stem downsamples time by 8).
+    config = model.config
+    frames = length * 8
+    features = torch.randn(batch, config.feature_size, frames, generator=generator)
+    return {"input_features": features, "chunk_sample_lengths": torch.full((batch,), frames * config.hop_length)}
+
+
+def _phi4_audio_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    config = model.config
+    features = torch.randn(batch, length * config.time_reduction, config.input_size, generator=generator)
+    return {"hidden_states": features, "mask": None}
+
+
+def _vision_patch_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    # ``batch`` images of 4 x 4 patches, flattened the way the image processor hands them over.
+    config = model.config
+    patch = config.num_channels * config.patch_size**2 * getattr(config, "temporal_patch_size", 1)
+    grid = torch.tensor([[1, 4, 4]] * batch)
+    return {"pixel_values": torch.randn(16 * batch, patch, generator=generator), "grid_thw": grid}
+
+
+def _esmfold2_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
+    # One protein chain of ``length`` residues with two reference atoms each; no MSA, no language model.
+    from transformers.models.esmfold2.modeling_esmfold2 import EsmFold2AtomInputs
+
+    config = model.config
+    atoms = 2 * length
+    positions = torch.arange(length).expand(batch, length)
+    zeros = torch.zeros(batch, length, dtype=torch.long)
+    atom_to_token = torch.arange(length).repeat_interleave(2).expand(batch, atoms)
+    atom_inputs = EsmFold2AtomInputs(
+        ref_pos=torch.randn(batch, atoms, 3, generator=generator),
+        ref_charge=torch.zeros(batch, atoms),
+        atom_attention_mask=torch.ones(batch, atoms, dtype=torch.bool),
+        ref_element=torch.randint(1, config.max_atomic_number, (batch, atoms), generator=generator),
+        ref_atom_name_chars=torch.randint(
+            0, config.char_vocab_size, (batch, atoms, config.max_chars), generator=generator
+        ),
+        ref_space_uid=atom_to_token.clone(),
+        atom_to_token=atom_to_token.clone(),
+    )
+    return {
+        "token_index": positions.clone(),
+        "residue_index": positions.clone(),
+        "asym_id": zeros,
+        "sym_id": zeros.clone(),
+        "entity_id": zeros.clone(),
+        "mol_type": zeros.clone(),
+        "res_type": torch.randint(0, 20, (batch, length), generator=generator),
+        "token_bonds": torch.zeros(batch, length, length, 1),
+        "attention_mask": torch.ones(batch, length, dtype=torch.long),
+        "atom_inputs": atom_inputs,
+    }
+
+
+TINY_INPUTS: dict[str, InputBuilder] = {
+    "esmfold2": _esmfold2_inputs,
+    "dia": _dia_inputs,
+    "dia_decoder": _dia_decoder_inputs,
+    "diffusion_gemma": _diffusion_inputs,
+    "dots3_note_audio_encoder": _dots3_audio_inputs,
+    "dots3_note_vision_encoder": _vision_patch_inputs,
+    "phi4_multimodal_audio": _phi4_audio_inputs,
+}
+
+# Models whose forward cannot embed token ids itself (Qwen3-Omni's talker has no embed_tokens):
+# tiny_forward feeds them the embeddings of the ids.
+_EMBEDS_ONLY = {"qwen3_omni_moe_talker_text"}
+
+
+def tiny_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Run ``model`` on ``inputs`` without a cache; logits, else the last hidden state, else the first tensor.
+
+    The run is seeded (on a forked generator), so repeated calls agree even for forwards that sample.
+
+    A composite without a forward of its own (Qwen3-Omni-MoE: thinker, talker and code2wav run one
+    after another in ``generate``) runs its first sub-model that has one: the thinker, which holds
+    the fused experts.
+    """
+    kwargs = dict(inputs)
+    if type(model).forward is nn.Module.forward:
+        model = next((child for child in model.children() if type(child).forward is not nn.Module.forward), model)
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", "") in _EMBEDS_ONLY and "input_ids" in kwargs:
+        kwargs["inputs_embeds"] = model.get_input_embeddings()(kwargs.pop("input_ids"))
+    # Hybrid (mamba) models choke on a cache built for a plain forward.  Heads pass use_cache through
+    # **kwargs; a config with use_cache marks a model that takes it.
+    parameters = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if "use_cache" in parameters or (takes_kwargs and hasattr(config, "use_cache")):
+        kwargs.setdefault("use_cache", False)
+    # Seeded on a forked generator: some forwards sample (esmfold2 draws its initial pair state).
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        output = model(**kwargs)
+    return _main_tensor(output)
+
+
+def _main_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    values = output.values() if isinstance(output, dict) else output
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    raise TypeError(f"no tensor in the output {type(output).__name__}")
