@@ -20,6 +20,7 @@ from torch import nn
 from defuser import convert_model, replace_fused_blocks
 from defuser.api import find_candidates
 from defuser.engine.candidates import ExpertsLayout
+from defuser.engine.detect import layer_index
 from defuser.engine.experts import DefusedExperts
 from defuser.engine.preload import restore_preload_patches
 
@@ -40,20 +41,41 @@ ModelFactory = Callable[[], nn.Module]
 
 
 def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits, or the last hidden state for models without a head."""
-    with torch.no_grad():
-        output = model(**inputs)
-    logits = getattr(output, "logits", None)
-    return logits if logits is not None else output.last_hidden_state
+    """Logits, or the last hidden state for models without a head (no cache, no grad)."""
+    from defuser.tiny import tiny_forward
+
+    return tiny_forward(model, inputs)
+
+
+def _stored(fused: nn.Module, name: str) -> torch.Tensor:
+    owner = fused
+    *path, leaf = name.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return getattr(owner, leaf).detach()
 
 
 def expected_expert_weights(fused: nn.Module, layout: ExpertsLayout, expert: int) -> dict[str, torch.Tensor]:
     """The per-expert weights a fused module should defuse into, by meaning."""
-    first = getattr(fused, layout.gate_up_name if layout.has_gate else layout.up_name).detach()[expert]
-    down = fused.down_proj.detach()[expert]
+
+    def slice_of(name: str) -> torch.Tensor:
+        tensor = _stored(fused, name)
+        if layout.flattened:
+            tensor = tensor.reshape(layout.num_experts, -1, tensor.shape[-1])
+        return tensor[expert]
+
+    down = slice_of(layout.down_name)
+    down_transposed = layout.is_transposed if layout.down_transposed is None else layout.down_transposed
+    expected = {"down_proj": down.T if down_transposed else down}
+    if layout.separate_gate_up:
+        gate, up = slice_of(layout.gate_name), slice_of(layout.up_name)
+        if layout.is_transposed:
+            gate, up = gate.T, up.T
+        expected.update(gate_proj=gate, up_proj=up)
+        return expected
+    first = slice_of(layout.gate_up_name if layout.has_gate else layout.up_name)
     if layout.is_transposed:
-        first, down = first.T, down.T
-    expected = {"down_proj": down}
+        first = first.T
     if not layout.has_gate:
         expected["up_proj"] = first
         return expected
@@ -93,22 +115,45 @@ def assert_converts_equal(factory: ModelFactory, inputs: dict[str, torch.Tensor]
                 assert torch.equal(linear.weight, tensor), f"{path}.{index}.{name} differs from its fused slice"
     state = model.state_dict()
     for candidate in candidates:
-        if candidate.kind == "experts":
-            for name in (
-                ("gate_proj", "up_proj", "down_proj") if candidate.layout.has_gate else ("up_proj", "down_proj")
-            ):
-                assert f"{candidate.path}.0.{name}.weight" in state, f"missing {candidate.path}.0.{name}.weight"
-            assert f"{candidate.path}.gate_up_proj" not in state
+        keys = _expected_keys(candidate)
+        if candidate.kind == "parallel":  # a plain Linear per expert, or a gate/up pair
+            assert any(key in state for key in keys), f"missing {' or '.join(keys)}"
         else:
-            for name in ("gate_proj", "up_proj"):
-                assert f"{candidate.path}.{name}.weight" in state, f"missing {candidate.path}.{name}.weight"
-            assert f"{candidate.path}.gate_up_proj.weight" not in state
+            for key in keys:
+                assert key in state, f"missing {key}"
+        fused_keys = [key for key in state if key.startswith(f"{candidate.path}.") and _is_fused_key(key, candidate)]
+        assert not fused_keys, f"fused tensors still saved: {fused_keys}"
     assert find_candidates(model) == [], "fused modules left after conversion"
     converted = model_output(model, inputs)
     difference = (converted - reference).abs().max().item()
     assert difference <= atol, f"outputs differ by {difference} after conversion"
     assert convert_model(model) is False, "second conversion changed something"
     return model
+
+
+def _expected_keys(candidate: Any) -> list[str]:
+    path, layout = candidate.path, candidate.layout
+    if candidate.kind == "experts":
+        names = ("gate_proj", "up_proj", "down_proj") if layout.has_gate else ("up_proj", "down_proj")
+        return [f"{path}.{index}.{name}.weight" for index in (0, layout.num_experts - 1) for name in names]
+    if candidate.kind == "parallel":
+        return [f"{path}.0.weight", f"{path}.0.gate_proj.weight"]
+    return [f"{path}.gate_proj.weight", f"{path}.up_proj.weight"]
+
+
+def _is_fused_key(key: str, candidate: Any) -> bool:
+    leaf = key[len(candidate.path) + 1 :]
+    if candidate.kind == "dense":
+        return leaf.startswith(f"{candidate.layout.fused_name}.")
+    if candidate.kind == "parallel":
+        return leaf == candidate.layout.weight_name
+    return not leaf.split(".")[0].isdigit() and leaf.split(".")[-1] in _FUSED_LEAVES
+
+
+_FUSED_LEAVES = {
+    *("gate_up_proj", "up_proj", "down_proj", "gate_proj", "gate_up_proj_bias", "down_proj_bias"),
+    *("w1", "v1", "w2"),  # DBRX's flattened experts
+}
 
 
 def assert_generate_same(factory: ModelFactory, inputs: dict[str, torch.Tensor], new_tokens: int = 6) -> None:
@@ -146,7 +191,7 @@ def assert_max_layers(factory: ModelFactory, inputs: dict[str, torch.Tensor], at
     assert convert_model(model, max_layers=1) is True
     left = {c.path for c in find_candidates(model)}
     for candidate in before:
-        in_first = ".0." in f".{candidate.path}." and "layers.0." in candidate.path + "."
+        in_first = layer_index(candidate.path) == 0
         assert (candidate.path in left) != in_first, f"{candidate.path}: max_layers=1 handled it wrongly"
     difference = (model_output(model, inputs) - reference).abs().max().item()
     assert difference <= atol, f"mixed fused/defused model differs by {difference}"

@@ -11,18 +11,47 @@ Every test is parametrized over the model types it applies to (``model_type`` ar
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from defuser import convert_model
 from defuser.api import find_candidates
 from defuser_testkit import checks
-from defuser_testkit.tiny import tiny_inputs
+from defuser_testkit.tiny import build_tiny_model, tiny_inputs
 
-__all__ = ["FamilyConformance", "over"]
+__all__ = ["FamilyConformance", "cases_for", "over"]
+
+
+def _type_known(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def cases_for(plugin: Any) -> tuple[dict[str, Callable[[], nn.Module]], dict[str, str]]:
+    """Tiny-model factories for every model type ``plugin`` declares, and the types left out
+    on the installed transformers with the reason (reported as skips, never silent)."""
+    import transformers
+
+    version = transformers.__version__
+    cases: dict[str, Callable[[], nn.Module]] = {}
+    unavailable: dict[str, str] = {}
+    for support in plugin.info.model_types:
+        model_type = support.model_type
+        if not _type_known(model_type):
+            unavailable[model_type] = f"model type {model_type!r} does not exist in transformers {version}"
+        elif support.min_transformers and Version(version) < Version(support.min_transformers):
+            unavailable[model_type] = (
+                f"{model_type!r} is tested from transformers {support.min_transformers} on (installed {version})"
+            )
+        else:
+            cases[model_type] = partial(build_tiny_model, model_type)
+    return cases, unavailable
 
 
 def over(group: str) -> Callable:
@@ -39,6 +68,8 @@ class FamilyConformance:
     """Standard checks for every model type of a plugin."""
 
     cases: ClassVar[dict[str, Callable[[], nn.Module]]] = {}
+    # model type -> why it is not tested here (shown as a skip)
+    unavailable: ClassVar[dict[str, str]] = {}
     preload: ClassVar[set[str]] = set()
     generate: ClassVar[set[str]] = set()
     extra_checkpoints: ClassVar[dict[str, Callable[[nn.Module, Path], dict[str, Path]]]] = {}

@@ -22,11 +22,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     group = getattr(metafunc.function, "_defuser_over", None)
     if cls is None or group is None or not issubclass(cls, FamilyConformance):
         return
-    model_types = sorted(getattr(cls, group))
-    if not model_types:
-        metafunc.parametrize("model_type", [pytest.param(None, marks=pytest.mark.skip(reason=f"no {group} declared"))])
-        return
-    metafunc.parametrize("model_type", model_types)
+    params = [pytest.param(model_type, id=model_type) for model_type in sorted(getattr(cls, group))]
+    if group == "cases":
+        params += [
+            pytest.param(model_type, id=model_type, marks=pytest.mark.skip(reason=reason))
+            for model_type, reason in sorted(cls.unavailable.items())
+        ]
+    if not params:
+        params = [pytest.param(None, marks=pytest.mark.skip(reason=f"no {group} declared"))]
+    metafunc.parametrize("model_type", params)
 
 
 @pytest.fixture

@@ -1,0 +1,203 @@
+"""The census: every fused structure in the installed transformers, found at test time.
+
+:func:`scan_fused_classes` reads the source of every ``models/*/modeling_*.py`` (no import)
+and reports the classes that hold fused weights: experts decorated with
+``@use_experts_implementation``, classes assigning ``self.gate_up_proj = nn.Linear(...)``,
+and undecorated ``*Expert*`` classes creating their own ``nn.Parameter`` (stacked or
+flattened expert weights).  :func:`fused_model_types` maps them to the model types whose
+models contain them, including composites whose sub-configs are such types.  Nothing here is
+a frozen list, so a class transformers adds or renames shows up by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import importlib
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["FusedClass", "fused_model_types", "scan_fused_classes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FusedClass:
+    """A class holding fused weights: where it lives and which kind it is."""
+
+    package: str  # the transformers.models sub-package, e.g. "qwen3_moe"
+    name: str
+    kind: str  # "decorated_experts" | "undecorated_experts" | "fused_dense_mlp"
+
+
+def _is_decorated(node: ast.ClassDef) -> bool:
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if isinstance(target, ast.Name) and target.id == "use_experts_implementation":
+            return True
+    return False
+
+
+def _init_assignments(node: ast.ClassDef) -> list[tuple[str, ast.expr]]:
+    found = []
+    for item in node.body:
+        if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+            for statement in ast.walk(item):
+                if isinstance(statement, ast.Assign):
+                    for target in statement.targets:
+                        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+                            found.append((target.attr, statement.value))
+    return found
+
+
+def _call_name(value: ast.expr) -> str:
+    if isinstance(value, ast.Call):
+        function = value.func
+        if isinstance(function, ast.Attribute):
+            return function.attr
+        if isinstance(function, ast.Name):
+            return function.id
+    return ""
+
+
+def _kind_of(node: ast.ClassDef) -> str | None:
+    if _is_decorated(node):
+        return "decorated_experts"
+    assignments = _init_assignments(node)
+    if any(name == "gate_up_proj" and _call_name(value) == "Linear" for name, value in assignments):
+        return "fused_dense_mlp"
+    if "Expert" in node.name and any(_call_name(value) == "Parameter" for _, value in assignments):
+        return "undecorated_experts"
+    # A mixture-named class stacking weights in 3D (5.3's *NaiveMoe, say): experts by another name.
+    if _MIXTURE_NAME.search(node.name) and any(_is_stacked_parameter(value) for _, value in assignments):
+        return "undecorated_experts"
+    return None
+
+
+_MIXTURE_NAME = re.compile(r"Moe|MoE|MoA|Mixture")
+_TENSOR_FACTORIES = {"empty", "zeros", "ones", "randn", "rand"}
+
+
+def _is_stacked_parameter(value: ast.expr) -> bool:
+    """``nn.Parameter(torch.empty(a, b, c))`` and the like: a parameter of 3 or more dims."""
+    if _call_name(value) != "Parameter" or not isinstance(value, ast.Call) or not value.args:
+        return False
+    factory = value.args[0]
+    if not isinstance(factory, ast.Call) or _call_name(factory) not in _TENSOR_FACTORIES:
+        return False
+    dims = factory.args
+    if len(dims) == 1 and isinstance(dims[0], ast.Tuple):
+        dims = dims[0].elts
+    return len(dims) >= 3
+
+
+@functools.lru_cache(maxsize=1)
+def _scan() -> tuple[tuple[FusedClass, ...], dict[str, str]]:
+    import transformers
+
+    models = Path(transformers.__file__).parent / "models"
+    found = []
+    defined_in: dict[str, str] = {}
+    for path in sorted(models.glob("*/modeling_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                defined_in.setdefault(node.name, path.parent.name)
+                kind = _kind_of(node)
+                if kind is not None:
+                    found.append(FusedClass(path.parent.name, node.name, kind))
+    return tuple(found), defined_in
+
+
+def scan_fused_classes() -> list[FusedClass]:
+    """Every class with fused weights in the installed transformers' modeling files."""
+    return list(_scan()[0])
+
+
+def _model_packages(model_type: str, config_class: type) -> set[str]:
+    # A model type may reuse another family's model classes (sarvam_mla -> DeepseekV3ForCausalLM).
+    from transformers.models.auto import modeling_auto
+
+    defined_in = _scan()[1]
+    packages = {_package_of(config_class)}
+    for mapping in (modeling_auto.MODEL_MAPPING_NAMES, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        names = mapping.get(model_type, ())
+        for name in (names,) if isinstance(names, str) else names:
+            if name in defined_in:
+                packages.add(defined_in[name])
+    return packages
+
+
+def _package_of(config_class: type) -> str:
+    return config_class.__module__.split(".")[2]
+
+
+def _sub_config_types(config: object, seen: set[int]) -> set[str]:
+    if id(config) in seen:
+        return set()
+    seen.add(id(config))
+    types = {str(getattr(config, "model_type", ""))}
+    for value in vars(config).values():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            types |= _sub_config_types(value, seen)
+    return types
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    # Some default configs name a hub backbone; the census never downloads.
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def fused_model_types(classes: list[FusedClass] | None = None) -> dict[str, set[FusedClass]]:
+    """Model type -> the fused classes its modeling package (or a sub-config's) defines."""
+    with _offline():
+        return _fused_model_types(classes)
+
+
+def _fused_model_types(classes: list[FusedClass] | None) -> dict[str, set[FusedClass]]:
+    from transformers import CONFIG_MAPPING
+
+    by_package: dict[str, set[FusedClass]] = defaultdict(set)
+    for fused in scan_fused_classes() if classes is None else classes:
+        by_package[fused.package].add(fused)
+    result: dict[str, set[FusedClass]] = {}
+    for model_type in CONFIG_MAPPING.keys():
+        try:
+            config_class = CONFIG_MAPPING[model_type]
+        except Exception:  # an entry whose module cannot be imported here
+            continue
+        own = {fused for package in _model_packages(model_type, config_class) for fused in by_package.get(package, ())}
+        nested: set[FusedClass] = set()
+        if not getattr(config_class, "sub_configs", None):  # no composite: nothing nested to find
+            if own:
+                result[model_type] = own
+            continue
+        try:
+            config = config_class()
+            for sub_type in _sub_config_types(config, set()) - {model_type}:
+                if sub_type in CONFIG_MAPPING:
+                    nested |= by_package.get(_package_of(CONFIG_MAPPING[sub_type]), set())
+        except Exception as error:  # a default config that cannot be instantiated as shipped
+            logger.debug("default config of %s: %s", model_type, error)
+        if own or nested:
+            result[model_type] = own | nested
+    return result
+
+
+def modeling_module(fused: FusedClass) -> object:
+    """The imported modeling module that defines ``fused``."""
+    return importlib.import_module(f"transformers.models.{fused.package}.modeling_{fused.package}")
