@@ -1,1 +1,1 @@
-"""defuser plugin: the glm model family."""
+"""defuser plugin: GLM (Zhipu AI)."""

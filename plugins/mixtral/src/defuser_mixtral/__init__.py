@@ -1,1 +1,1 @@
-"""defuser plugin: the mixtral model family."""
+"""defuser plugin: Mistral AI."""

@@ -1,1 +1,1 @@
-"""defuser plugin: the qwen model family."""
+"""defuser plugin: Qwen (Alibaba)."""

@@ -8,19 +8,24 @@ __all__ = ["plugin"]
 
 plugin = Family(
     name="qwen",
-    description="Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3-Omni-MoE, Qwen3.5-MoE, Qwen3-VL-MoE",
+    description=(
+        "Qwen (Alibaba): Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE, "
+        "Qwen4-Exp"
+    ),
     model_types=[
-        TypeSupport("qwen2_moe", preload=True, notes="shared expert with sigmoid gate kept"),
-        TypeSupport("qwen3_moe", preload=True),
-        TypeSupport("qwen3_next", preload=True, notes="shared expert with sigmoid gate kept"),
-        TypeSupport("qwen3_omni_moe", preload=True, notes="thinker and talker experts"),
-        TypeSupport("qwen3_omni_moe_thinker", notes="thinker sub-model"),
-        TypeSupport("qwen3_omni_moe_talker", notes="talker sub-model"),
-        TypeSupport("qwen3_omni_moe_text", notes="thinker text config"),
-        TypeSupport("qwen3_omni_moe_talker_text", notes="talker text config"),
+        TypeSupport("qwen2_moe", preload=True, notes="sigmoid-gated shared expert kept"),
         TypeSupport("qwen3_5_moe"),
         TypeSupport("qwen3_5_moe_text", notes="text model built alone"),
-        TypeSupport("qwen3_vl_moe", notes="checkpoints store transposed experts; convert after load"),
+        TypeSupport("qwen3_moe", preload=True),
+        TypeSupport("qwen3_next", preload=True, notes="hybrid linear attention; shared expert kept"),
+        TypeSupport("qwen3_omni_moe", preload=True, notes="thinker and talker experts"),
+        TypeSupport("qwen3_omni_moe_talker", notes="talker sub-model"),
+        TypeSupport("qwen3_omni_moe_talker_text", notes="talker text model built alone", min_transformers="5.24.0"),
+        TypeSupport("qwen3_omni_moe_text", notes="thinker text model built alone", min_transformers="5.24.0"),
+        TypeSupport("qwen3_omni_moe_thinker", notes="thinker sub-model"),
+        TypeSupport("qwen3_vl_moe", notes="checkpoints store transposed fused experts"),
         TypeSupport("qwen3_vl_moe_text", notes="text model built alone"),
+        TypeSupport("qwen4_exp", min_transformers="5.24.0"),
+        TypeSupport("qwen4_exp_text", notes="text model built alone", min_transformers="5.24.0"),
     ],
 )

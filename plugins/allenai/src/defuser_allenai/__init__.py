@@ -1,0 +1,1 @@
+"""defuser plugin: Ai2 OLMoE, FlexOlmo."""

@@ -1,0 +1,15 @@
+"""Ai2 OLMoE, FlexOlmo: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="allenai",
+    description="Ai2 OLMoE, FlexOlmo",
+    model_types=[
+        TypeSupport("flex_olmo"),
+        TypeSupport("olmoe"),
+    ],
+)

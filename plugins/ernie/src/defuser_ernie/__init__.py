@@ -1,0 +1,1 @@
+"""defuser plugin: Baidu ERNIE 4.5 MoE."""

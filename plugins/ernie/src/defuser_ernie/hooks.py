@@ -1,0 +1,16 @@
+"""Baidu ERNIE 4.5 MoE: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="ernie",
+    description="Baidu ERNIE 4.5 MoE",
+    model_types=[
+        TypeSupport("ernie4_5_moe"),
+        TypeSupport("ernie4_5_vl_moe", notes="text and vision expert sets of different sizes"),
+        TypeSupport("ernie4_5_vl_moe_text", notes="text model built alone", min_transformers="5.24.0"),
+    ],
+)

@@ -1,0 +1,1 @@
+"""defuser plugin: Google Gemma 4 MoE."""

@@ -1,0 +1,17 @@
+"""Google Gemma 4 MoE: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="gemma",
+    description="Google Gemma 4 MoE",
+    model_types=[
+        TypeSupport("diffusion_gemma", notes="experts in the decoder layer", min_transformers="5.24.0"),
+        TypeSupport("diffusion_gemma_text", notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport("gemma4", notes="experts in the decoder layer (enable_moe_block)", min_transformers="5.24.0"),
+        TypeSupport("gemma4_text", notes="experts in the decoder layer", min_transformers="5.24.0"),
+    ],
+)

@@ -1,0 +1,28 @@
+"""IBM Granite MoE: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.engine.candidates import DenseLayout, ParallelLayout
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="granite",
+    description="IBM Granite MoE",
+    model_types=[
+        TypeSupport("granitemoe", notes="5.3.0: parallel experts split per expert"),
+        TypeSupport("granitemoe_swa", min_transformers="5.24.0"),
+        TypeSupport("granitemoehybrid", notes="shared MLP input_linear split; 5.3.0: parallel experts"),
+        TypeSupport("granitemoeshared", notes="shared MLP input_linear split; 5.3.0: parallel experts"),
+    ],
+    # The shared MLP fuses gate and up in one Linear named input_linear.
+    dense_classes={
+        "GraniteMoeSharedMLP": DenseLayout(fused_name="input_linear"),
+        "GraniteMoeHybridMLP": DenseLayout(fused_name="input_linear"),
+    },
+    # transformers 5.3.0 stacks each projection of all experts in one parallel-experts module.
+    parallel_classes={
+        name: ParallelLayout(gated_paths=r"block_sparse_moe\.input_linear$")
+        for name in ("GraniteMoeParallelExperts", "GraniteMoeSharedParallelExperts", "GraniteMoeHybridParallelExperts")
+    },
+)

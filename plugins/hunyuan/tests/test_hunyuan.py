@@ -1,0 +1,8 @@
+"""Tencent Hunyuan: conformance of every claimed model type on the installed transformers."""
+
+from defuser_hunyuan.hooks import plugin
+from defuser_testkit.conformance import FamilyConformance, cases_for
+
+
+class TestHunyuan(FamilyConformance):
+    cases, unavailable = cases_for(plugin)

@@ -1,0 +1,1 @@
+"""defuser plugin: Inkling, Inkling 2."""

@@ -1,0 +1,17 @@
+"""JetMoE: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.engine.candidates import ParallelLayout
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="jetmoe",
+    description="JetMoE",
+    model_types=[
+        TypeSupport("jetmoe", notes="parallel experts of the MLP and of the attention (MoA) split per expert"),
+    ],
+    # The MLP's input projection is a GLU (gate and up halves); the MoA projections are not.
+    parallel_classes={"JetMoeParallelExperts": ParallelLayout(gated_paths=r"\.mlp\.input_linear$")},
+)

@@ -1,0 +1,32 @@
+"""Meituan LongCat-Flash: conformance of every claimed model type on the installed transformers."""
+
+from defuser_longcat.hooks import plugin
+from defuser_testkit.conformance import FamilyConformance, cases_for
+
+
+class TestLongcat(FamilyConformance):
+    cases, unavailable = cases_for(plugin)
+
+
+def test_identity_experts_pass_tokens_through():
+    """Routing indices past the routed experts are identity ("zero") experts."""
+    import torch
+
+    from defuser import convert_model
+    from defuser.tiny import build_tiny_model
+
+    model = build_tiny_model("longcat_flash")
+    experts = model.model.layers[0].mlp.experts
+    zero = experts.zero_expert_num
+    assert zero > 0, "the tiny config should keep identity experts"
+    routed = experts.num_routed_experts
+    hidden = torch.randn(5, model.config.hidden_size)
+    index = torch.tensor([[0, routed], [routed, 1], [routed + zero - 1, 2], [3, 0], [routed, routed + zero - 1]])
+    weights = torch.rand(5, 2)
+    with torch.no_grad():
+        expected = experts(hidden, index, weights)
+        assert convert_model(model)
+        defused = model.model.layers[0].mlp.experts
+        assert len(defused) == routed
+        actual = defused(hidden, index, weights)
+    assert (actual - expected).abs().max().item() <= 1e-6

@@ -1,0 +1,21 @@
+"""MiniMax: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="minimax",
+    description="MiniMax: MiniMax, M2, M3-VL",
+    model_types=[
+        TypeSupport("minimax"),
+        TypeSupport("minimax_m2"),
+        TypeSupport(
+            "minimax_m3_vl",
+            notes="clamped (up + 1) GLU (own gate function); dense shared MLP split",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport("minimax_m3_vl_text", notes="text model built alone", min_transformers="5.24.0"),
+    ],
+)

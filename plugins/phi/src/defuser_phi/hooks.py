@@ -1,0 +1,20 @@
+"""Microsoft Phi: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.engine.candidates import DenseLayout
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="phi",
+    description="Microsoft Phi: Phi-3, Phi-4-multimodal, PhiMoE",
+    model_types=[
+        TypeSupport("phi3", notes="dense gate_up_proj split"),
+        TypeSupport("phi4_multimodal", notes="dense MLPs split; audio MLP halves reversed (up first)"),
+        TypeSupport("phi4_multimodal_audio", notes="audio MLP halves reversed (up first)", min_transformers="5.24.0"),
+        TypeSupport("phimoe"),
+    ],
+    # The audio conformer's MLP puts the up half first.
+    dense_classes={"Phi4MultimodalAudioMLP": DenseLayout(gate_first=False)},
+)

@@ -1,0 +1,18 @@
+"""rednote dots: the model types this plugin claims, and what differs from the generic engine."""
+
+from defuser.family import Family
+from defuser.plugin_info import TypeSupport
+
+__all__ = ["plugin"]
+
+plugin = Family(
+    name="rednote",
+    description="rednote dots: dots.llm1, dots3-note",
+    model_types=[
+        TypeSupport("dots1"),
+        TypeSupport("dots3_note", notes="vision experts vary per layer; audio MLP split", min_transformers="5.24.0"),
+        TypeSupport("dots3_note_audio_encoder", notes="dense audio MLP split (biases)", min_transformers="5.24.0"),
+        TypeSupport("dots3_note_text", notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport("dots3_note_vision_encoder", notes="expert count varies per layer", min_transformers="5.24.0"),
+    ],
+)

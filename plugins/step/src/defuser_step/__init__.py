@@ -1,0 +1,1 @@
+"""defuser plugin: StepFun Step 3.5 / 3.7."""

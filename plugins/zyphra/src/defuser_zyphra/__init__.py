@@ -1,0 +1,1 @@
+"""defuser plugin: Zyphra Zamba2, ZAYA."""
