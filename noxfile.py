@@ -32,7 +32,10 @@ TRANSFORMERS_VERSIONS = [
 ]
 
 # Test runner and test-only libraries every test session installs.
-TEST_DEPS = ("pytest", "hypothesis")
+TEST_DEPS = ("pytest", "hypothesis", "scipy")
+
+# Tests never download: a default config naming a hub backbone must not reach the network.
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 CORE = "core"
 TESTKIT = "packages/defuser-testkit"
@@ -60,7 +63,7 @@ def _install_stack(session: nox.Session, transformers: str, *editables: str, ext
 def _make_family_session(family: str) -> None:
     def tests(session: nox.Session, transformers: str) -> None:
         _install_stack(session, transformers, CORE, TESTKIT, f"plugins/{family}")
-        session.run("pytest", f"plugins/{family}/tests", *session.posargs)
+        session.run("pytest", f"plugins/{family}/tests", *session.posargs, env=OFFLINE)
 
     tests.__doc__ = f"Run the {family} plugin's tests against one supported transformers release."
     tests.__name__ = f"tests_{family}"
@@ -79,7 +82,16 @@ def tests_core(session: nox.Session, transformers: str) -> None:
     plugins = [f"plugins/{family}" for family in FAMILIES]
     # build + hatchling: tests/test_wheels.py builds every distribution.
     _install_stack(session, transformers, CORE, TESTKIT, *plugins, extra=("build", "hatchling"))
-    session.run("pytest", "core/tests", "tests", *session.posargs)
+    session.run("pytest", "core/tests", "tests", *session.posargs, env=OFFLINE)
+
+
+@nox.session(name="census", tags=["tests"])
+@nox.parametrize("transformers", TRANSFORMERS_VERSIONS)
+def census(session: nox.Session, transformers: str) -> None:
+    """Scan the installed transformers for fused classes; defuse every model type that has one."""
+    plugins = [f"plugins/{family}" for family in FAMILIES]
+    _install_stack(session, transformers, CORE, TESTKIT, *plugins)
+    session.run("pytest", "tests/test_census.py", *session.posargs, env=OFFLINE)
 
 
 @nox.session

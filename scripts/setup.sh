@@ -14,8 +14,9 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: this machine carries the CPU build of 2.13.0; an open range
 # would pull a multi-GB CUDA build.
 "${pip[@]}" "torch==2.13.0"
+# scipy: some model families (inkling) import it when built.
 "${pip[@]}" "transformers==$transformers_version" safetensors accelerate \
-    pytest hypothesis build hatchling ruff
+    pytest hypothesis build hatchling ruff scipy
 "${pip[@]}" -e "$root/core" -e "$root/packages/defuser-testkit" \
     $(for plugin in "$root"/plugins/*/; do printf -- '-e %s ' "$plugin"; done)
 echo "environment ready: $venv (transformers $transformers_version)"

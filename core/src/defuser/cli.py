@@ -100,7 +100,7 @@ def _plugins(args: argparse.Namespace) -> int:
                 plugin.distribution or "-",
                 plugin.version or "-",
                 info.transformers if info else "-",
-                types or "(any decorated experts)",
+                types or "(decorated experts, dense gate_up_proj)",
                 plugin.error or "ok",
             )
         )

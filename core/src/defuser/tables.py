@@ -8,10 +8,14 @@ __all__ = ["supported_models_markdown"]
 
 
 def supported_models_markdown() -> str:
-    """A markdown table: model type, plugin, before-load patching, after-load conversion, notes."""
+    """A markdown table: model type, plugin, before-load patching, after-load conversion,
+    the transformers versions it is tested on, and the special handling."""
+    from defuser.compat import MIN_TRANSFORMERS
+
     rows = [
-        "| model type | plugin | before load (`replace_fused_blocks`) | after load (`convert_model`) | notes |",
-        "|---|---|---|---|---|",
+        "| model type | plugin | before load (`replace_fused_blocks`) | after load (`convert_model`) "
+        "| tested on transformers | special handling |",
+        "|---|---|---|---|---|---|",
     ]
     entries = []
     for plugin in list_plugins():
@@ -20,10 +24,12 @@ def supported_models_markdown() -> str:
         for support in plugin.info.model_types:
             entries.append((support.model_type, plugin.name, support))
     for model_type, plugin, support in sorted(entries):
-        rows.append(f"| `{model_type}` | {plugin} | {'yes' if support.preload else '-'} | yes | {support.notes} |")
+        tested = f"{support.min_transformers}+" if support.min_transformers else f"{MIN_TRANSFORMERS}+"
+        preload = "yes" if support.preload else "-"
+        rows.append(f"| `{model_type}` | {plugin} | {preload} | yes | {tested} | {support.notes} |")
     rows.append(
-        "| any other type with `@use_experts_implementation` experts | generic | - | yes | "
-        "layout read from the decorator's flags |"
+        "| any other type with `@use_experts_implementation` experts or a dense `gate_up_proj` Linear "
+        "| generic | - | yes | - | layout read from the decorator's flags |"
     )
     return "\n".join(rows)
 

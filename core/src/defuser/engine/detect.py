@@ -9,8 +9,8 @@ from torch import nn
 
 __all__ = ["iter_typed_modules", "layer_index", "parents_of"]
 
-# The numbered decoder-stack segment of a path: layers.3, h.3, blocks.3, block.3, layer.3.
-_LAYER_SEGMENT = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# The numbered stack segment of a path: layers.3, h.3, blocks.3, block.3, layer.3, encoders.3.
+_LAYER_SEGMENT = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoders)\.(\d+)(?:\.|$)")
 
 
 def layer_index(path: str) -> int | None:
