@@ -25,7 +25,7 @@ def test_demo_defaults_to_a_builtin_tiny_model():
     assert difference <= 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "glm4"])
+@pytest.mark.parametrize("model_type", ["mixtral", "glm4", "jetmoe", "dbrx", "llama4_text"])
 def test_demo_other_model_types(model_type):
     result = _run("demo", "--model-type", model_type)
     assert result.returncode == 0, result.stderr
