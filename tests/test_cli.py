@@ -53,3 +53,122 @@ def test_entry_points_group_lists_every_plugin_folder():
     folders = {p.name for p in (Path(__file__).parents[1] / "plugins").iterdir() if (p / "pyproject.toml").exists()}
     assert folders <= names
     assert shutil.which("defuser") or BIN.exists()
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """A tiny qwen3_moe checkpoint (config and weights) in a local folder."""
+    from defuser.tiny import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("qwen3_moe")
+    build_tiny_model("qwen3_moe").save_pretrained(folder)
+    return folder
+
+
+def test_inspect_previews_from_the_config_alone(qwen_folder):
+    result = _run("inspect", str(qwen_folder / "config.json"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "model.layers.*.mlp.experts" in out and "Qwen3MoeExperts" in out
+    assert "gate_up_proj 8x32x32, down_proj 8x32x16" in out
+    assert "8 experts x (gate_proj, up_proj, down_proj) nn.Linear" in out
+    assert "before load" in out and "2/2" in out
+    assert "parameters in fused blocks: 24,576 (24,576 selected)" in out
+
+
+def test_inspect_json_with_max_layers_and_filter(qwen_folder):
+    import json
+
+    report = json.loads(_run("inspect", str(qwen_folder), "--json", "--max-layers", "1").stdout)
+    (group,) = report["candidates"]
+    assert (group["count"], group["selected"], group["layers"]) == (2, 1, [0, 1])
+    assert report["fused_parameters"] == 24576 and report["selected_fused_parameters"] == 12288
+    filtered = json.loads(_run("inspect", str(qwen_folder), "--json", "--filter", "layers\\.1\\.").stdout)
+    assert filtered["candidates"][0]["selected"] == 1
+
+
+def test_verify_loads_converts_and_compares(qwen_folder):
+    result = _run("verify", str(qwen_folder))
+    assert result.returncode == 0, result.stderr
+    assert "\nlogits " in result.stdout and " ok" in result.stdout
+    failing = _run("verify", str(qwen_folder), "--atol", "-1")
+    assert failing.returncode == 1 and "FAIL" in failing.stdout
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no such file or directory"),
+        ("unknown", "made_up_moe"),
+        ("dense", "nothing to defuse in llama"),
+    ],
+)
+def test_errors_for_people(tmp_path, setup, message):
+    import json
+
+    source = tmp_path / "model"
+    if setup == "unknown":
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps({"model_type": "made_up_moe"}))
+    elif setup == "dense":
+        from transformers import LlamaConfig
+
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+            source
+        )
+    result = _run("inspect", str(source))
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    if setup != "dense":
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = _run("--debug", "inspect", str(tmp_path / "missing"))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_plugins_lists_every_first_party_plugin():
+    result = _run("plugins")
+    assert result.returncode == 0
+    for name in ("qwen", "glm", "mixtral", "deepseek", "gpt_oss", "llama4", "generic"):
+        assert f"\n{name} " in result.stdout
+
+
+def test_quiet_hides_progress_bars(qwen_folder):
+    loud = _run("verify", str(qwen_folder))
+    quiet = _run("--quiet", "verify", str(qwen_folder))
+    assert quiet.returncode == 0
+    assert "Loading weights" in loud.stderr
+    assert "Loading weights" not in quiet.stderr and "it/s" not in quiet.stderr
+
+
+def test_plugins_names_conflicts_and_the_winner(defuser_plugin_manager, capsys):
+    from defuser.cli import main
+    from defuser.family import Family
+    from defuser.plugin_info import TypeSupport
+
+    defuser_plugin_manager.register(Family(name="first", model_types=[TypeSupport("qwen3_moe")], priority=5), "first")
+    defuser_plugin_manager.register(Family(name="second", model_types=[TypeSupport("qwen3_moe")]), "second")
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "conflicts" in out and "qwen3_moe: first, second -> first" in out
+
+
+def test_inspect_reads_a_hub_id_from_the_local_cache_only(tmp_path, qwen_folder):
+    import os
+    import shutil
+
+    snapshot = tmp_path / "models--acme--tiny-moe" / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(qwen_folder, snapshot)
+    (tmp_path / "models--acme--tiny-moe" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-moe" / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    command = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "defuser.cli"]
+    found = subprocess.run([*command, "inspect", "acme/tiny-moe"], capture_output=True, text=True, env=env, timeout=300)
+    assert found.returncode == 0, found.stderr
+    assert "Qwen3MoeExperts" in found.stdout
+    missing = subprocess.run([*command, "inspect", "acme/absent"], capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 1 and "acme/absent" in missing.stderr

@@ -16,3 +16,30 @@ def test_readme_commands_exist_and_ci_runs_the_test_command():
     for script in ("scripts/demo.sh", "scripts/test.sh"):
         assert f"bash {script}" in readme and (ROOT / script).exists()
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def _text_blocks(readme: str) -> list[str]:
+    return [block.split("```", 1)[0].strip("\n") for block in readme.split("```text\n")[1:]]
+
+
+def _defuser(*args: str) -> str:
+    import subprocess
+    import sys
+
+    binary = Path(sys.executable).parent / "defuser"
+    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=300, check=True)
+    return result.stdout.strip("\n")
+
+
+def test_readme_shows_real_demo_and_inspect_output(tmp_path):
+    import pytest
+    from transformers import CONFIG_MAPPING
+
+    from defuser.tiny import tiny_config
+
+    blocks = _text_blocks((ROOT / "README.md").read_text())
+    assert _defuser("demo") in blocks
+    if "minimax_m3_vl_text" not in CONFIG_MAPPING:
+        pytest.skip("the README's inspect example needs a transformers with minimax_m3_vl_text (5.24.0)")
+    tiny_config("minimax_m3_vl_text").save_pretrained(tmp_path)
+    assert _defuser("inspect", str(tmp_path), "--max-layers", "1") in blocks

@@ -1,9 +1,10 @@
-"""The ``defuser`` command: ``demo`` and ``plugins``."""
+"""The ``defuser`` command: ``demo``, ``inspect``, ``verify`` and ``plugins``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -92,6 +93,110 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if difference <= 1e-5 else 2
 
 
+def _layers(indices: list[int]) -> str:
+    if not indices:
+        return "-"
+    ordered = sorted(set(indices))
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}" if len(ordered) > 1 else str(ordered[0])
+    return ",".join(map(str, ordered))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from defuser.report import inspect_model, load_config, model_on_meta
+
+    config = load_config(args.source)
+    model = model_on_meta(config)
+    groups = inspect_model(model, filter=args.filter, max_layers=args.max_layers)
+    model_type = getattr(config, "model_type", "?")
+    total = sum(group.fused_parameters for group in groups)
+    selected = sum(group.fused_parameters * group.selected // max(group.count, 1) for group in groups)
+    if args.json:
+        report = {
+            "model_type": model_type,
+            "model_class": type(model).__name__,
+            "candidates": [group.as_dict() for group in groups],
+            "fused_parameters": total,
+            "selected_fused_parameters": selected,
+        }
+        print(json.dumps(report, indent=2))
+        return 0 if groups else 1
+    print(f"model: {type(model).__name__} ({model_type}), built on the meta device from the config")
+    if not groups:
+        print(f"nothing to defuse in {model_type}")
+        return 1
+    rows = [
+        (
+            group.pattern,
+            _layers(group.layers),
+            group.class_name,
+            ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in group.fused_tensors.items()),
+            group.defused_into,
+            group.plugin,
+            group.when,
+            f"{group.selected}/{group.count}",
+        )
+        for group in groups
+    ]
+    headers = ("module", "layers", "class", "fused tensors", "defused into", "plugin", "when", "selected")
+    print(_table(headers, rows))
+    print(f"\nparameters in fused blocks: {total:,} ({selected:,} selected)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from defuser import convert_model
+    from defuser.report import load_config
+    from defuser.tiny import tiny_inputs
+
+    config = load_config(args.source)
+    model = None
+    for auto in (AutoModelForCausalLM, AutoModel):
+        if type(config) in getattr(auto, "_model_mapping", {}):
+            model = auto.from_pretrained(args.source, local_files_only=True, dtype="auto").eval()
+            break
+    if model is None:
+        raise ValueError(f"{args.source}: no Auto class loads model type {config.model_type!r}")
+    inputs = tiny_inputs(model, batch=args.batch, length=args.length, seed=args.seed)
+    before = _outputs(model, inputs)
+    if not convert_model(model, filter=args.filter, max_layers=args.max_layers):
+        raise ValueError(f"{args.source}: nothing to defuse in {config.model_type}")
+    after = _outputs(model, inputs)
+    print(f"model: {type(model).__name__} ({config.model_type}), inputs {args.batch}x{args.length} (seed {args.seed})")
+    rows, worst = [], 0.0
+    for name, reference in before.items():
+        absolute = (after[name].float() - reference.float()).abs()
+        relative = (absolute / reference.float().abs().clamp_min(1e-12)).max().item()
+        worst = max(worst, absolute.max().item())
+        verdict = "ok" if absolute.max().item() <= args.atol else "FAIL"
+        rows.append((name, f"{absolute.max().item():.3e}", f"{relative:.3e}", f"{args.atol:g}", verdict))
+    print(_table(("output", "max abs diff", "max rel diff", "atol", "result"), rows))
+    return 0 if worst <= args.atol else 1
+
+
+def _outputs(model: object, inputs: dict) -> dict:
+    """Every floating-point tensor the model returns, by output name (no cache, seeded)."""
+    import torch
+
+    from defuser.tiny import tiny_forward
+
+    outputs = {}
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        try:
+            result = model(**inputs, use_cache=False)
+        except Exception:  # a model whose forward needs more than token ids: its main output
+            result = {}
+    for name, value in result.items() if hasattr(result, "items") else enumerate(result):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            outputs[str(name)] = value
+    return outputs or {"main output": tiny_forward(model, inputs)}
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from defuser.plugins import list_plugins
 
@@ -110,6 +215,18 @@ def _plugins(args: argparse.Namespace) -> int:
             )
         )
     print(_table(("plugin", "distribution", "version", "transformers", "model types", "status"), rows))
+    claimants: dict[str, list[str]] = {}
+    for plugin in list_plugins():
+        for support in plugin.info.model_types if plugin.info else ():
+            claimants.setdefault(support.model_type, []).append(plugin.name)
+    conflicts = {model_type: names for model_type, names in claimants.items() if len(names) > 1}
+    if conflicts:
+        from defuser.plugins import get_plugin_manager
+
+        manager = get_plugin_manager()
+        print("\nconflicts (the winner handles the type):")
+        for model_type, names in sorted(conflicts.items()):
+            print(f"  {model_type}: {', '.join(names)} -> {manager.owner_of(model_type)}")
     return 0
 
 
@@ -119,16 +236,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="defuser", description="Defuse fused MoE experts and MLPs of transformers models."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, errors only in the log")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="defuse a built-in tiny model and show before/after")
     demo.add_argument("--model-type", default="qwen3_moe", help="any supported model type (default: qwen3_moe)")
     demo.set_defaults(run=_demo)
+    inspect = commands.add_parser("inspect", help="show what defusion would do, from the config alone")
+    inspect.add_argument("source", help="a local model folder, a config.json, or a hub id already in the cache")
+    inspect.add_argument(
+        "--filter", action="append", metavar="RULE", help="PCRE rule (+:re, -:re, re), repeatable; write --filter=-:re"
+    )
+    inspect.add_argument("--max-layers", type=int, help="preview converting decoder layers 0..N-1 only")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=_inspect)
+    verify = commands.add_parser("verify", help="defuse a local model and compare its outputs")
+    verify.add_argument("source", help="a local model folder (weights are loaded)")
+    verify.add_argument("--atol", type=float, default=1e-5, help="largest allowed absolute difference")
+    verify.add_argument("--filter", action="append", metavar="RULE", help="PCRE rule; repeatable")
+    verify.add_argument("--max-layers", type=int, help="convert decoder layers 0..N-1 only")
+    verify.add_argument("--batch", type=int, default=2)
+    verify.add_argument("--length", type=int, default=16)
+    verify.add_argument("--seed", type=int, default=1)
+    verify.set_defaults(run=_verify)
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.set_defaults(run=_plugins)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it for every bar, transformers' included
+    from defuser.compat import MIN_TRANSFORMERS, supported_transformers_installed, transformers_version
+
+    if args.command != "plugins" and not supported_transformers_installed():
+        found = transformers_version() or "none"
+        print(f"defuser {args.command}: error: needs transformers>={MIN_TRANSFORMERS}, found {found}", file=sys.stderr)
+        return 1
     try:
         return args.run(args)
     except Exception as error:

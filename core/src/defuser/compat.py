@@ -8,7 +8,13 @@ from functools import lru_cache
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-__all__ = ["MIN_TRANSFORMERS", "transformers_supported", "transformers_version", "version_in"]
+__all__ = [
+    "MIN_TRANSFORMERS",
+    "supported_transformers_installed",
+    "transformers_supported",
+    "transformers_version",
+    "version_in",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +39,16 @@ def version_in(spec: str, found: Version | str | None) -> bool:
     return SpecifierSet(spec).contains(Version(str(found)), prereleases=True)
 
 
+def supported_transformers_installed() -> bool:
+    """True when the installed transformers is 5.3.0 or newer."""
+    found = transformers_version()
+    return found is not None and found.release >= Version(MIN_TRANSFORMERS).release
+
+
 def transformers_supported(caller: str) -> bool:
     """True for transformers >= 5.3.0; otherwise log a warning naming ``caller``."""
     found = transformers_version()
-    if found is not None and found.release >= Version(MIN_TRANSFORMERS).release:
+    if supported_transformers_installed():
         return True
     logger.warning("%s needs transformers>=%s, found %s; nothing done", caller, MIN_TRANSFORMERS, found or "none")
     return False
