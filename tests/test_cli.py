@@ -172,3 +172,16 @@ def test_inspect_reads_a_hub_id_from_the_local_cache_only(tmp_path, qwen_folder)
     assert "Qwen3MoeExperts" in found.stdout
     missing = subprocess.run([*command, "inspect", "acme/absent"], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 1 and "acme/absent" in missing.stderr
+
+
+def test_unsupported_transformers_is_one_line_and_non_zero():
+    code = (
+        "from packaging.version import Version\n"
+        "import defuser.compat as compat\n"
+        "compat.transformers_version = lambda: Version('5.2.0')\n"
+        "from defuser.cli import main\n"
+        "raise SystemExit(main(['demo']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "defuser demo: error: needs transformers>=5.3.0, found 5.2.0"
