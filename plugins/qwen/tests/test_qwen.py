@@ -84,3 +84,18 @@ def test_omni_preload_builds_defused_thinker_and_talker(part, defuser_restore_pa
     experts = [m for m in model.modules() if isinstance(m, DefusedExperts)]
     assert experts, f"{part}: no defused experts after replace_fused_blocks"
     assert all(len(e) == 8 for e in experts)
+
+
+def test_defused_experts_take_routing_by_keyword_in_any_order():
+    import torch
+
+    model = build_tiny_model("qwen3_moe")
+    assert convert_model(model)
+    experts = model.model.layers[0].mlp.experts
+    hidden = torch.randn(4, model.config.hidden_size)
+    index, weights = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]), torch.rand(4, 2)
+    with torch.no_grad():
+        expected = experts(hidden, index, weights)
+        assert torch.equal(experts(hidden, top_k_weights=weights, top_k_index=index), expected)
+        with pytest.raises(TypeError, match="expects hidden_states"):
+            experts(hidden, index, weights, extra=1)

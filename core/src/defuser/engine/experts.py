@@ -218,8 +218,10 @@ class DefusedExperts(nn.Module):
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         # Families name the routing arguments differently (gpt_oss: router_indices, routing_weights).
-        routing = list(args) + list(kwargs.values())
-        if len(routing) != 2:
+        routing = list(args)
+        for names in (("top_k_index", "router_indices"), ("top_k_weights", "routing_weights")):
+            routing += [kwargs.pop(name) for name in names if name in kwargs]
+        if len(routing) != 2 or kwargs:
             raise TypeError(f"{type(self).__name__}.forward expects hidden_states, top-k indices and weights")
         implementation = ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION, per_expert_forward)
         return implementation(self, hidden_states, *routing)
