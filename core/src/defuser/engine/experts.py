@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout
-from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up
+from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up, stacked_expert_weights
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -169,8 +169,9 @@ class DefusedExperts(nn.Module):
         if layout.has_post_expert_norm:
             self.post_expert_norm = fused.post_expert_norm
         tensors = fused_tensors(fused, layout)
+        stacked = stacked_expert_weights(tensors, layout)
         for index in range(layout.num_experts):
-            weights = expert_weights(tensors, layout, index)
+            weights = expert_weights(stacked, index)
             build = _linear if materialize else _empty_linear
             gate_proj = (
                 build(weights.gate, weights.gate_bias, tensors.requires_grad) if weights.gate is not None else None

@@ -26,6 +26,7 @@ __all__ = [
     "linear_weight",
     "orient",
     "split_gate_up",
+    "stacked_expert_weights",
 ]
 
 
@@ -78,26 +79,66 @@ def fused_tensors(module: nn.Module, layout: ExpertsLayout) -> FusedTensors:
     )
 
 
-def _expert_slice(tensor: torch.Tensor, layout: ExpertsLayout, index: int) -> torch.Tensor:
-    if layout.flattened:
-        tensor = tensor.view(layout.num_experts, -1, tensor.shape[-1])
-    return tensor[index]
+def _dense_per_expert(stack: torch.Tensor) -> torch.Tensor:
+    """``stack`` if each ``stack[e]`` is already dense (a view is enough), else one copy of the
+    whole stack, made on its own device: one copy per projection per layer, not per expert."""
+    if stack.ndim < 3:  # biases [E, out]
+        return stack if stack.stride(-1) == 1 else stack.contiguous()
+    dense = stack.stride(-1) == 1 and stack.stride(-2) == stack.shape[-1]
+    return stack if dense else stack.contiguous()
 
 
-def expert_weights(tensors: FusedTensors, layout: ExpertsLayout, index: int) -> ExpertWeights:
-    """Expert ``index``'s weights: views of the fused storage where the layout allows."""
-    down = linear_weight(_expert_slice(tensors.down, layout, index), layout.transposed_down)
-    down_bias = tensors.down_bias[index] if tensors.down_bias is not None else None
-    first = orient(_expert_slice(tensors.first, layout, index), layout.is_transposed)
-    first_bias = tensors.first_bias[index] if tensors.first_bias is not None else None
+def _halves(stack: torch.Tensor, layout: ExpertsLayout, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split stacked gate-up rows (``dim``) into ``(gate, up)`` named by meaning."""
+    size = stack.shape[dim] // 2
+    if layout.is_concatenated:
+        first, second = stack.narrow(dim, 0, size), stack.narrow(dim, size, size)
+    else:
+        index = [slice(None)] * stack.ndim
+        index[dim] = slice(0, None, 2)
+        first = stack[tuple(index)]
+        index[dim] = slice(1, None, 2)
+        second = stack[tuple(index)]
+    gate, up = (first, second) if layout.gate_first else (second, first)
+    return _dense_per_expert(gate), _dense_per_expert(up)
+
+
+def stacked_expert_weights(tensors: FusedTensors, layout: ExpertsLayout) -> ExpertWeights:
+    """All experts' weights stacked ``[E, out, in]`` (biases ``[E, out]``) in ``nn.Linear``
+    orientation: views of the fused storage where the layout allows, else one copy per
+    projection of the whole module (transposed or interleaved layouts)."""
+
+    def stack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(layout.num_experts, -1, tensor.shape[-1]) if layout.flattened else tensor
+
+    down = _dense_per_expert(orient(stack(tensors.down), layout.transposed_down)[: layout.num_experts])
+    down_bias = tensors.down_bias
+    first = orient(stack(tensors.first), layout.is_transposed)[: layout.num_experts]
+    first_bias = tensors.first_bias
     if tensors.second is not None:
-        up = linear_weight(_expert_slice(tensors.second, layout, index), layout.is_transposed)
-        return ExpertWeights(_as_linear_weight(first), up, down, down_bias=down_bias)
+        up = _dense_per_expert(orient(stack(tensors.second), layout.is_transposed)[: layout.num_experts])
+        return ExpertWeights(_dense_per_expert(first), up, down, down_bias=down_bias)
     if not layout.has_gate:
-        return ExpertWeights(None, _as_linear_weight(first), down, None, first_bias, down_bias)
-    gate, up = split_gate_up(first, layout)
-    gate_bias, up_bias = split_gate_up(first_bias, layout) if first_bias is not None else (None, None)
+        return ExpertWeights(None, _dense_per_expert(first), down, None, first_bias, down_bias)
+    gate, up = _halves(first, layout, dim=-2)
+    gate_bias, up_bias = _halves(first_bias, layout, dim=-1) if first_bias is not None else (None, None)
     return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
+
+
+def expert_weights(stacked: ExpertWeights, index: int) -> ExpertWeights:
+    """Expert ``index``'s weights: views into :func:`stacked_expert_weights`."""
+
+    def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[index]
+
+    return ExpertWeights(
+        pick(stacked.gate),
+        pick(stacked.up),
+        pick(stacked.down),
+        pick(stacked.gate_bias),
+        pick(stacked.up_bias),
+        pick(stacked.down_bias),
+    )
 
 
 def orient(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
