@@ -1,0 +1,176 @@
+"""Conversion cost and forward speed of defused models, one JSON line per run.
+
+    python benchmarks/bench_convert.py --model-type qwen3_moe --size medium --runs 5
+
+Each run builds the model in a fresh subprocess (so peak RSS belongs to that run), converts
+it with ``convert_model`` and prints: model bytes, conversion seconds, conversion time over
+one clone of the expert weights (measured in the same process), RSS growth during conversion
+over model bytes, whether per-expert weights share the fused storage, fused and defused
+forward seconds at 256 tokens and at 1 token with their ratios, and the max output difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+SIZES = {
+    # 2 layers, 64 experts, top-k 8, as the issue's medium size; "large" doubles hidden and I.
+    "medium": {"hidden_size": 1024, "moe_intermediate_size": 512},
+    "large": {"hidden_size": 2048, "moe_intermediate_size": 1024},
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """Samples this process's RSS every millisecond while active."""
+
+    def __enter__(self) -> _PeakRss:
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _config(model_type: str, size: str):
+    from defuser.tiny import tiny_config
+
+    dims = SIZES[size]
+    hidden, inner = dims["hidden_size"], dims["moe_intermediate_size"]
+    overrides = dict(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=hidden // 8,
+        num_experts=64,
+        num_local_experts=64,
+        num_experts_per_tok=8,
+        moe_intermediate_size=inner,
+        vocab_size=1024,
+    )
+    if model_type in ("mixtral", "gpt_oss"):
+        overrides["intermediate_size"] = inner  # these name the expert width intermediate_size
+    return tiny_config(model_type, **overrides)
+
+
+def _timed_forward(model, inputs, repeats: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        model(**inputs, use_cache=False)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(**inputs, use_cache=False)
+    return (time.perf_counter() - start) / repeats
+
+
+def one_run(model_type: str, size: str, dtype_name: str) -> dict:
+    """Build, measure, convert, measure; return the figures of this run."""
+    import torch
+
+    from defuser import convert_model
+    from defuser.api import find_candidates
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_config(model_type, size), dtype=dtype).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = [c.module for c in find_candidates(model) if c.kind == "experts"]
+    expert_tensors = [p for module in experts for p in module.parameters(recurse=False)]
+    start = time.perf_counter()
+    clones = [t.detach().clone() for t in expert_tensors]
+    clone_seconds = time.perf_counter() - start
+    del clones
+    generator = torch.Generator().manual_seed(1)
+    long_inputs = {"input_ids": torch.randint(0, 1024, (1, 256), generator=generator)}
+    short_inputs = {"input_ids": long_inputs["input_ids"][:, :1]}
+    with torch.no_grad():
+        reference = model(**long_inputs, use_cache=False).logits.float()
+    fused_long = _timed_forward(model, long_inputs, 3)
+    fused_short = _timed_forward(model, short_inputs, 10)
+    fused_storage = {t.untyped_storage().data_ptr() for t in expert_tensors}
+    before = _rss()
+    with _PeakRss() as peak:
+        start = time.perf_counter()
+        assert convert_model(model)
+        convert_seconds = time.perf_counter() - start
+    shares = all(
+        p.untyped_storage().data_ptr() in fused_storage
+        for name, p in model.named_parameters()
+        if ".experts." in name and name.rsplit(".", 2)[-2] in ("gate_proj", "up_proj", "down_proj")
+    )
+    with torch.no_grad():
+        converted = model(**long_inputs, use_cache=False).logits.float()
+    defused_long = _timed_forward(model, long_inputs, 3)
+    defused_short = _timed_forward(model, short_inputs, 10)
+    return {
+        "model_type": model_type,
+        "size": size,
+        "dtype": dtype_name,
+        "model_bytes": model_bytes,
+        "expert_bytes": sum(t.numel() * t.element_size() for t in expert_tensors),
+        "convert_s": convert_seconds,
+        "clone_s": clone_seconds,
+        "convert_over_clone": convert_seconds / clone_seconds,
+        "rss_growth_over_model_bytes": (peak.peak - before) / model_bytes,
+        "shares_fused_storage": shares,
+        "fused_forward_256_s": fused_long,
+        "defused_forward_256_s": defused_long,
+        "ratio_256": defused_long / fused_long,
+        "fused_forward_1_s": fused_short,
+        "defused_forward_1_s": defused_short,
+        "ratio_1": defused_short / fused_short,
+        "max_abs_diff": (converted - reference).abs().max().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-type", default="qwen3_moe")
+    parser.add_argument("--size", choices=sorted(SIZES), default="medium")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_run(args.model_type, args.size, args.dtype)))
+        return
+    results = []
+    for _ in range(args.runs):
+        command = [sys.executable, __file__, "--child", "--model-type", args.model_type]
+        command += ["--size", args.size, "--dtype", args.dtype]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        print(output, flush=True)
+        results.append(json.loads(output))
+    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "runs": len(results)}
+    summary.update({k: statistics.median(r[k] for r in results) for k in keys})
+    summary["shares_fused_storage"] = all(r["shares_fused_storage"] for r in results)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
