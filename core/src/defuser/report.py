@@ -46,10 +46,10 @@ def load_config(source: str) -> Any:
 
 def model_on_meta(config: Any) -> nn.Module:
     """The model ``config`` describes, on the meta device (structure only, no memory)."""
-    from defuser.tiny import _instantiate
+    from defuser.tiny import model_from_config
 
     with torch.device("meta"):
-        return _instantiate(getattr(config, "model_type", "?"), config)
+        return model_from_config(config)
 
 
 @dataclass

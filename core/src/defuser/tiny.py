@@ -27,6 +27,7 @@ __all__ = [
     "TINY_OVERRIDES",
     "TinyModelDependencyError",
     "build_tiny_model",
+    "model_from_config",
     "tiny_config",
     "tiny_forward",
     "tiny_inputs",
@@ -464,6 +465,12 @@ def build_tiny_model(
         ) from error
     _init_uninitialized(model, getattr(config, "initializer_range", None) or 0.02)
     return model.to(dtype).eval()
+
+
+def model_from_config(config: Any) -> nn.Module:
+    """The model ``config`` describes (Auto class first, else its modeling module's class for
+    that config), built under the caller's device context: ``torch.device("meta")`` costs nothing."""
+    return _instantiate(str(getattr(config, "model_type", "?")), config)
 
 
 def _instantiate(model_type: str, config: Any) -> nn.Module:
