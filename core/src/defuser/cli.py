@@ -32,6 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
     from defuser.api import find_candidates
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
+    from defuser.report import fused_tensors_of
     from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 
     model = build_tiny_model(args.model_type)
@@ -47,11 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("\nbefore: fused modules")
     rows = []
     for c in candidates:
-        tensors = (
-            {f"{c.layout.fused_name}.weight": getattr(c.module, c.layout.fused_name).weight}
-            if c.kind == "dense"
-            else dict(c.module.named_parameters())
-        )
+        tensors = fused_tensors_of(c)
         rows.append((c.path, c.class_name, ", ".join(f"{n} {_shape(t)}" for n, t in tensors.items()), c.plugin))
     print(_table(("module", "class", "fused tensors", "plugin"), rows))
     before = tiny_forward(model, inputs)

@@ -17,7 +17,7 @@ from defuser.engine.candidates import Candidate
 from defuser.engine.detect import layer_index
 from defuser.filtering import compile_filter
 
-__all__ = ["CandidateGroup", "SourceError", "inspect_model", "load_config", "model_on_meta"]
+__all__ = ["CandidateGroup", "SourceError", "fused_tensors_of", "inspect_model", "load_config", "model_on_meta"]
 
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -73,7 +73,8 @@ class CandidateGroup:
         return asdict(self)
 
 
-def _fused_tensors(candidate: Candidate) -> dict[str, torch.Tensor]:
+def fused_tensors_of(candidate: Candidate) -> dict[str, torch.Tensor]:
+    """The fused tensors of a candidate, by name relative to the candidate's module."""
     if candidate.kind == "dense":
         fused = getattr(candidate.module, candidate.layout.fused_name)
         return {f"{candidate.layout.fused_name}.{n}": p for n, p in fused.named_parameters()}
@@ -107,7 +108,7 @@ def inspect_model(
     groups: dict[tuple[str, str], CandidateGroup] = {}
     for candidate in find_candidates(model):
         pattern = _NUMBER.sub("*", candidate.path)
-        tensors = _fused_tensors(candidate)
+        tensors = fused_tensors_of(candidate)
         key = (pattern, candidate.class_name)
         group = groups.get(key)
         if group is None:

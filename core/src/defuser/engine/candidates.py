@@ -69,6 +69,13 @@ class ExpertsLayout:
         return not self.is_transposed and not self.transposed_down and gate_up_views
 
     @property
+    def first_name(self) -> str:
+        """Name of the tensor holding the gate (gate-up, or up when not gated)."""
+        if self.separate_gate_up:
+            return self.gate_name
+        return self.gate_up_name if self.has_gate else self.up_name
+
+    @property
     def transposed_down(self) -> bool:
         """True when ``down_proj[e]`` is stored as ``[I, H]`` (input-major)."""
         return self.is_transposed if self.down_transposed is None else self.down_transposed
@@ -91,6 +98,11 @@ class ParallelLayout:
     transposed: bool = False
     gated_paths: str = ""
     gate_first: bool = True
+
+    @property
+    def is_concatenated(self) -> bool:
+        """Gate and up halves are always concatenated in a parallel projection."""
+        return True
 
 
 @dataclass(frozen=True)
@@ -136,9 +148,8 @@ def read_experts_layout(module: nn.Module) -> ExpertsLayout | None:
         return None
     has_gate = module.has_gate
     # Registered tensors only: a defused module answers fused names with placeholders.
-    tensors = {**module._buffers, **module._parameters}
-    fused_in = tensors.get("gate_up_proj" if has_gate else "up_proj")
-    down = tensors.get("down_proj")
+    fused_in = resolve_tensor(module, "gate_up_proj" if has_gate else "up_proj")
+    down = resolve_tensor(module, "down_proj")
     if getattr(fused_in, "ndim", 0) != 3 or getattr(down, "ndim", 0) != 3:
         return None
     if fused_in.shape[0] != down.shape[0]:
@@ -174,10 +185,7 @@ def declared_experts_layout(module: nn.Module, **fields: Any) -> ExpertsLayout |
     """
     values = {name: value(module) if callable(value) else value for name, value in fields.items()}
     layout = ExpertsLayout(num_experts=0, **values)
-    first = (
-        layout.gate_name if layout.separate_gate_up else (layout.gate_up_name if layout.has_gate else layout.up_name)
-    )
-    fused_in, down = resolve_tensor(module, first), resolve_tensor(module, layout.down_name)
+    fused_in, down = resolve_tensor(module, layout.first_name), resolve_tensor(module, layout.down_name)
     rank = 2 if layout.flattened else 3
     if getattr(fused_in, "ndim", 0) != rank or getattr(down, "ndim", 0) != rank:
         return None

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout
-from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up, stacked_expert_weights
+from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up, linear_from, stacked_expert_weights
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "DefusedExperts",
     "ExpertMLP",
     "GateActivation",
+    "copy_plain_attributes",
     "defused_class_for",
     "expert_major_forward",
     "per_expert_forward",
@@ -41,6 +42,14 @@ EXPERTS_IMPLEMENTATION = "defuser"
 
 # Plain attributes of the fused module that must not travel to the defused one.
 _NOT_COPIED = frozenset({"training"})
+
+
+def copy_plain_attributes(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the public plain attributes of ``source`` (``config``, ``num_experts``,
+    ...), so code reading them off the fused module keeps working."""
+    for name, value in vars(source).items():
+        if not name.startswith("_") and name not in _NOT_COPIED:
+            object.__setattr__(target, name, value)
 
 
 class GateActivation(nn.Module):
@@ -104,16 +113,6 @@ def _attribute_path(module: Any, path: str) -> Any:
     return module
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
-    """Wrap existing tensors in an ``nn.Linear`` without allocating anything new."""
-    out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
-    return layer
-
-
 def _empty_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
     """A new Linear shaped like ``weight``, built under the caller's device context (pre-load)."""
     out_features, in_features = weight.shape
@@ -156,9 +155,7 @@ class DefusedExperts(nn.Module):
         self._fused_shapes = {
             name: (tuple(tensor.shape), tensor.dtype) for name, tensor in fused.named_parameters(recurse=False)
         }
-        for name, value in vars(fused).items():
-            if not name.startswith("_") and name not in _NOT_COPIED:
-                object.__setattr__(self, name, value)
+        copy_plain_attributes(fused, self)
         self.layout = layout
         self.num_experts = layout.num_experts
         act_fn = _attribute_path(fused, layout.activation)
@@ -172,7 +169,7 @@ class DefusedExperts(nn.Module):
         stacked = stacked_expert_weights(tensors, layout)
         for index in range(layout.num_experts):
             weights = expert_weights(stacked, index)
-            build = _linear if materialize else _empty_linear
+            build = linear_from if materialize else _empty_linear
             gate_proj = (
                 build(weights.gate, weights.gate_bias, tensors.requires_grad) if weights.gate is not None else None
             )

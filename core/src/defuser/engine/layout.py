@@ -1,29 +1,27 @@
 """Slicing fused expert tensors into per-expert ``nn.Linear`` weights, and joining them back.
 
 Slices are views of the fused storage whenever the layout allows (concatenated,
-non-transposed), so splitting costs no weight bytes; other layouts are copied one slice at a
-time on the tensor's own device.
+non-transposed), so splitting costs no weight bytes; other layouts are copied once per
+projection of a module, on the tensor's own device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from defuser.engine.candidates import ExpertsLayout, resolve_tensor
-
-if TYPE_CHECKING:
-    from torch import nn
+from defuser.engine.candidates import ExpertsLayout, ParallelLayout, resolve_tensor
 
 __all__ = [
     "ExpertWeights",
     "FusedTensors",
+    "dense_per_expert",
     "expert_weights",
     "fused_tensors",
     "join_gate_up",
-    "linear_weight",
+    "linear_from",
     "orient",
     "split_gate_up",
     "stacked_expert_weights",
@@ -63,10 +61,8 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
 
 def fused_tensors(module: nn.Module, layout: ExpertsLayout) -> FusedTensors:
     """Collect ``module``'s fused tensors named by ``layout``."""
-    if layout.separate_gate_up:
-        first_name, second = layout.gate_name, _tensor(module, layout.up_name).detach()
-    else:
-        first_name, second = (layout.gate_up_name if layout.has_gate else layout.up_name), None
+    first_name = layout.first_name
+    second = _tensor(module, layout.up_name).detach() if layout.separate_gate_up else None
     first = _tensor(module, first_name)
     bias = (lambda name: _tensor(module, f"{name}_bias").detach()) if layout.has_bias else (lambda name: None)
     return FusedTensors(
@@ -79,17 +75,20 @@ def fused_tensors(module: nn.Module, layout: ExpertsLayout) -> FusedTensors:
     )
 
 
-def _dense_per_expert(stack: torch.Tensor) -> torch.Tensor:
+def dense_per_expert(stack: torch.Tensor) -> torch.Tensor:
     """``stack`` if each ``stack[e]`` is already dense (a view is enough), else one copy of the
-    whole stack, made on its own device: one copy per projection per layer, not per expert."""
+    whole stack, made on its own device: one copy per projection per module, not per expert."""
     if stack.ndim < 3:  # biases [E, out]
         return stack if stack.stride(-1) == 1 else stack.contiguous()
     dense = stack.stride(-1) == 1 and stack.stride(-2) == stack.shape[-1]
     return stack if dense else stack.contiguous()
 
 
-def _halves(stack: torch.Tensor, layout: ExpertsLayout, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split stacked gate-up rows (``dim``) into ``(gate, up)`` named by meaning."""
+def split_gate_up(
+    stack: torch.Tensor, layout: ExpertsLayout | ParallelLayout, dim: int = -2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split stacked gate-up rows (``dim``: -2 for weights ``[E, 2I, H]``, -1 for biases) into
+    ``(gate, up)`` named by meaning, each dense per expert; inverse of :func:`join_gate_up`."""
     size = stack.shape[dim] // 2
     if layout.is_concatenated:
         first, second = stack.narrow(dim, 0, size), stack.narrow(dim, size, size)
@@ -100,7 +99,17 @@ def _halves(stack: torch.Tensor, layout: ExpertsLayout, dim: int) -> tuple[torch
         index[dim] = slice(1, None, 2)
         second = stack[tuple(index)]
     gate, up = (first, second) if layout.gate_first else (second, first)
-    return _dense_per_expert(gate), _dense_per_expert(up)
+    return dense_per_expert(gate), dense_per_expert(up)
+
+
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """Wrap existing tensors (views included) in an ``nn.Linear`` without allocating anything."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    return layer
 
 
 def stacked_expert_weights(tensors: FusedTensors, layout: ExpertsLayout) -> ExpertWeights:
@@ -111,17 +120,17 @@ def stacked_expert_weights(tensors: FusedTensors, layout: ExpertsLayout) -> Expe
     def stack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view(layout.num_experts, -1, tensor.shape[-1]) if layout.flattened else tensor
 
-    down = _dense_per_expert(orient(stack(tensors.down), layout.transposed_down)[: layout.num_experts])
+    down = dense_per_expert(orient(stack(tensors.down), layout.transposed_down)[: layout.num_experts])
     down_bias = tensors.down_bias
     first = orient(stack(tensors.first), layout.is_transposed)[: layout.num_experts]
     first_bias = tensors.first_bias
     if tensors.second is not None:
-        up = _dense_per_expert(orient(stack(tensors.second), layout.is_transposed)[: layout.num_experts])
-        return ExpertWeights(_dense_per_expert(first), up, down, down_bias=down_bias)
+        up = dense_per_expert(orient(stack(tensors.second), layout.is_transposed)[: layout.num_experts])
+        return ExpertWeights(dense_per_expert(first), up, down, down_bias=down_bias)
     if not layout.has_gate:
-        return ExpertWeights(None, _dense_per_expert(first), down, None, first_bias, down_bias)
-    gate, up = _halves(first, layout, dim=-2)
-    gate_bias, up_bias = _halves(first_bias, layout, dim=-1) if first_bias is not None else (None, None)
+        return ExpertWeights(None, dense_per_expert(first), down, None, first_bias, down_bias)
+    gate, up = split_gate_up(first, layout, dim=-2)
+    gate_bias, up_bias = split_gate_up(first_bias, layout, dim=-1) if first_bias is not None else (None, None)
     return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
 
 
@@ -146,23 +155,6 @@ def orient(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.transpose(-1, -2) if transposed else weight
 
 
-def _as_linear_weight(tensor: torch.Tensor) -> torch.Tensor:
-    # A strided view (transposed or interleaved) is copied once so the Linear owns dense
-    # memory; a contiguous slice stays a view of the fused storage.
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
-
-
-def split_gate_up(fused: torch.Tensor, layout: ExpertsLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split one expert's fused gate-up slice (weight ``[2I, H]`` or bias ``[2I]``, in Linear
-    orientation) into ``(gate, up)`` named by meaning."""
-    if layout.is_concatenated:
-        first, second = fused.chunk(2, dim=0)
-    else:
-        first, second = fused[0::2], fused[1::2]
-    gate, up = (first, second) if layout.gate_first else (second, first)
-    return _as_linear_weight(gate), _as_linear_weight(up)
-
-
 def join_gate_up(gate: torch.Tensor, up: torch.Tensor, layout: ExpertsLayout, dim: int = -1) -> torch.Tensor:
     """Inverse of :func:`split_gate_up` along ``dim``: rebuild the fused order from halves."""
     first, second = (gate, up) if layout.gate_first else (up, gate)
@@ -175,8 +167,3 @@ def _interleave(first: torch.Tensor, second: torch.Tensor, dim: int) -> torch.Te
     dim = dim % first.ndim
     stacked = torch.stack((first, second), dim=dim + 1)
     return stacked.flatten(dim, dim + 1)
-
-
-def linear_weight(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """One expert's down/up weight in Linear orientation, a view where possible."""
-    return _as_linear_weight(orient(tensor, transposed))

@@ -16,14 +16,10 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import ParallelLayout
+from defuser.engine.experts import copy_plain_attributes
+from defuser.engine.layout import dense_per_expert, linear_from, orient, split_gate_up
 
 __all__ = ["DefusedParallelExperts", "GateUpPair", "parallel_weight"]
-
-
-def _linear(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    return layer
 
 
 class GateUpPair(nn.Module):
@@ -54,23 +50,19 @@ class DefusedParallelExperts(nn.Module):
         weight = parallel_weight(fused, layout)
         if weight is None:
             raise TypeError(f"{type(fused).__name__} has no stacked weight {layout.weight_name!r}")
-        for name, value in vars(fused).items():
-            if not name.startswith("_") and name != "training":
-                object.__setattr__(self, name, value)
+        copy_plain_attributes(fused, self)
         self.defused_from = type(fused).__name__
         self.num_experts = weight.shape[0]
         gated = bool(layout.gated_paths) and re.search(layout.gated_paths, path) is not None
         grad = weight.requires_grad
-        stacked = weight.detach()
+        stacked = dense_per_expert(orient(weight.detach(), layout.transposed))
+        halves = split_gate_up(stacked, layout) if gated else None
         for index in range(self.num_experts):
-            slice_ = stacked[index].transpose(0, 1) if layout.transposed else stacked[index]
-            slice_ = slice_ if slice_.is_contiguous() else slice_.contiguous()
-            if gated:
-                first, second = slice_.chunk(2, dim=0)
-                gate, up = (first, second) if layout.gate_first else (second, first)
-                expert: nn.Module = GateUpPair(_linear(gate, grad), _linear(up, grad), layout.gate_first)
+            if halves is not None:
+                gate, up = (linear_from(half[index], None, grad) for half in halves)
+                expert: nn.Module = GateUpPair(gate, up, layout.gate_first)
             else:
-                expert = _linear(slice_, grad)
+                expert = linear_from(stacked[index], None, grad)
             self.add_module(str(index), expert)
 
     def __len__(self) -> int:
