@@ -16,6 +16,16 @@ A plugin that fails to import, describes itself wrongly, or supports neither the
 transformers nor this core is skipped with a warning naming it (``strict=True`` re-raises).
 When two plugins claim one model type, the higher ``priority`` wins, then the smaller name;
 a warning names both.
+
+A hook that raises is reported as :class:`PluginError` naming the plugin and the hook:
+
+* ``defuser_detect_candidate``: the module it was asked about is left fused, with a warning
+  (once per plugin and hook); other modules and model types still convert.  A plugin that
+  does not own the module's model type is skipped and the next one asked, as if it had
+  returned None.  ``strict=True`` raises instead.
+* ``defuser_preload_plan``: raised; ``replace_fused_blocks`` patches nothing.
+* ``defuser_defuse_candidate``: raised; ``convert_model`` restores the module and raises
+  ``ConversionError`` with its path (modules converted before stay converted).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 import pluggy
+from packaging.specifiers import InvalidSpecifier
 from torch import nn
 
 from defuser import hookspecs
@@ -81,6 +92,36 @@ def _names_from_env(variable: str) -> set[str] | None:
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
+def _describe_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _implementing_plugin(error: BaseException, caller: Any) -> str | None:
+    """Name of the plugin whose hook implementation raised ``error`` (from its traceback).
+
+    Plugins built on one class (every :class:`defuser.family.Family`) share code objects, so
+    a frame matches an implementation by its code and, for methods, by its ``self``.
+    """
+    by_code: dict[Any, list[Any]] = {}
+    for implementation in caller.get_hookimpls():
+        function = getattr(implementation.function, "__func__", implementation.function)
+        code = getattr(function, "__code__", None)
+        if code is not None:
+            by_code.setdefault(code, []).append(implementation)
+    trace = error.__traceback__
+    while trace is not None:
+        matches = by_code.get(trace.tb_frame.f_code)
+        if matches:
+            if len(matches) == 1:
+                return matches[0].plugin_name
+            instance = trace.tb_frame.f_locals.get("self")
+            for implementation in matches:
+                if getattr(implementation.function, "__self__", None) is instance:
+                    return implementation.plugin_name
+        trace = trace.tb_next
+    return None
+
+
 def _core_version() -> str:
     try:
         return version("defuser-core")
@@ -109,6 +150,7 @@ class DefuserPluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, LoadedPlugin] = {}
         self._owners: dict[str | None, str | None] = {}
+        self._reported: set[tuple[str, str]] = set()
         self._loaded = False
         self._lock = threading.RLock()
         self._register_object(GenericEngine(), GENERIC_PLUGIN_NAME, distribution="defuser-core")
@@ -131,7 +173,11 @@ class DefuserPluginManager:
                 try:
                     obj = entry_point.load()
                 except Exception as error:
-                    self._fail(entry_point.name, f"import of {entry_point.value} failed: {error!r}", distribution)
+                    self._fail(
+                        entry_point.name,
+                        f"plugin {entry_point.name!r}: import of {entry_point.value} failed: {_describe_error(error)}",
+                        distribution,
+                    )
                     continue
                 self._register_object(obj, entry_point.name, distribution=distribution)
 
@@ -151,9 +197,9 @@ class DefuserPluginManager:
     def _fail(self, name: str, message: str, distribution: str | None = None) -> LoadedPlugin:
         failed = LoadedPlugin(name=name, distribution=distribution, error=message)
         self.plugins[name] = failed
-        logger.warning("defuser plugin %r skipped: %s", name, message)
+        logger.warning("defuser plugin skipped: %s", message)
         if self.strict:
-            raise PluginError(f"plugin {name!r}: {message}")
+            raise PluginError(message)
         return failed
 
     def _register_object(self, obj: Any, name: str, distribution: str | None = None) -> LoadedPlugin:
@@ -169,17 +215,24 @@ class DefuserPluginManager:
             if not isinstance(info, PluginInfo):
                 raise TypeError(f"defuser_plugin_info returned {type(info).__name__}, expected PluginInfo")
         except Exception as error:
-            return self._fail(name, f"hook defuser_plugin_info raised {error!r}", distribution)
-        found = transformers_version()
-        if not version_in(info.transformers, found):
-            return self._fail(name, f"requested transformers{info.transformers} but found {found}", distribution)
-        core = _core_version()
-        if not version_in(info.core, core):
-            return self._fail(name, f"requested defuser-core{info.core} but found {core}", distribution)
+            return self._fail(
+                name, f"plugin {name!r}: hook defuser_plugin_info raised {_describe_error(error)}", distribution
+            )
+        for package, wanted, found in (
+            ("transformers", info.transformers, transformers_version()),
+            ("defuser-core", info.core, _core_version()),
+        ):
+            try:
+                supported = version_in(wanted, found)
+            except InvalidSpecifier:
+                return self._fail(name, f"plugin {name!r} declares an invalid {package} range {wanted!r}", distribution)
+            if not supported:
+                installed = f"{package} {found} is installed" if found else f"{package} is not installed"
+                return self._fail(name, f"plugin {name!r} requires {package}{wanted}, but {installed}", distribution)
         try:
             self.pm.register(obj, name=name)
         except Exception as error:
-            return self._fail(name, f"registration failed: {error!r}", distribution)
+            return self._fail(name, f"plugin {name!r}: registration failed: {_describe_error(error)}", distribution)
         loaded = LoadedPlugin(name, info, distribution, dist_version, obj=obj)
         self.plugins[name] = loaded
         self._owners.clear()
@@ -204,39 +257,90 @@ class DefuserPluginManager:
             self._owners[model_type] = owner
             return owner
 
-    def _caller(self, hook_name: str, model_type: str | None) -> Any:
+    def _caller(self, hook_name: str, model_type: str | None, skipped: frozenset[str] = frozenset()) -> Any:
         owner = self.owner_of(model_type)
-        if owner is None:
-            return getattr(self.pm.hook, hook_name)
-        others = [
-            p.obj for p in self.plugins.values() if p.obj is not None and p.name not in (owner, GENERIC_PLUGIN_NAME)
+        removed = [
+            p.obj
+            for p in self.plugins.values()
+            if p.obj is not None
+            and p.name != GENERIC_PLUGIN_NAME
+            and (p.name in skipped or (owner is not None and p.name != owner))
         ]
-        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+        if not removed:
+            return getattr(self.pm.hook, hook_name)
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=removed)
 
-    def _call(self, hook_name: str, owner_type: str | None, **kwargs: Any) -> Any:
-        try:
-            return self._caller(hook_name, owner_type)(**kwargs)
-        except Exception as error:
-            raise PluginError(
-                f"hook {hook_name} of the plugin for {owner_type!r} ({self.owner_of(owner_type)}) raised {error!r}"
-            ) from error
+    def _hook_error(self, hook_name: str, error: Exception, caller: Any, context: str) -> tuple[str, PluginError]:
+        """The plugin whose ``hook_name`` raised ``error``, and a :class:`PluginError` naming both."""
+        culprit = _implementing_plugin(error, caller)
+        if culprit is None:  # raised by pluggy itself (a bad signature), not inside a hook
+            names = sorted(implementation.plugin_name for implementation in caller.get_hookimpls())
+            culprit = " or ".join(names) or "?"
+        message = f"plugin {culprit!r}: hook {hook_name} raised {_describe_error(error)}"
+        if context:
+            message += f" ({context})"
+        return culprit, PluginError(message)
+
+    def _warn_once(self, culprit: str, hook_name: str, message: str) -> None:
+        key = (culprit, hook_name)
+        level = logging.DEBUG if key in self._reported else logging.WARNING
+        self._reported.add(key)
+        logger.log(level, "%s", message)
 
     # -- the three jobs -----------------------------------------------------------------
 
     def detect(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
-        """Detection: the candidate for one module, from its model type's plugin or generic."""
+        """Detection: the candidate for one module, from its model type's plugin or generic.
+
+        A raising implementation never aborts the walk (unless ``strict``): a plugin that does
+        not own ``model_type`` is skipped as if it had answered None; when the owner (or core's
+        generic engine) raises, the module is left fused.  Either way a warning names the plugin
+        and the hook.
+        """
         self.ensure_loaded()
-        return self._call("defuser_detect_candidate", model_type, module=module, path=path, model_type=model_type)
+        hook_name = "defuser_detect_candidate"
+        owner = self.owner_of(model_type)
+        skipped: set[str] = set()
+        while True:
+            caller = self._caller(hook_name, model_type, frozenset(skipped))
+            try:
+                return caller(module=module, path=path, model_type=model_type)
+            except Exception as error:
+                context = f"on {path} ({type(module).__name__}, model type {model_type!r})"
+                culprit, failure = self._hook_error(hook_name, error, caller, context)
+                if self.strict:
+                    raise failure from error
+                if culprit in self.plugins and culprit not in (owner, GENERIC_PLUGIN_NAME) and culprit not in skipped:
+                    self._warn_once(culprit, hook_name, f"{failure}; plugin skipped for such modules")
+                    skipped.add(culprit)
+                    continue
+                self._warn_once(culprit, hook_name, f"{failure}; module left fused")
+                return None
 
     def preload_plan(self, model_type: str) -> PreloadPlan | None:
-        """Pre-load patching: the owner plugin's plan for ``model_type``."""
+        """Pre-load patching: the owner plugin's plan for ``model_type``; a raising hook is a
+        :class:`PluginError` naming plugin and hook."""
         self.ensure_loaded()
-        return self._call("defuser_preload_plan", model_type, model_type=model_type)
+        hook_name = "defuser_preload_plan"
+        caller = self._caller(hook_name, model_type)
+        try:
+            return caller(model_type=model_type)
+        except Exception as error:
+            _, failure = self._hook_error(hook_name, error, caller, f"for model type {model_type!r}")
+            raise failure from error
 
     def defuse(self, candidate: Candidate) -> nn.Module:
-        """Runtime defusion: the replacement module for ``candidate``."""
+        """Runtime defusion: the replacement module for ``candidate``; a raising hook is a
+        :class:`PluginError` naming plugin and hook (``convert_model`` restores the module and
+        adds its path)."""
         self.ensure_loaded()
-        result = self._caller("defuser_defuse_candidate", candidate.model_type)(candidate=candidate)
+        hook_name = "defuser_defuse_candidate"
+        caller = self._caller(hook_name, candidate.model_type)
+        try:
+            result = caller(candidate=candidate)
+        except Exception as error:
+            _, failure = self._hook_error(hook_name, error, caller, "")
+            raise failure from error
         if result is None:
             raise PluginError(f"no plugin could defuse {candidate.path} ({candidate.class_name})")
         return result

@@ -1,0 +1,488 @@
+"""Faults and bad input: transactional conversion, idempotence, threads, and the bad-input table.
+
+A plugin's defuse hook that changes the fused module and then raises (a bug, or running out
+of memory half-way) must leave that module exactly as it was: the same object at the same
+path, the same parameter objects holding the same tensors, the same forward.  Modules
+converted before it stay converted and the model still runs.
+
+``docs/bad-inputs.md`` holds a table of bad inputs and what each gets; it is generated from
+:data:`BAD_INPUTS` by running them (``python tests/test_faults.py`` rewrites it) and a test
+keeps it true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import defuser.plugins as plugins
+from defuser import PluginInfo, convert_model, hookimpl, replace_fused_blocks
+from defuser.api import ConversionError, find_candidates
+from defuser.engine.dense import split_dense_mlp
+from defuser.engine.experts import DefusedExperts
+from defuser.engine.preload import restore_preload_patches
+from defuser.plugins import DefuserPluginManager, PluginError
+from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_INPUTS_DOC = ROOT / "docs" / "bad-inputs.md"
+ATOL = 1e-5
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", RuntimeError)
+
+
+@pytest.fixture(autouse=True)
+def _restore_patches(defuser_restore_patches):
+    yield
+
+
+@pytest.fixture
+def manager(monkeypatch: pytest.MonkeyPatch) -> DefuserPluginManager:
+    """A fresh process-wide manager with every installed plugin, for one test."""
+    fresh = DefuserPluginManager()
+    monkeypatch.setattr(plugins, "_manager", fresh)
+    return fresh
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@dataclass
+class _Before:
+    """What a module looked like: objects (identity), their data objects and their values."""
+
+    module: nn.Module
+    children: dict[str, nn.Module]
+    tensors: dict[str, torch.Tensor]
+    data_pointers: dict[str, int]
+    values: dict[str, torch.Tensor]
+    attributes: dict[str, Any]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Before:
+        tensors = _tensors(module)
+        return cls(
+            module=module,
+            children=dict(module.named_modules()),
+            tensors=tensors,
+            data_pointers={name: tensor.data_ptr() for name, tensor in tensors.items()},
+            values={name: tensor.detach().clone() for name, tensor in tensors.items()},
+            attributes={k: v for k, v in vars(module).items() if not k.startswith("_")},
+        )
+
+    def assert_same(self, module: nn.Module) -> None:
+        assert module is self.module, "a different object now stands at the failed path"
+        assert dict(module.named_modules()).keys() == self.children.keys()
+        for name, child in module.named_modules():
+            assert child is self.children[name], f"child {name!r} was replaced"
+        tensors = _tensors(module)
+        assert tensors.keys() == self.tensors.keys()
+        for name, tensor in tensors.items():
+            assert tensor is self.tensors[name], f"{name} is another Parameter/buffer object"
+            assert tensor.data_ptr() == self.data_pointers[name], f"{name} holds another tensor"
+            assert torch.equal(tensor, self.values[name]), f"{name} changed values"
+        assert {k: v for k, v in vars(module).items() if not k.startswith("_")} == self.attributes
+
+
+def _routed_inputs(experts: nn.Module, hidden: int, tokens: int = 6) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.randperm(experts.num_experts, generator=generator)[:2] for _ in range(tokens)])
+    return torch.randn(tokens, hidden, generator=generator), index, torch.rand(tokens, 2, generator=generator)
+
+
+class _MeddleThenFail:
+    """Wins qwen3_moe; on its target module it changes everything it can, then raises."""
+
+    def __init__(self, target: str, error: BaseException):
+        self.target = target
+        self.error = error
+
+    @hookimpl
+    def defuser_plugin_info(self) -> PluginInfo:
+        from defuser import TypeSupport
+
+        return PluginInfo(name="meddler", model_types=(TypeSupport("qwen3_moe"),), priority=10)
+
+    @hookimpl
+    def defuser_defuse_candidate(self, candidate):
+        if candidate.path != self.target:
+            return None  # the generic engine converts the others
+        fused = candidate.module
+        fused.act_fn = nn.Identity()  # replace a child
+        fused.gate_up_proj.data = torch.zeros_like(fused.gate_up_proj.data)  # swap a parameter's tensor
+        fused.down_proj = nn.Parameter(torch.ones_like(fused.down_proj))  # replace a parameter object
+        del fused.num_experts  # delete an attribute
+        fused.register_buffer("scratch", torch.zeros(3))  # add a buffer
+        fused.half_done = True  # add an attribute
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("plugin bug"),
+        OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+    ],
+    ids=["plugin-bug", "torch-out-of-memory", "cuda-oom-runtime-error"],
+)
+def test_a_meddling_hook_that_raises_leaves_the_module_exactly_as_it_was(manager, error):
+    target = "model.layers.1.mlp.experts"
+    manager.register(_MeddleThenFail(target, error), "meddler")
+    model = build_tiny_model("qwen3_moe")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    fused = model.get_submodule(target)
+    before = _Before.of(fused)
+    routed = _routed_inputs(fused, model.config.hidden_size)
+    with torch.no_grad():
+        fused_output = fused(*routed)
+    with pytest.raises(ConversionError) as caught:
+        convert_model(model)
+    message = str(caught.value)
+    assert message.startswith(f"defusing {target} (Qwen3MoeExperts) failed: plugin 'meddler': ")
+    assert "hook defuser_defuse_candidate raised" in message and str(error) in message
+    assert isinstance(caught.value.__cause__, PluginError) and caught.value.__cause__.__cause__ is error
+    before.assert_same(model.get_submodule(target))
+    with torch.no_grad():
+        assert torch.equal(model.get_submodule(target)(*routed), fused_output)
+    assert isinstance(model.model.layers[0].mlp.experts, DefusedExperts), "converted before the failure"
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+
+
+def test_a_dense_mlp_split_in_place_then_failing_is_put_back(manager):
+    class SplitThenFail:
+        @hookimpl
+        def defuser_plugin_info(self):
+            from defuser import TypeSupport
+
+            return PluginInfo(name="split_then_fail", model_types=(TypeSupport("glm4"),), priority=10)
+
+        @hookimpl
+        def defuser_defuse_candidate(self, candidate):
+            if candidate.path == "model.layers.1.mlp":
+                split_dense_mlp(candidate.module, candidate.layout)  # changes the module in place
+                raise OUT_OF_MEMORY("out of memory after splitting")
+            return None
+
+    manager.register(SplitThenFail(), "split_then_fail")
+    model = build_tiny_model("glm4")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    mlp = model.model.layers[1].mlp
+    before = _Before.of(mlp)
+    keys = list(model.state_dict())
+    with pytest.raises(ConversionError, match=r"defusing model\.layers\.1\.mlp \(Glm4MLP\) failed: .*split_then_fail"):
+        convert_model(model)
+    before.assert_same(model.model.layers[1].mlp)
+    assert isinstance(mlp.gate_up_proj, nn.Linear) and "gate_proj" not in mlp._modules
+    assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear), "layer 0 was converted before"
+    state = model.state_dict()
+    assert [k for k in state if ".layers.1." in k] == [k for k in keys if ".layers.1." in k]
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+
+
+def test_running_out_of_memory_inside_the_engine_mid_module(manager, monkeypatch):
+    import defuser.engine.experts as experts_module
+
+    real_linear_from = experts_module.linear_from
+    calls = {"count": 0}
+
+    def fails_on_the_second_module(weight, bias, requires_grad):
+        calls["count"] += 1
+        if calls["count"] == 8 * 3 + 6:  # 8 experts x 3 Linears, then the 6th of the second module
+            raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 64.00 MiB")
+        return real_linear_from(weight, bias, requires_grad)
+
+    monkeypatch.setattr(experts_module, "linear_from", fails_on_the_second_module)
+    model = build_tiny_model("qwen3_moe")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    second = model.model.layers[1].mlp.experts
+    before = _Before.of(second)
+    expected = (
+        r"defusing model\.layers\.1\.mlp\.experts \(Qwen3MoeExperts\) failed: plugin 'generic': "
+        rf"hook defuser_defuse_candidate raised {OUT_OF_MEMORY.__name__}: CUDA out of memory"
+    )
+    with pytest.raises(ConversionError, match=expected):
+        convert_model(model)
+    before.assert_same(model.model.layers[1].mlp.experts)
+    assert isinstance(model.model.layers[0].mlp.experts, DefusedExperts)
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+    monkeypatch.setattr(experts_module, "linear_from", real_linear_from)
+    assert convert_model(model) is True, "with memory back, the rest converts"
+    assert find_candidates(model) == []
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+
+
+def test_an_interrupt_mid_module_propagates_as_it_is_and_restores(manager):
+    target = "model.layers.0.mlp.experts"
+    manager.register(_MeddleThenFail(target, KeyboardInterrupt()), "meddler")
+    model = build_tiny_model("qwen3_moe")
+    before = _Before.of(model.get_submodule(target))
+    with pytest.raises(KeyboardInterrupt):
+        convert_model(model)
+    before.assert_same(model.get_submodule(target))
+    assert len(find_candidates(model)) == 2
+
+
+# --- idempotence ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4", "jetmoe", "gpt_oss"])
+def test_a_second_conversion_changes_nothing(model_type):
+    model = build_tiny_model(model_type)
+    inputs = tiny_inputs(model)
+    assert convert_model(model) is True
+    modules = dict(model.named_modules())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    output = tiny_forward(model, inputs)
+    assert convert_model(model) is False
+    assert convert_model(model, max_layers=1, filter=["+:layers"]) is False
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(module is modules[name] for name, module in model.named_modules())
+    after = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert after.keys() == tensors.keys() and all(after[name] is tensors[name] for name in after)
+    assert torch.equal(tiny_forward(model, inputs), output)
+
+
+def test_replace_fused_blocks_twice_is_harmless():
+    stock = build_tiny_model("qwen3_moe")
+    inputs = tiny_inputs(stock)
+    assert replace_fused_blocks("qwen3_moe") is True
+    assert replace_fused_blocks("qwen3_moe") is True
+    built = build_tiny_model("qwen3_moe")
+    assert find_candidates(built) == [] and isinstance(built.model.layers[0].mlp.experts, DefusedExperts)
+    assert convert_model(built) is False, "a model built defused has nothing left to convert"
+    assert restore_preload_patches("qwen3_moe") == ["qwen3_moe"]
+    assert restore_preload_patches("qwen3_moe") == []
+    again = build_tiny_model("qwen3_moe")
+    assert len(find_candidates(again)) == 2, "one restore undoes both patches"
+    assert torch.equal(tiny_forward(again, inputs), tiny_forward(stock, inputs))
+
+
+# --- threads ----------------------------------------------------------------------------
+
+
+def test_conversions_from_several_threads_at_once(monkeypatch):
+    # A manager not loaded yet: the threads also race to load the plugins.
+    monkeypatch.setattr(plugins, "_manager", None)
+    model_types = ["qwen3_moe", "mixtral", "glm4", "gpt_oss", "qwen3_moe", "jetmoe"]
+    models = [build_tiny_model(model_type, seed=seed) for seed, model_type in enumerate(model_types)]
+    inputs = [tiny_inputs(model) for model in models]
+    references = [tiny_forward(model, batch) for model, batch in zip(models, inputs, strict=True)]
+    start = threading.Barrier(len(models))
+
+    def convert(model: nn.Module) -> bool:
+        start.wait(timeout=60)
+        return convert_model(model)
+
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        results = list(pool.map(convert, models))
+    assert results == [True] * len(models)
+    for model_type, model, batch, reference in zip(model_types, models, inputs, references, strict=True):
+        assert find_candidates(model) == [], f"{model_type}: fused modules left"
+        difference = (tiny_forward(model, batch) - reference).abs().max().item()
+        assert difference <= ATOL, f"{model_type}: outputs differ by {difference}"
+
+
+# --- the bad-input table ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One bad input: how it is written, how to try it on a fresh tiny qwen3_moe model, and
+    the text an error must contain to name the offending value (None: no error expected)."""
+
+    written: str
+    attempt: Callable[[nn.Module], Any]
+    names: str | None = None
+
+
+class _ExplodingDefuse:
+    @hookimpl
+    def defuser_plugin_info(self):
+        from defuser import TypeSupport
+
+        return PluginInfo(name="exploding", model_types=(TypeSupport("qwen3_moe"),), priority=10)
+
+    @hookimpl
+    def defuser_defuse_candidate(self, candidate):
+        raise RuntimeError("bug in the plugin")
+
+
+class _NeedsNewerCore:
+    @hookimpl
+    def defuser_plugin_info(self):
+        return PluginInfo(name="newer", core=">=2.0")
+
+
+@contextlib.contextmanager
+def _isolated_manager() -> Iterator[DefuserPluginManager]:
+    previous = plugins._manager
+    plugins._manager = DefuserPluginManager()
+    try:
+        yield plugins._manager
+    finally:
+        plugins._manager = previous
+
+
+def _with_plugin(plugin: Any, name: str, call: Callable[[], Any]) -> Any:
+    with _isolated_manager() as manager:
+        manager.register(plugin, name)
+        return call()
+
+
+def _with_old_transformers(call: Callable[[], Any]) -> Any:
+    from packaging.version import Version
+
+    import defuser.compat as compat
+
+    real = compat.transformers_version
+    compat.transformers_version = lambda: Version("5.2.0")
+    try:
+        return call()
+    finally:
+        compat.transformers_version = real
+
+
+def _plugin_status(plugin: Any, name: str) -> str:
+    with _isolated_manager() as manager:
+        return f"skipped, status: {manager.register(plugin, name).error}"
+
+
+BAD_INPUTS = [
+    BadInput('convert_model("model")', lambda model: convert_model("model"), "'model'"),
+    BadInput("convert_model(None)", lambda model: convert_model(None), "None"),
+    BadInput('convert_model(model, filter="layers")', lambda model: convert_model(model, filter="layers"), "'layers'"),
+    BadInput("convert_model(model, filter=[3])", lambda model: convert_model(model, filter=[3]), "3"),
+    BadInput('convert_model(model, filter=["+:("])', lambda model: convert_model(model, filter=["+:("]), "'+:('"),
+    BadInput('convert_model(model, filter=["-:"])', lambda model: convert_model(model, filter=["-:"]), "'-:'"),
+    BadInput("convert_model(model, max_layers=0)", lambda model: convert_model(model, max_layers=0), "0"),
+    BadInput("convert_model(model, max_layers=-1)", lambda model: convert_model(model, max_layers=-1), "-1"),
+    BadInput('convert_model(model, max_layers="2")', lambda model: convert_model(model, max_layers="2"), "'2'"),
+    BadInput("convert_model(model, max_layers=1.5)", lambda model: convert_model(model, max_layers=1.5), "1.5"),
+    BadInput("convert_model(model, max_layers=True)", lambda model: convert_model(model, max_layers=True), "True"),
+    BadInput(
+        'convert_model(model, filter=["-:experts"]) (only an exclusion: selects nothing)',
+        lambda model: convert_model(model, filter=["-:experts"]),
+    ),
+    BadInput("convert_model(llama_model) (nothing fused)", lambda model: convert_model(build_tiny_model("llama"))),
+    BadInput("replace_fused_blocks(None)", lambda model: replace_fused_blocks(None), "None"),
+    BadInput('replace_fused_blocks("")', lambda model: replace_fused_blocks(""), "''"),
+    BadInput('replace_fused_blocks("no_such_type")', lambda model: replace_fused_blocks("no_such_type")),
+    BadInput('replace_fused_blocks("llama") (nothing to patch)', lambda model: replace_fused_blocks("llama")),
+    BadInput(
+        "convert_model(model) with transformers 5.2.0 installed",
+        lambda model: _with_old_transformers(lambda: convert_model(model)),
+    ),
+    BadInput(
+        "convert_model(model) while a plugin's defuse hook raises",
+        lambda model: _with_plugin(_ExplodingDefuse(), "exploding", lambda: convert_model(model)),
+        "model.layers.0.mlp.experts",
+    ),
+    BadInput(
+        'a plugin declaring core=">=2.0"',
+        lambda model: _plugin_status(_NeedsNewerCore(), "newer"),
+        "'newer'",
+    ),
+]
+
+
+def _state(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    return {name: (id(tensor), tensor.detach().clone()) for name, tensor in model.state_dict(keep_vars=True).items()}
+
+
+def _outcome(bad: BadInput) -> tuple[str, str]:
+    """``(what the call gets, whether the model changed)`` for one bad input."""
+    model = build_tiny_model("qwen3_moe")
+    before = _state(model)
+    try:
+        with _warnings() as warnings:
+            result = bad.attempt(model)
+        got = result if isinstance(result, str) else f"returns `{result!r}`"
+        got += "".join(f"; warning: {message}" for message in warnings if message.split(": ", 1)[-1] not in got)
+    except Exception as error:
+        got = f"`{type(error).__name__}`: {error}"
+    after = _state(model)
+    unchanged = after.keys() == before.keys() and all(
+        after[name][0] == before[name][0] and torch.equal(after[name][1], before[name][1]) for name in after
+    )
+    return got, "unchanged" if unchanged else "changed"
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[str]]:
+    """The warnings the ``defuser`` logger gives during the block (not printed)."""
+    logger = logging.getLogger("defuser")
+    collect = _Collect()
+    propagate = logger.propagate
+    logger.addHandler(collect)
+    logger.propagate = False
+    try:
+        yield collect.messages
+    finally:
+        logger.removeHandler(collect)
+        logger.propagate = propagate
+
+
+def bad_inputs_markdown() -> str:
+    """The table of ``docs/bad-inputs.md``: every bad input, what it gets, the model after."""
+    rows = ["| input | what it gets | model |", "|---|---|---|"]
+    for bad in BAD_INPUTS:
+        got, model = _outcome(bad)
+        cell = got.replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| `{bad.written}` | {cell} | {model} |")
+    return "\n".join(rows)
+
+
+def _table_in(text: str) -> str:
+    match = re.search(r"^\| input \|.*?(?=\n\n|\n?\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"no bad-input table in {BAD_INPUTS_DOC}"
+    return match.group(0)
+
+
+def test_the_bad_input_table_is_true():
+    expected = bad_inputs_markdown()
+    assert _table_in(BAD_INPUTS_DOC.read_text()) == expected, (
+        f"{BAD_INPUTS_DOC.relative_to(ROOT)} is out of date: run `python tests/test_faults.py` to rewrite it"
+    )
+    assert "docs/bad-inputs.md" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [bad for bad in BAD_INPUTS if bad.names], ids=lambda bad: bad.written)
+def test_every_rejected_input_names_the_offending_value_and_changes_nothing(bad):
+    got, model = _outcome(bad)
+    assert bad.names in got, f"{bad.written}: {got!r} does not name {bad.names}"
+    assert model == "unchanged"
+
+
+def _rewrite_doc() -> None:
+    text = BAD_INPUTS_DOC.read_text()
+    BAD_INPUTS_DOC.write_text(text.replace(_table_in(text), bad_inputs_markdown()))
+
+
+if __name__ == "__main__":
+    _rewrite_doc()
+    sys.stdout.write(f"rewrote {BAD_INPUTS_DOC}\n")
