@@ -1,5 +1,6 @@
 """The census: every model type of the installed transformers that carries fused experts or a
-fused ``gate_up_proj`` is defused with equal outputs, by a plugin or by the generic engine.
+fused ``gate_up_proj`` is defused with equal outputs, by a plugin or by the generic engine,
+and fused back by ``fuse_model`` to the very same classes and tensors.
 
 The list is not frozen: :mod:`defuser_testkit.census` scans transformers' sources at test
 time, so a fused class that transformers adds or renames fails here, by name, until a plugin
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from defuser import convert_model
+from defuser import convert_model, fuse_model
 from defuser.api import find_candidates
 from defuser.plugins import get_plugin_manager
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
@@ -65,12 +66,26 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
     assert owner is not None or all(c.generic for c in candidates), f"{model_type}: unclaimed and not generic"
     inputs = tiny_inputs(model)
     reference = tiny_forward(model, inputs)
+    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    classes = [type(module) for module in model.modules()]
     assert convert_model(model) is True
     left = [f"{path} ({type(m).__name__})" for path, m in model.named_modules() if _still_fused(m)]
     left = [entry for entry in left if entry.split(" (")[1][:-1] in names]
     assert not left, f"{model_type}: still fused after conversion: {left}"
     difference = (tiny_forward(model, inputs) - reference).abs().max().item()
     assert difference <= ATOL, f"{model_type}: outputs differ by {difference}"
+
+    # And back: fuse_model restores the fused classes and tensors (names, order, values) and
+    # the result defuses again with equal outputs.
+    assert fuse_model(model) is True
+    assert [type(module) for module in model.modules()] == classes, f"{model_type}: classes not restored"
+    restored = model.state_dict()
+    assert list(restored) == list(original), f"{model_type}: state-dict names differ after fuse_model"
+    changed = [name for name, tensor in original.items() if not torch.equal(restored[name], tensor)]
+    assert not changed, f"{model_type}: fused tensors differ after fuse_model: {changed[:5]}"
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+    assert convert_model(model) is True
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
 
 
 def test_every_fused_class_is_built_by_some_model_type() -> None:

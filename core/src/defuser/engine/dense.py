@@ -14,7 +14,7 @@ from torch import nn
 
 from defuser.engine.candidates import DenseLayout
 
-__all__ = ["JoinedGateUp", "split_dense_mlp", "split_gate_up_linear"]
+__all__ = ["JoinedGateUp", "join_dense_mlp", "split_dense_mlp", "split_gate_up_linear"]
 
 
 class JoinedGateUp:
@@ -24,9 +24,11 @@ class JoinedGateUp:
     ``up_proj`` children, which stay the only registered (saved, hooked) modules.
     """
 
-    def __init__(self, owner: nn.Module, layout: DenseLayout):
+    def __init__(self, owner: nn.Module, layout: DenseLayout, fused_skeleton: nn.Linear | None = None):
         self._owner = owner
         self.layout = layout
+        # The fused Linear without its tensors, for fusing back (defuser.engine.fuse).
+        self.fused_skeleton = fused_skeleton
 
     def _halves(self) -> tuple[nn.Linear, nn.Linear]:
         gate, up = self._owner.gate_proj, self._owner.up_proj
@@ -71,13 +73,37 @@ def split_gate_up_linear(fused: nn.Linear, layout: DenseLayout, materialize: boo
 
 def split_dense_mlp(mlp: nn.Module, layout: DenseLayout, materialize: bool = True) -> nn.Module:
     """Split ``mlp``'s fused gate-up Linear in place and return ``mlp``."""
+    from defuser.engine.fuse import skeleton_of
+
     fused = getattr(mlp, layout.fused_name)
     if not isinstance(fused, nn.Linear) or fused.out_features % 2:
         raise TypeError(f"{type(mlp).__name__}.{layout.fused_name} is not a fused gate-up nn.Linear")
     gate_proj, up_proj = split_gate_up_linear(fused, layout, materialize)
-    # Every new piece is built before the module changes, so a failure above leaves it as it was.
-    del mlp._modules[layout.fused_name]
-    mlp.gate_proj = gate_proj
-    mlp.up_proj = up_proj
-    object.__setattr__(mlp, layout.fused_name, JoinedGateUp(mlp, layout))
+    joined = JoinedGateUp(mlp, layout, skeleton_of(fused, ["weight", "bias"]))
+    # Every new piece is built before the module changes, so a failure above leaves it as it
+    # was.  The halves take the fused Linear's place in the child order (and state dict).
+    _replace_children(mlp, {layout.fused_name: {"gate_proj": gate_proj, "up_proj": up_proj}})
+    object.__setattr__(mlp, layout.fused_name, joined)
     return mlp
+
+
+def join_dense_mlp(mlp: nn.Module, fused: nn.Linear) -> nn.Module:
+    """Undo :func:`split_dense_mlp`: ``fused`` takes the place of ``gate_proj`` and ``up_proj``."""
+    joined = next(value for value in vars(mlp).values() if isinstance(value, JoinedGateUp))
+    name = joined.layout.fused_name
+    _replace_children(mlp, {"gate_proj": {name: fused}, "up_proj": {}})
+    del mlp.__dict__[name]
+    original = type(mlp).__dict__.get("_defuser_original")
+    if original is not None:  # built by a pre-load patched class
+        mlp.__class__ = original
+    return mlp
+
+
+def _replace_children(module: nn.Module, replacements: dict[str, dict[str, nn.Module]]) -> None:
+    children: dict[str, nn.Module | None] = {}
+    for name, child in module._modules.items():
+        if name in replacements:
+            children.update(replacements[name])
+        else:
+            children[name] = child
+    module.__dict__["_modules"] = children

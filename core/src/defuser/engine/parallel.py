@@ -17,6 +17,7 @@ from torch import nn
 
 from defuser.engine.candidates import ParallelLayout
 from defuser.engine.experts import copy_plain_attributes
+from defuser.engine.fuse import skeleton_of
 from defuser.engine.layout import dense_per_expert, linear_from, orient, split_gate_up
 
 __all__ = ["DefusedParallelExperts", "GateUpPair", "parallel_weight"]
@@ -51,6 +52,8 @@ class DefusedParallelExperts(nn.Module):
         if weight is None:
             raise TypeError(f"{type(fused).__name__} has no stacked weight {layout.weight_name!r}")
         copy_plain_attributes(fused, self)
+        self.__dict__["_fused_skeleton"] = skeleton_of(fused, [layout.weight_name])
+        self.layout = layout
         self.defused_from = type(fused).__name__
         self.num_experts = weight.shape[0]
         gated = bool(layout.gated_paths) and re.search(layout.gated_paths, path) is not None
