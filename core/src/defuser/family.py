@@ -36,7 +36,7 @@ from defuser.engine.preload import PreloadPlan
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TypeSupport
 
-__all__ = ["Family", "modeling_module_for"]
+__all__ = ["Family", "modeling_module_for", "modeling_modules_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,6 @@ def modeling_module_for(model_type: str) -> str:
 
     module = model_type_to_module_name(model_type)
     return f"transformers.models.{module}.modeling_{module}"
-
-
-def _module_or_none(model_type: str) -> str | None:
-    try:
-        return modeling_module_for(model_type)
-    except Exception:  # a type this transformers does not know
-        return None
 
 
 class Family:
@@ -128,25 +121,127 @@ class Family:
         support = self.info.support_for(model_type)
         if support is None or not support.preload:
             return None
-        module_name = modeling_module_for(model_type)
-        # Sub-models (thinker, talker, text-only) load through their own model types.
-        related = tuple(
-            t.model_type
-            for t in self.info.model_types
-            if t.model_type != model_type and _module_or_none(t.model_type) == module_name
-        )
+        module_names = modeling_modules_for(model_type)
+        if not module_names or self._has_parallel_classes(module_names):
+            # Parallel experts are split by their path in the model, unknown at construction.
+            return None
+        own_types = {t.model_type for t in self.info.model_types}
+        # Sub-models (thinker, talker, text-only, sub-configs) load through their own model
+        # types, and some models through their classes' names: their mappings change too.
+        related = [
+            t for t in own_types if t != model_type and set(modeling_modules_for(t, nested=False)) & set(module_names)
+        ]
+        mapping_keys = [model_type, *sorted(related), *_sub_config_types(model_type)]
+        mapping_keys += _mapped_class_names(module_names)
         return PreloadPlan(
             model_type=model_type,
-            mapping_types=(model_type, *related),
-            modeling_modules=(module_name,),
-            dense_classes=self._dense_classes_in(module_name),
+            mapping_types=tuple(dict.fromkeys(mapping_keys)),
+            modeling_modules=tuple(module_names),
+            declared_experts={name: dict(fields) for name, fields in self.experts_classes.items()},
+            layout_overrides={name: dict(fields) for name, fields in self.layout_overrides.items()},
+            dense_classes=dict(self.dense_classes),
             key_renames=self.key_renames.get(model_type, ()),
             legacy_projection_names=self.legacy_projection_names.get(model_type, {}),
             dense_key_patterns=self.dense_key_patterns.get(model_type, ()),
         )
 
-    def _dense_classes_in(self, module_name: str) -> dict[str, DenseLayout]:
+    def _has_parallel_classes(self, module_names: list[str]) -> bool:
         import importlib
 
+        return any(
+            hasattr(importlib.import_module(module_name), name)
+            for module_name in module_names
+            for name in self.parallel_classes
+        )
+
+
+def _config_class(model_type: str) -> type | None:
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type]
+    except Exception:  # a type this transformers does not know
+        return None
+
+
+def _sub_config_types(model_type: str, seen: set[str] | None = None) -> list[str]:
+    """Model types of the sub-configs of ``model_type``, recursively: those of its default
+    config (which fills generic ``AutoConfig`` slots), else those its class declares."""
+    seen = {model_type} if seen is None else seen
+    config_class = _config_class(model_type)
+    if config_class is None:
+        return []
+    try:
+        config = config_class()
+        subs = [value for value in vars(config).values() if hasattr(value, "to_dict") and hasattr(value, "model_type")]
+    except Exception:  # a default config that cannot be built as shipped
+        subs = list((getattr(config_class, "sub_configs", None) or {}).values())
+    found = []
+    for sub in subs:
+        sub_type = getattr(sub, "model_type", None)
+        if not isinstance(sub_type, str) or not sub_type or sub_type in seen:
+            continue
+        seen.add(sub_type)
+        found += [sub_type, *_sub_config_types(sub_type, seen)]
+    return found
+
+
+def modeling_modules_for(model_type: str, nested: bool = True) -> list[str]:
+    """Import paths of the transformers modeling modules whose classes a ``model_type`` model is
+    built from: the config's own module, the modules of its Auto model classes (a type may
+    reuse another family's model) and, with ``nested``, those of its sub-configs."""
+    import importlib
+
+    types = [model_type, *(_sub_config_types(model_type) if nested else [])]
+    names: list[str] = []
+    for current in types:
+        config_class = _config_class(current)
+        if config_class is None:
+            continue
+        names.append(config_class.__module__.replace(".configuration_", ".modeling_"))
+        names += _auto_model_modules(current)
+    found = []
+    for name in dict.fromkeys(names):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # no modeling module of that name, or a missing optional dependency
+            continue
+        found.append(name)
+    return found
+
+
+def _auto_model_modules(model_type: str) -> list[str]:
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    modules = []
+    for mapping in (modeling_auto.MODEL_MAPPING_NAMES, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        names = mapping.get(model_type, ())
+        for name in (names,) if isinstance(names, str) else names:
+            try:
+                modules.append(getattr(transformers, name).__module__)
+            except Exception:  # not importable here
+                continue
+    return modules
+
+
+def _mapped_class_names(module_names: list[str]) -> list[str]:
+    """Model classes of ``module_names`` that transformers gives a checkpoint mapping of their own
+    (looked up before the model type's)."""
+    import importlib
+
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    names = []
+    for module_name in module_names:
         module = importlib.import_module(module_name)
-        return {name: layout for name, layout in self.dense_classes.items() if hasattr(module, name)}
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, PreTrainedModel)
+                and value.__module__ == module_name
+                and get_checkpoint_conversion_mapping(name) is not None
+            ):
+                names.append(name)
+    return names

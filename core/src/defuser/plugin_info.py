@@ -4,17 +4,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["PluginInfo", "TypeSupport"]
+__all__ = ["RELOAD_NONE", "RELOAD_PATCHED", "RELOAD_STOCK", "RELOAD_WAYS", "PluginInfo", "TypeSupport"]
+
+# How a checkpoint saved after ``convert_model`` (or from a model built after
+# ``replace_fused_blocks``) loads again: plain transformers maps its per-expert keys onto the
+# stock fused model; or the model is built with ``replace_fused_blocks`` first; or neither
+# works (``reload_blocker`` says why).
+RELOAD_STOCK = "stock"
+RELOAD_PATCHED = "replace_fused_blocks"
+RELOAD_NONE = "none"
+RELOAD_WAYS = (RELOAD_STOCK, RELOAD_PATCHED, RELOAD_NONE)
 
 
 @dataclass(frozen=True)
 class TypeSupport:
-    """How one model type is handled: after-load conversion, before-load patching, notes."""
+    """How one model type is handled: after-load conversion, before-load patching (``preload``,
+    from ``preload_min_transformers`` on when older releases cannot), how a checkpoint saved
+    from the defused model reloads (``reload``, one of :data:`RELOAD_WAYS`; ``reload_blocker``
+    says why when it cannot), the oldest transformers the type is tested on, notes."""
 
     model_type: str
     preload: bool = False
     notes: str = ""
     min_transformers: str | None = None
+    reload: str = RELOAD_STOCK
+    reload_blocker: str = ""
+    preload_min_transformers: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reload not in RELOAD_WAYS:
+            raise ValueError(f"{self.model_type}: reload must be one of {RELOAD_WAYS}, got {self.reload!r}")
+        if self.reload == RELOAD_PATCHED and not self.preload:
+            raise ValueError(f"{self.model_type}: reload={RELOAD_PATCHED!r} needs preload=True")
+        if (self.reload == RELOAD_NONE) != bool(self.reload_blocker):
+            raise ValueError(f"{self.model_type}: reload_blocker says why, and only when reload={RELOAD_NONE!r}")
 
 
 @dataclass(frozen=True)

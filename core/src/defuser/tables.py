@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+from defuser.plugin_info import RELOAD_NONE, RELOAD_STOCK, TypeSupport
 from defuser.plugins import list_plugins
 
-__all__ = ["supported_models_markdown"]
+__all__ = ["reload_cell", "supported_models_markdown"]
+
+
+def reload_cell(support: TypeSupport) -> str:
+    """How a checkpoint saved from a defused ``support.model_type`` model loads again, in words."""
+    if support.reload == RELOAD_NONE:
+        return f"no: {support.reload_blocker}"
+    way = "stock transformers" if support.reload == RELOAD_STOCK else "`replace_fused_blocks`"
+    if support.preload_min_transformers and support.reload != RELOAD_STOCK:
+        way += f" ({support.preload_min_transformers}+)"
+    return way
+
+
+def _preload_cell(support: TypeSupport) -> str:
+    if not support.preload:
+        return "-"
+    return f"yes ({support.preload_min_transformers}+)" if support.preload_min_transformers else "yes"
 
 
 def supported_models_markdown() -> str:
-    """A markdown table: model type, plugin, before-load patching, after-load conversion,
-    the transformers versions it is tested on, and the special handling."""
+    """A markdown table: model type, plugin, before-load patching, after-load conversion, how a
+    saved defused model reloads, the transformers versions it is tested on, and the special handling."""
     from defuser.compat import MIN_TRANSFORMERS
 
     rows = [
         "| model type | plugin | before load (`replace_fused_blocks`) | after load (`convert_model`) "
-        "| tested on transformers | special handling |",
-        "|---|---|---|---|---|---|",
+        "| reload of a saved defused model | tested on transformers | special handling |",
+        "|---|---|---|---|---|---|---|",
     ]
     entries = []
     for plugin in list_plugins():
@@ -23,13 +40,15 @@ def supported_models_markdown() -> str:
             continue
         for support in plugin.info.model_types:
             entries.append((support.model_type, plugin.name, support))
-    for model_type, plugin, support in sorted(entries):
+    for model_type, plugin, support in sorted(entries, key=lambda entry: entry[:2]):
         tested = f"{support.min_transformers}+" if support.min_transformers else f"{MIN_TRANSFORMERS}+"
-        preload = "yes" if support.preload else "-"
-        rows.append(f"| `{model_type}` | {plugin} | {preload} | yes | {tested} | {support.notes} |")
+        rows.append(
+            f"| `{model_type}` | {plugin} | {_preload_cell(support)} | yes | {reload_cell(support)} "
+            f"| {tested} | {support.notes} |"
+        )
     rows.append(
         "| any other type with `@use_experts_implementation` experts or a dense `gate_up_proj` Linear "
-        "| generic | - | yes | - | layout read from the decorator's flags |"
+        "| generic | - | yes | - | - | layout read from the decorator's flags |"
     )
     return "\n".join(rows)
 

@@ -1,91 +1,441 @@
-"""Checkpoint-loading pieces plugged into transformers' weight conversion machinery.
+"""Checkpoint keys in and out of defused models, through transformers' weight conversion machinery.
 
-transformers renames each checkpoint key to a key of the model before converting it, so a
-fused tensor is routed to expert 0's key and :class:`SplitFusedExperts` then emits the keys
-of every expert.
+Loading (a model built after ``replace_fused_blocks``): transformers renames each checkpoint
+key, then hands it to at most one converter.  :class:`SplitFusedExperts` and
+:class:`SplitFusedDense` look up the module the key belongs to and, when it is defused, emit
+one tensor per expert and projection, read with that module's own layout (transposed,
+interleaved, biased, flattened, with identity rows).
+
+Saving: ``save_pretrained`` reverses the conversions the model knows of.  Stock mappings that
+merge per-expert checkpoint keys (``experts.*.w1.weight`` -> ``experts.gate_up_proj``) tell
+which per-expert names a checkpoint uses; :func:`per_expert_renames` turns them into renamings
+whose reverse writes the defused per-expert keys under those names, so plain transformers
+loads the saved checkpoint.  :func:`attach_save_mapping` gives a converted model those
+renamings, and leaves out stock converters whose reverse would fold defused keys back into a
+fused tensor the model no longer has.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
-__all__ = ["SplitFusedExperts", "expert_projection_renames", "split_on_load_converter"]
+from defuser.engine.candidates import ExpertsLayout
+from defuser.engine.layout import orient, split_gate_up
 
-_EXPERT_ZERO = re.compile(r"(^|\.)0\.")
+__all__ = [
+    "PerExpertRenaming",
+    "SplitFusedDense",
+    "SplitFusedExperts",
+    "attach_save_mapping",
+    "expert_projection_renames",
+    "fuses_dense_halves",
+    "fuses_expert_keys",
+    "per_expert_renames",
+    "split_on_load_converter",
+]
+
+logger = logging.getLogger(__name__)
+
 # A source pattern no key can match: the reverse of a load-only split (see below).
 _NEVER = r"(?!)defuser-never"
 
 
-def _expert_key(pattern: str, index: int) -> str:
-    return _EXPERT_ZERO.sub(lambda match: f"{match.group(1)}{index}.", pattern, count=1)
+def _first_tensor(input_dict: dict[str, Any]) -> torch.Tensor:
+    tensor = next(iter(input_dict.values()))
+    return tensor[0] if isinstance(tensor, list) else tensor
+
+
+def _owner(model: nn.Module | None, layer_name: str | None, suffix: str) -> tuple[str, nn.Module | None]:
+    """The path of the module holding ``suffix`` in ``layer_name``, and the module (None when absent)."""
+    if layer_name is None or not layer_name.endswith(suffix):
+        return "", None
+    path = layer_name[: -len(suffix)].rstrip(".")
+    if model is None:
+        return path, None
+    # The key may still carry (or lack) the base model's prefix when a head model loads a
+    # base checkpoint or the other way round.
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [path]
+    if prefix:
+        candidates += [f"{prefix}.{path}" if path else prefix, path.removeprefix(f"{prefix}.")]
+    for candidate in candidates:
+        try:
+            return candidate, model.get_submodule(candidate) if candidate else model
+        except AttributeError:
+            continue
+    return path, None
 
 
 class SplitFusedExperts(ConversionOps):
-    """Split a fused ``[E, 2I, H]`` gate-up (``gated``) or ``[E, H, I]`` tensor into one
-    tensor per expert and projection, named by the target patterns with expert 0 replaced."""
+    """Split one fused experts tensor (``tensor_name``, possibly dotted or a ``*_bias``) of a
+    defused experts module into per-expert ``{path}.{i}.{proj}.weight|bias`` tensors.
 
-    def __init__(self, gated: bool):
-        self.gated = gated
+    The module's own :class:`ExpertsLayout` says how to read it; a checkpoint tensor stored in
+    the other orientation than the module (Qwen3-VL-MoE's transposed experts) is recognised by
+    its shape.  Rows past the last routed expert (LongCat's identity experts) are dropped.
+    """
+
+    def __init__(self, tensor_name: str, target: str = "0.gate_proj.weight", inputs: dict[str, str] | None = None):
+        self.tensor_name = tensor_name
+        # The key the converter renames the fused key to (expert 0's first projection here):
+        # transformers hands that name over, and it must be a key of the defused model.
+        self.target = target
+        # Where earlier operations of the converter produce several fused tensors (keyed by the
+        # converter's target names): which fused tensor each one is.
+        self.inputs = dict(inputs or {})
 
     def __repr__(self) -> str:
-        return f"SplitFusedExperts(gated={self.gated})"
+        return f"SplitFusedExperts({self.tensor_name!r}, {self.target!r})"
 
     @torch.no_grad()
     def convert(
         self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
-    ):
-        tensor = next(iter(input_dict.values()))
-        tensor = tensor[0] if isinstance(tensor, list) else tensor
+    ) -> dict[str, torch.Tensor]:
+        from defuser.engine.experts import DefusedExperts
+
+        layer_name = kwargs.get("full_layer_name")
+        path, module = _owner(kwargs.get("model"), layer_name, self.target)
+        if not isinstance(module, DefusedExperts):
+            raise ValueError(f"{self!r}: {layer_name!r} does not belong to a defused experts module")
+        if self.inputs:
+            pieces = {self.inputs[key]: _first_tensor({key: value}) for key, value in input_dict.items()}
+        else:
+            pieces = {self.tensor_name: _first_tensor(input_dict)}
         result = {}
-        for index in range(tensor.shape[0]):
-            if self.gated:
-                gate, up = tensor[index].chunk(2, dim=0)
-                result[_expert_key(target_patterns[0], index)] = gate
-                result[_expert_key(target_patterns[1], index)] = up
-            else:
-                result[_expert_key(target_patterns[0], index)] = tensor[index]
+        for name, tensor in pieces.items():
+            result.update(self.split(tensor, module.layout, path, _fused_shape(module, name), name))
         return result
+
+    def split(
+        self,
+        tensor: torch.Tensor,
+        layout: ExpertsLayout,
+        path: str,
+        expected: tuple[int, ...] | None = None,
+        tensor_name: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-expert tensors named ``{path}.{i}.{proj}.{weight|bias}`` from one fused ``tensor``
+        (``tensor_name``, default the op's own)."""
+        tensor_name = tensor_name or self.tensor_name
+        is_bias = tensor_name.endswith("_bias")
+        name = tensor_name.removesuffix("_bias") if is_bias else tensor_name
+        projections = self._projections(name, layout)
+        if projections is None:
+            raise ValueError(f"{tensor_name!r} is not a tensor of the layout {layout}")
+        experts = layout.num_experts
+        if is_bias:
+            stacked = tensor.reshape(-1, tensor.shape[-1])[:experts]
+            halves = split_gate_up(stacked, layout, dim=-1) if len(projections) == 2 else (stacked,)
+            suffix = "bias"
+        else:
+            transposed = layout.transposed_down if name == layout.down_name else layout.is_transposed
+            if expected is not None and _is_swapped(tuple(tensor.shape), expected):
+                tensor = tensor.transpose(-1, -2)  # the checkpoint holds the other orientation
+            if layout.flattened:
+                tensor = tensor.reshape(experts, -1, tensor.shape[-1])
+            stacked = orient(tensor, transposed)[:experts]
+            halves = split_gate_up(stacked, layout, dim=-2) if len(projections) == 2 else (stacked,)
+            suffix = "weight"
+        result = {}
+        for index in range(experts):
+            for projection, half in zip(projections, halves, strict=True):
+                result[f"{path}.{index}.{projection}.{suffix}"] = half[index].clone()
+        return result
+
+    @staticmethod
+    def _projections(name: str, layout: ExpertsLayout) -> tuple[str, ...] | None:
+        if name == layout.down_name:
+            return ("down_proj",)
+        if layout.separate_gate_up:
+            return {layout.gate_name: ("gate_proj",), layout.up_name: ("up_proj",)}.get(name)
+        if name == layout.first_name:
+            return ("gate_proj", "up_proj") if layout.has_gate else ("up_proj",)
+        return None
 
     @property
     def reverse_op(self) -> ConversionOps:
         raise NotImplementedError("SplitFusedExperts is applied on load only")
 
 
+def _fused_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    """The shape the fused module held ``name`` in, when the defused module recorded it."""
+    shapes = module.__dict__.get("_fused_tensor_shapes") or {}
+    if name in shapes:
+        return tuple(shapes[name])
+    recorded = module.__dict__.get("_fused_shapes") or {}
+    return tuple(recorded[name][0]) if name in recorded else None
+
+
+def _is_swapped(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return shape != expected and len(shape) >= 2 and shape == (*expected[:-2], expected[-1], expected[-2])
+
+
+class SplitFusedDense(ConversionOps):
+    """Split a fused dense gate-up ``{path}.{fused_name}.{part}`` (``part``: weight or bias) of a
+    split dense MLP into ``{path}.gate_proj.{part}`` and ``{path}.up_proj.{part}``, in the halves'
+    order the MLP declares."""
+
+    def __init__(self, fused_name: str, part: str):
+        self.fused_name = fused_name
+        self.part = part
+        # The key the converter renames the fused key to (see SplitFusedExperts.target).
+        self.target = f"gate_proj.{part}"
+
+    def __repr__(self) -> str:
+        return f"SplitFusedDense({self.fused_name!r}, {self.part!r})"
+
+    @torch.no_grad()
+    def convert(
+        self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        from defuser.engine.dense import JoinedGateUp
+
+        tensor = _first_tensor(input_dict)
+        layer_name = kwargs.get("full_layer_name")
+        path, module = _owner(kwargs.get("model"), layer_name, self.target)
+        joined = None if module is None else module.__dict__.get(self.fused_name)
+        if not isinstance(joined, JoinedGateUp):
+            raise ValueError(f"{self!r}: {layer_name!r} does not belong to a split dense MLP")
+        first, second = tensor.chunk(2, dim=0)
+        gate, up = (first, second) if joined.layout.gate_first else (second, first)
+        prefix = f"{path}." if path else ""
+        return {f"{prefix}gate_proj.{self.part}": gate.clone(), f"{prefix}up_proj.{self.part}": up.clone()}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        raise NotImplementedError("SplitFusedDense is applied on load only")
+
+
 class _LoadOnlyConverter(WeightConverter):
     """A converter whose reverse (used by ``save_pretrained``) leaves keys alone: the defused
-    per-expert keys already are the stock checkpoint format."""
+    per-expert keys are what a defused model saves."""
 
     def reverse_transform(self) -> WeightRenaming:
         return WeightRenaming(source_patterns=_NEVER, target_patterns="unused")
 
 
-def split_on_load_converter(
-    source: str, targets: list[str], operation: ConversionOps, keep_reverse: bool = False
-) -> WeightConverter:
-    """A converter that splits ``source`` into ``targets`` on load (reversed on save only
-    when ``keep_reverse``)."""
-    cls = WeightConverter if keep_reverse else _LoadOnlyConverter
-    return cls(source_patterns=source, target_patterns=targets, operations=[operation])
+def split_on_load_converter(source: str, target: str | list[str], operations: list[ConversionOps]) -> WeightConverter:
+    """A converter applying ``operations`` to keys matching ``source`` on load only.
+
+    The matched part of a key is replaced by ``target`` to name what the operations receive as
+    ``full_layer_name``; transformers hands a key over only when that name is a key of the model
+    (a key of a module that is not defused keeps its own name and loads as it is)."""
+    return _LoadOnlyConverter(source_patterns=source, target_patterns=target, operations=list(operations))
 
 
-class _ProjectionRenaming(WeightRenaming):
-    """Renames one projection of every expert; its reverse restores the legacy name."""
+class PerExpertRenaming(WeightRenaming):
+    """Renames one projection of every expert from a checkpoint's name to defuser's on load;
+    its reverse goes back on save.  It is kept for saving whether or not a load used it."""
+
+    def __init__(self, source_patterns: str | list[str], target_patterns: str | list[str]):
+        super().__init__(source_patterns=source_patterns, target_patterns=target_patterns)
+        object.__setattr__(self, "_defuser_patterns", (_single(source_patterns), _single(target_patterns)))
 
     def reverse_transform(self) -> WeightRenaming:
-        legacy, current = self._defuser_names
-        return WeightRenaming(rf"\.experts\.(\d+)\.{current}\.", rf".experts.\1.{legacy}.")
+        source, target = self._defuser_patterns
+        reverse = PerExpertRenaming(_reverse_source(target, source), _reverse_target(source))
+        for name in ("scope_prefix", "base_model_prefix"):
+            if hasattr(self, name):
+                setattr(reverse, name, getattr(self, name))
+        return reverse
+
+    def was_used(self) -> bool:
+        return True
+
+
+def _single(patterns: str | list[str]) -> str:
+    return patterns if isinstance(patterns, str) else patterns[0]
+
+
+# Renamings are written as (regex with one ``(\d+)`` group, replacement with ``\1``); their
+# reverse swaps the roles, so both sides are kept in that form.
+def _reverse_source(target: str, source: str) -> str:
+    return re.escape(target).replace(re.escape(r"\1"), r"(\d+)")
+
+
+def _reverse_target(source: str) -> str:
+    plain = _unescape(source.replace(r"(\d+)", "\x00"))
+    return plain.replace("\x00", r"\1")
+
+
+def _unescape(pattern: str) -> str:
+    return re.sub(r"\\(.)", r"\1", pattern).removeprefix("^").removesuffix("$")
+
+
+def _renaming(checkpoint_key: str, defused_key: str) -> PerExpertRenaming:
+    """A renaming from ``{prefix}{i}.{checkpoint projection}`` to ``{prefix}{i}.{defused
+    projection}``; both arguments hold ``\x00`` where the expert index goes."""
+    before, after = checkpoint_key.split("\x00")
+    ours_before, ours_after = defused_key.split("\x00")
+    source = re.escape(before) + r"(\d+)" + re.escape(after)
+    return PerExpertRenaming(source, ours_before + r"\1" + ours_after)
 
 
 def expert_projection_renames(names: dict[str, str]) -> list[WeightRenaming]:
     """Renamings from legacy per-expert projection names (``w1``) to defused ones
     (``gate_proj``), reversed on save so checkpoints keep the legacy names stock loads."""
+    return [_renaming(f".experts.\x00.{legacy}.", f".experts.\x00.{current}.") for legacy, current in names.items()]
+
+
+def _operations(transform: Any) -> list[Any]:
+    return list(getattr(transform, "operations", None) or [])
+
+
+def _patterns(transform: Any, name: str) -> list[str]:
+    original = getattr(transform, f"_original_{name}", None)  # 5.24 keeps the patterns as written
+    patterns = original if original is not None else getattr(transform, name, [])
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def fuses_expert_keys(transform: Any) -> bool:
+    """True for a stock converter that merges per-expert checkpoint keys into a fused experts tensor."""
+    operations = _operations(transform)
+    return (
+        isinstance(transform, WeightConverter)
+        and bool(operations)
+        and type(operations[0]).__name__ == "MergeModulelist"
+        and all("*" in source for source in _patterns(transform, "source_patterns"))
+    )
+
+
+def fuses_dense_halves(transform: Any) -> bool:
+    """True for a stock converter that concatenates separate gate and up Linear weights of a
+    dense MLP into its ``gate_up_proj``."""
+    targets = [_unescape(target) for target in _patterns(transform, "target_patterns")]
+    return (
+        isinstance(transform, WeightConverter)
+        and [type(op).__name__ for op in _operations(transform)] == ["Concatenate"]
+        and len(targets) == 1
+        and targets[0].endswith("gate_up_proj.weight")
+    )
+
+
+def per_expert_renames(transform: Any) -> list[PerExpertRenaming]:
+    """Renamings between the per-expert keys a stock merging converter reads and defuser's own
+    (``gate_proj``, ``up_proj``, ``down_proj``), scoped like ``transform``; empty when the names
+    already agree or the converter does more than stack and concatenate."""
+    if not fuses_expert_keys(transform):
+        return []
+    operations = [type(op).__name__ for op in _operations(transform)]
+    sources = [_unescape(source) for source in _patterns(transform, "source_patterns")]
+    targets = [_unescape(target) for target in _patterns(transform, "target_patterns")]
+    if len(targets) != 1:
+        return []
+    stem, _, fused = targets[0].rpartition(".")
+    if len(sources) == 2 and operations == ["MergeModulelist", "Concatenate"] and fused == "gate_up_proj":
+        projections = ("gate_proj", "up_proj")
+    elif len(sources) == 1 and operations == ["MergeModulelist"] and fused in ("up_proj", "down_proj"):
+        projections = (fused,)
+    else:
+        return []
     renames = []
-    for legacy, current in names.items():
-        rename = _ProjectionRenaming(rf"\.experts\.(\d+)\.{legacy}\.", rf".experts.\1.{current}.")
-        object.__setattr__(rename, "_defuser_names", (legacy, current))
+    for source, projection in zip(sources, projections, strict=True):
+        before, _, after = source.partition("*")
+        if before.rstrip(".") != stem.rstrip(".") or not after.startswith("."):
+            return []  # the merged keys live elsewhere than the fused tensor: not a plain rename
+        kind = after.rsplit(".", 1)[-1]
+        ours = f".{projection}.{kind}"
+        if after == ours:
+            continue
+        rename = _renaming(f"{before}\x00{after}", f"{before}\x00{ours}")
+        for name in ("scope_prefix", "base_model_prefix"):
+            if getattr(transform, name, None) is not None:
+                setattr(rename, name, getattr(transform, name))
         renames.append(rename)
     return renames
+
+
+def _default_conversions(model: nn.Module) -> list[Any]:
+    """What ``save_pretrained`` reverses for a model that ``from_pretrained`` did not build."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    # transformers drops prefix changes for such models (it cannot know whether they applied).
+    return [conversion for conversion in conversions if type(conversion).__name__ != "PrefixChange"]
+
+
+def attach_save_mapping(model: nn.Module) -> bool:
+    """Make ``model.save_pretrained`` write the defused per-expert keys of a converted model so
+    plain transformers loads them: under the names its stock checkpoint mapping merges on load
+    (Mixtral: ``block_sparse_moe.experts.N.w1``), and out of reach of stock converters whose
+    reverse would fold them back into a fused tensor the model no longer has.  Returns True
+    when the model's save mapping changed."""
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    try:
+        renames = [
+            rename
+            for transform in get_model_conversion_mapping(model, add_legacy=False)
+            for rename in per_expert_renames(transform)
+        ]
+        current = getattr(model, "_weight_conversions", None)
+        conversions = list(current) if current is not None else _default_conversions(model)
+    except Exception as error:  # a model transformers cannot map: saving keeps defuser's names
+        logger.warning("no save mapping for %s: %s", type(model).__name__, error)
+        return False
+    defused = _defused_keys(model)
+    kept = [conversion for conversion in conversions if not _folds_defused_keys(conversion, defused)]
+    known = {_signature(conversion) for conversion in kept}
+    added = [rename for rename in renames if _signature(rename) not in known]
+    if not added and len(kept) == len(conversions):
+        return False
+    model._weight_conversions = kept + added
+    logger.debug(
+        "save mapping of %s: %d per-expert renaming(s), %d converter(s) left out",
+        type(model).__name__,
+        len(added),
+        len(conversions) - len(kept),
+    )
+    return True
+
+
+def _defused_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the defused modules of ``model`` (experts and split dense MLPs)."""
+    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.experts import DefusedExperts
+    from defuser.engine.parallel import DefusedParallelExperts
+
+    prefixes = []
+    for path, module in model.named_modules():
+        if isinstance(module, (DefusedExperts, DefusedParallelExperts)):
+            prefixes.append(f"{path}.")
+        else:
+            for value in vars(module).values():
+                if isinstance(value, JoinedGateUp):
+                    prefixes += [
+                        f"{path}.gate_proj." if path else "gate_proj.",
+                        f"{path}.up_proj." if path else "up_proj.",
+                    ]
+    if not prefixes:
+        return []
+    return [key for key in model.state_dict(keep_vars=True) if key.startswith(tuple(prefixes))]
+
+
+def _folds_defused_keys(conversion: Any, keys: list[str]) -> bool:
+    """True for a converter whose reverse (on save) would take defused per-expert keys into a
+    fused tensor (Inkling's shared experts: ``gate_proj`` + ``up_proj`` -> ``shared_w13_weight``)."""
+    if not isinstance(conversion, WeightConverter) or not keys:
+        return False
+    try:
+        reverse = conversion.reverse_transform()
+    except Exception:  # not reversible (quantized): transformers refuses to save it anyway
+        return False
+    return any(reverse.rename_source_key(key)[1] is not None for key in keys)
+
+
+def _signature(transform: Any) -> tuple[Any, ...]:
+    return (
+        type(transform).__name__,
+        tuple(_patterns(transform, "source_patterns")),
+        tuple(_patterns(transform, "target_patterns")),
+        getattr(transform, "scope_prefix", None),
+    )

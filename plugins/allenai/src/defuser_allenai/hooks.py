@@ -9,7 +9,7 @@ plugin = Family(
     name="allenai",
     description="Ai2 OLMoE, FlexOlmo",
     model_types=[
-        TypeSupport("flex_olmo"),
-        TypeSupport("olmoe"),
+        TypeSupport("flex_olmo", preload=True),
+        TypeSupport("olmoe", preload=True),
     ],
 )

@@ -10,8 +10,20 @@ plugin = Family(
     name="aria",
     description="Rhymes Aria",
     model_types=[
-        TypeSupport("aria", notes="transposed experts; 5.3.0: grouped GEMM experts split"),
-        TypeSupport("aria_text", notes="text model built alone"),
+        TypeSupport(
+            "aria",
+            preload=True,
+            reload="replace_fused_blocks",
+            preload_min_transformers="5.24.0",
+            notes="transposed experts; 5.3.0: grouped GEMM experts split",
+        ),
+        TypeSupport(
+            "aria_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            preload_min_transformers="5.24.0",
+            notes="text model built alone",
+        ),
     ],
     # transformers 5.3.0: fc1/fc2 grouped GEMMs store [E, in, out]; fc1 is the GLU input.
     parallel_classes={"AriaGroupedExpertsGemm": ParallelLayout(transposed=True, gated_paths=r"experts\.fc1$")},

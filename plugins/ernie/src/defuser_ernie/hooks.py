@@ -9,8 +9,19 @@ plugin = Family(
     name="ernie",
     description="Baidu ERNIE 4.5 MoE",
     model_types=[
-        TypeSupport("ernie4_5_moe"),
-        TypeSupport("ernie4_5_vl_moe", notes="text and vision expert sets of different sizes"),
-        TypeSupport("ernie4_5_vl_moe_text", notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport("ernie4_5_moe", preload=True),
+        TypeSupport(
+            "ernie4_5_vl_moe",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="text and vision expert sets of different sizes",
+        ),
+        TypeSupport(
+            "ernie4_5_vl_moe_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="text model built alone",
+            min_transformers="5.24.0",
+        ),
     ],
 )

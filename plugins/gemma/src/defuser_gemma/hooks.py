@@ -9,9 +9,33 @@ plugin = Family(
     name="gemma",
     description="Google Gemma 4 MoE",
     model_types=[
-        TypeSupport("diffusion_gemma", notes="experts in the decoder layer", min_transformers="5.24.0"),
-        TypeSupport("diffusion_gemma_text", notes="text model built alone", min_transformers="5.24.0"),
-        TypeSupport("gemma4", notes="experts in the decoder layer (enable_moe_block)", min_transformers="5.24.0"),
-        TypeSupport("gemma4_text", notes="experts in the decoder layer", min_transformers="5.24.0"),
+        TypeSupport(
+            "diffusion_gemma",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="experts in the decoder layer",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport(
+            "diffusion_gemma_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="text model built alone",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport(
+            "gemma4",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="experts in the decoder layer (enable_moe_block)",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport(
+            "gemma4_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="experts in the decoder layer",
+            min_transformers="5.24.0",
+        ),
     ],
 )

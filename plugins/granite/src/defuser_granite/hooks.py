@@ -10,10 +10,28 @@ plugin = Family(
     name="granite",
     description="IBM Granite MoE",
     model_types=[
-        TypeSupport("granitemoe", notes="5.3.0: parallel experts split per expert"),
-        TypeSupport("granitemoe_swa", min_transformers="5.24.0"),
-        TypeSupport("granitemoehybrid", notes="shared MLP input_linear split; 5.3.0: parallel experts"),
-        TypeSupport("granitemoeshared", notes="shared MLP input_linear split; 5.3.0: parallel experts"),
+        TypeSupport(
+            "granitemoe",
+            preload=True,
+            reload="replace_fused_blocks",
+            preload_min_transformers="5.24.0",
+            notes="5.3.0: parallel experts split per expert",
+        ),
+        TypeSupport("granitemoe_swa", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
+        TypeSupport(
+            "granitemoehybrid",
+            preload=True,
+            reload="replace_fused_blocks",
+            preload_min_transformers="5.24.0",
+            notes="shared MLP input_linear split; 5.3.0: parallel experts",
+        ),
+        TypeSupport(
+            "granitemoeshared",
+            preload=True,
+            reload="replace_fused_blocks",
+            preload_min_transformers="5.24.0",
+            notes="shared MLP input_linear split; 5.3.0: parallel experts",
+        ),
     ],
     # The shared MLP fuses gate and up in one Linear named input_linear.
     dense_classes={

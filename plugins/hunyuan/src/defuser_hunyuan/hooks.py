@@ -9,10 +9,28 @@ plugin = Family(
     name="hunyuan",
     description="Tencent Hunyuan",
     model_types=[
-        TypeSupport("hunyuan_v1_moe"),
-        TypeSupport("hy_v3", min_transformers="5.24.0"),
-        TypeSupport("hy_v4", notes="clamped SwiGLU (own gate function)", min_transformers="5.24.0"),
-        TypeSupport("hy_v4_vl", notes="clamped SwiGLU", min_transformers="5.24.0"),
-        TypeSupport("hy_v4_vl_text", notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport("hunyuan_v1_moe", preload=True),
+        TypeSupport("hy_v3", preload=True, min_transformers="5.24.0"),
+        TypeSupport(
+            "hy_v4",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="clamped SwiGLU (own gate function)",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport(
+            "hy_v4_vl",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="clamped SwiGLU",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport(
+            "hy_v4_vl_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="text model built alone",
+            min_transformers="5.24.0",
+        ),
     ],
 )

@@ -10,7 +10,12 @@ plugin = Family(
     name="jetmoe",
     description="JetMoE",
     model_types=[
-        TypeSupport("jetmoe", notes="parallel experts of the MLP and of the attention (MoA) split per expert"),
+        TypeSupport(
+            "jetmoe",
+            reload="none",
+            reload_blocker="parallel experts are gated or not by their place in the model, unknown at construction",
+            notes="parallel experts of the MLP and of the attention (MoA) split per expert",
+        ),
     ],
     # The MLP's input projection is a GLU (gate and up halves); the MoA projections are not.
     parallel_classes={"JetMoeParallelExperts": ParallelLayout(gated_paths=r"\.mlp\.input_linear$")},

@@ -9,7 +9,12 @@ plugin = Family(
     name="longcat",
     description="Meituan LongCat-Flash",
     model_types=[
-        TypeSupport("longcat_flash", notes="undecorated; identity (zero) experts kept"),
+        TypeSupport(
+            "longcat_flash",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="undecorated; identity (zero) experts kept",
+        ),
     ],
     # Routing indices past the routed experts are identity ("zero") experts.
     experts_classes={"LongcatFlashExperts": {"identity_experts": lambda module: module.zero_expert_num}},

@@ -9,13 +9,20 @@ plugin = Family(
     name="minimax",
     description="MiniMax: MiniMax, M2, M3-VL",
     model_types=[
-        TypeSupport("minimax"),
-        TypeSupport("minimax_m2"),
+        TypeSupport("minimax", preload=True),
+        TypeSupport("minimax_m2", preload=True),
         TypeSupport(
             "minimax_m3_vl",
+            preload=True,
             notes="clamped (up + 1) GLU (own gate function); dense shared MLP split",
             min_transformers="5.24.0",
         ),
-        TypeSupport("minimax_m3_vl_text", notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport(
+            "minimax_m3_vl_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="text model built alone",
+            min_transformers="5.24.0",
+        ),
     ],
 )

@@ -9,7 +9,7 @@ plugin = Family(
     name="moonshot",
     description="Moonshot AI: Kimi K2.5, Kimi Linear",
     model_types=[
-        TypeSupport("kimi_k25", notes="DeepSeek-V3 text model inside", min_transformers="5.24.0"),
-        TypeSupport("kimi_linear", min_transformers="5.24.0"),
+        TypeSupport("kimi_k25", preload=True, notes="DeepSeek-V3 text model inside", min_transformers="5.24.0"),
+        TypeSupport("kimi_linear", preload=True, min_transformers="5.24.0"),
     ],
 )

@@ -9,8 +9,8 @@ plugin = Family(
     name="nemotron",
     description="NVIDIA Nemotron-H",
     model_types=[
-        TypeSupport("nemo_speechlm", notes="non-gated experts", min_transformers="5.24.0"),
-        TypeSupport("nemotron_h", notes="non-gated experts (up_proj, down_proj)"),
-        TypeSupport("nemotron_h_omni", notes="non-gated experts", min_transformers="5.24.0"),
+        TypeSupport("nemo_speechlm", preload=True, notes="non-gated experts", min_transformers="5.24.0"),
+        TypeSupport("nemotron_h", preload=True, notes="non-gated experts (up_proj, down_proj)"),
+        TypeSupport("nemotron_h_omni", preload=True, notes="non-gated experts", min_transformers="5.24.0"),
     ],
 )

@@ -10,10 +10,21 @@ plugin = Family(
     name="phi",
     description="Microsoft Phi: Phi-3, Phi-4-multimodal, PhiMoE",
     model_types=[
-        TypeSupport("phi3", notes="dense gate_up_proj split"),
-        TypeSupport("phi4_multimodal", notes="dense MLPs split; audio MLP halves reversed (up first)"),
-        TypeSupport("phi4_multimodal_audio", notes="audio MLP halves reversed (up first)", min_transformers="5.24.0"),
-        TypeSupport("phimoe"),
+        TypeSupport("phi3", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split"),
+        TypeSupport(
+            "phi4_multimodal",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="dense MLPs split; audio MLP halves reversed (up first)",
+        ),
+        TypeSupport(
+            "phi4_multimodal_audio",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="audio MLP halves reversed (up first)",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport("phimoe", preload=True),
     ],
     # The audio conformer's MLP puts the up half first.
     dense_classes={"Phi4MultimodalAudioMLP": DenseLayout(gate_first=False)},

@@ -9,10 +9,26 @@ plugin = Family(
     name="rednote",
     description="rednote dots: dots.llm1, dots3-note",
     model_types=[
-        TypeSupport("dots1"),
-        TypeSupport("dots3_note", notes="vision experts vary per layer; audio MLP split", min_transformers="5.24.0"),
-        TypeSupport("dots3_note_audio_encoder", notes="dense audio MLP split (biases)", min_transformers="5.24.0"),
-        TypeSupport("dots3_note_text", notes="text model built alone", min_transformers="5.24.0"),
-        TypeSupport("dots3_note_vision_encoder", notes="expert count varies per layer", min_transformers="5.24.0"),
+        TypeSupport("dots1", preload=True),
+        TypeSupport(
+            "dots3_note",
+            preload=True,
+            notes="vision experts vary per layer; audio MLP split",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport(
+            "dots3_note_audio_encoder",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="dense audio MLP split (biases)",
+            min_transformers="5.24.0",
+        ),
+        TypeSupport("dots3_note_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport(
+            "dots3_note_vision_encoder",
+            preload=True,
+            notes="expert count varies per layer",
+            min_transformers="5.24.0",
+        ),
     ],
 )

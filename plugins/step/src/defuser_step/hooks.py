@@ -9,9 +9,17 @@ plugin = Family(
     name="step",
     description="StepFun Step 3.5 / 3.7",
     model_types=[
-        TypeSupport("step3p5", notes="Step 3.7 experts", min_transformers="5.24.0"),
+        TypeSupport(
+            "step3p5",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="Step 3.7 experts",
+            min_transformers="5.24.0",
+        ),
         TypeSupport(
             "step3p7",
+            preload=True,
+            reload="replace_fused_blocks",
             notes="undecorated; activation clamped after (per-layer limit)",
             min_transformers="5.24.0",
         ),

@@ -9,7 +9,12 @@ plugin = Family(
     name="zyphra",
     description="Zyphra Zamba2, ZAYA",
     model_types=[
-        TypeSupport("zamba2", notes="shared block's fused MLP split; adapters kept"),
-        TypeSupport("zaya", min_transformers="5.24.0"),
+        TypeSupport(
+            "zamba2",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="shared block's fused MLP split; adapters kept",
+        ),
+        TypeSupport("zaya", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
     ],
 )
