@@ -1,4 +1,4 @@
-"""The ``defuser`` command: ``demo``, ``inspect``, ``verify`` and ``plugins``."""
+"""The ``defuser`` command: ``demo``, ``inspect``, ``verify``, ``convert`` and ``plugins``."""
 
 from __future__ import annotations
 
@@ -227,6 +227,18 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from defuser.offline import execute_plan, format_plan, plan_conversion
+
+    plan = plan_conversion(args.source, args.destination, reverse=args.reverse, overwrite=args.overwrite)
+    print(format_plan(plan), flush=True)
+    if args.dry_run:
+        print("dry run: nothing written")
+    else:
+        print(f"wrote {plan.destination} in {execute_plan(plan):.1f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``defuser`` command."""
     parser = argparse.ArgumentParser(
@@ -255,6 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("--length", type=int, default=16)
     verify.add_argument("--seed", type=int, default=1)
     verify.set_defaults(run=_verify)
+    convert = commands.add_parser("convert", help="rewrite a safetensors checkpoint fused -> per-expert, offline")
+    convert.add_argument("source", help="a local model folder with config.json and safetensors weights")
+    convert.add_argument("destination", help="a new folder for the result (written beside it, then renamed)")
+    convert.add_argument("--reverse", action="store_true", help="per-expert -> fused instead")
+    convert.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.set_defaults(run=_convert)
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.set_defaults(run=_plugins)
     args = parser.parse_args(argv)

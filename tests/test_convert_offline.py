@@ -1,0 +1,479 @@
+"""`defuser convert`: offline fused <-> per-expert conversion of safetensors checkpoints.
+
+A tiny model per layout family is written in the fused layout, converted offline, and the
+result is (1) compared tensor by tensor with ``convert_model(model).state_dict()``, (2) loaded
+and run against the original's outputs, and (3) converted back, byte for byte.
+
+How the per-expert result is loaded depends on what transformers maps on load:
+- qwen3_moe: plain transformers (its checkpoint mapping merges per-expert keys), in a
+  subprocess that never imports defuser;
+- mixtral: plain transformers maps only the legacy ``block_sparse_moe.experts.N.w1/w2/w3``
+  names, so the ``mlp.experts.N.gate_proj`` result is loaded through ``replace_fused_blocks``
+  (in a subprocess);
+- gpt_oss, phi3, llama4_text, qwen3_vl_moe: transformers maps no per-expert keys and no plugin
+  patches them before load, so the model is built, defused with ``convert_model`` and loaded
+  with a strict ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from defuser import convert_model
+from defuser.offline import OfflineConversionError, convert_checkpoint, execute_plan, plan_conversion
+from defuser.offline.safetensors_io import ShardWriter
+from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
+
+# model type -> (model class or None for the tiny default, how the fused checkpoint is written,
+# how the per-expert result is loaded, dtype, config overrides)
+CASES = {
+    "qwen3_moe": (None, "state_dict", "stock", torch.bfloat16, {}),
+    "mixtral": (None, "state_dict", "preload", torch.float32, {}),
+    "gpt_oss": (None, "save_pretrained", "convert_model", torch.float32, {}),
+    "phi3": (None, "save_pretrained", "convert_model", torch.float32, {}),
+    "llama4_text": (None, "save_pretrained", "convert_model", torch.float32, {}),
+    # Not square (2I != H), so the stored transpose is visible in the shapes, as in real checkpoints.
+    "qwen3_vl_moe": (
+        "Qwen3VLMoeForConditionalGeneration",
+        "hub",
+        "convert_model",
+        torch.float32,
+        {"text_config.moe_intermediate_size": 24},
+    ),
+}
+
+# Loads checkpoints with from_pretrained; jobs without "preload" run first and record that
+# defuser was not imported while they ran.
+LOADER = """
+import json, sys
+import torch, transformers
+from safetensors.torch import load_file, save_file
+
+jobs = json.loads(open(sys.argv[1]).read())
+for job in sorted(jobs, key=lambda job: job["preload"]):
+    if job["preload"]:
+        import defuser
+        assert defuser.replace_fused_blocks(job["model_type"])
+    cls = getattr(transformers, job["class"])
+    model, info = cls.from_pretrained(job["folder"], dtype=getattr(torch, job["dtype"]), output_loading_info=True)
+    job["problems"] = {name: sorted(map(str, keys)) for name, keys in info.items() if keys}
+    with torch.no_grad():
+        logits = model.eval()(**load_file(job["inputs"]), use_cache=False).logits
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file({"logits": logits.contiguous()}, job["output"])
+    save_file(state, job["output"] + ".state")
+    job["defuser_imported"] = "defuser" in sys.modules
+print(json.dumps(jobs))
+"""
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with safetensors itself."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(folder / shard))
+    return tensors
+
+
+def _assert_same_bytes(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
+        assert torch.equal(_raw(actual[name]), _raw(tensor)), name
+
+
+def _write_fused(model: torch.nn.Module, folder: Path, writer: str) -> None:
+    """A fused checkpoint plus non-weight files.  ``save_pretrained`` keeps the fused keys of
+    families transformers loads fused; for families it saves per expert (qwen2-style, mixtral)
+    the fused layout is the model's own state dict (``state_dict``); ``hub`` also stores the
+    stacked expert weights transposed, as Qwen3-VL-MoE's published checkpoints do."""
+    folder.mkdir(parents=True)
+    if writer == "save_pretrained":
+        model.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+        tensors = {}
+        for name, tensor in model.state_dict().items():
+            if writer == "hub" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensor = tensor.transpose(-1, -2)
+            tensors[name] = tensor.detach().clone().contiguous()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    (folder / "generation_config.json").write_text('{"do_sample": false}')
+
+
+def _build(model_type: str) -> torch.nn.Module:
+    model_class_name, _, _, dtype, overrides = CASES[model_type]
+    model_class = None
+    if model_class_name is not None:
+        import transformers
+
+        model_class = getattr(transformers, model_class_name)
+    return build_tiny_model(model_type, model_class=model_class, dtype=dtype, **overrides)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Every family converted both ways, plus the loads that run in subprocesses."""
+    root = tmp_path_factory.mktemp("offline")
+    cases = {}
+    jobs = []
+    for model_type, (_, writer, loader, dtype, _) in CASES.items():
+        model = _build(model_type)
+        inputs = tiny_inputs(model)
+        source, result, back = root / model_type / "fused", root / model_type / "per_expert", root / model_type / "back"
+        _write_fused(model, source, writer)
+        convert_checkpoint(source, result, progress=False)
+        convert_checkpoint(result, back, reverse=True, progress=False)
+        save_file({k: v.contiguous() for k, v in inputs.items()}, root / model_type / "inputs.safetensors")
+        cases[model_type] = {
+            "model": model,
+            "inputs": inputs,
+            "reference": tiny_forward(model, inputs),
+            "source": source,
+            "result": result,
+            "back": back,
+        }
+        job = {
+            "model_type": model_type,
+            "class": type(model).__name__,
+            "dtype": str(dtype).removeprefix("torch."),
+            "inputs": str(root / model_type / "inputs.safetensors"),
+            "preload": loader == "preload",
+        }
+        if loader in ("stock", "preload"):
+            jobs.append({**job, "folder": str(result), "output": str(root / model_type / "result.safetensors")})
+    # The fused result of --reverse loads stock too, and so does mixtral's stock checkpoint,
+    # whose legacy per-expert keys offline conversion copies unchanged.
+    back_output = str(root / "qwen3_moe" / "back.safetensors")
+    jobs.append({**jobs[0], "folder": str(cases["qwen3_moe"]["back"]), "output": back_output})
+    legacy_source, legacy_result = root / "mixtral_legacy" / "fused", root / "mixtral_legacy" / "per_expert"
+    cases["mixtral"]["model"].save_pretrained(legacy_source)
+    convert_checkpoint(legacy_source, legacy_result, progress=False)
+    cases["mixtral_legacy"] = {"source": legacy_source, "result": legacy_result}
+    mixtral = next(job for job in jobs if job["model_type"] == "mixtral")
+    legacy_output = str(root / "mixtral_legacy.safetensors")
+    jobs.append({**mixtral, "preload": False, "folder": str(legacy_result), "output": legacy_output})
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    (root / "loader.py").write_text(LOADER)
+    done = subprocess.run(
+        [sys.executable, str(root / "loader.py"), str(root / "jobs.json")], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = {job["folder"]: job for job in json.loads(done.stdout.strip().splitlines()[-1])}
+    return {"root": root, "cases": cases, "loaded": loaded}
+
+
+def _loaded(world: dict, folder: Path, plain: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and state dict of a checkpoint loaded in the subprocess; ``plain``: loaded with
+    nothing but transformers (defuser not imported), with no missing or unexpected keys."""
+    job = world["loaded"][str(folder)]
+    assert job["problems"] == {}
+    assert job["defuser_imported"] is not plain
+    return load_file(job["output"])["logits"], load_file(job["output"] + ".state")
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # bf16 outputs of equal weights still differ in the last bits when transformers picks
+    # another experts kernel after from_pretrained; the weights themselves are compared exactly.
+    tolerance = {"rtol": 1.6e-2, "atol": 8e-3} if expected.dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(actual.float(), expected.float(), **tolerance)
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_result_equals_convert_model_state_dict(world, model_type):
+    case = world["cases"][model_type]
+    expected = _build(model_type)  # same seed: the same weights as the saved model
+    assert convert_model(expected)
+    _assert_same_bytes(_checkpoint(case["result"]), expected.state_dict())
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_result_loads_with_equal_outputs(world, model_type):
+    case = world["cases"][model_type]
+    loader = CASES[model_type][2]
+    if loader == "convert_model":
+        model = _build(model_type)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        assert convert_model(model)
+        missing, unexpected = model.load_state_dict(_checkpoint(case["result"]), strict=False)
+        assert not unexpected and not [key for key in missing if not key.endswith("lm_head.weight")]
+        _close(tiny_forward(model, case["inputs"]), case["reference"])
+        return
+    logits, state = _loaded(world, case["result"], plain=loader == "stock")
+    expected = _build(model_type)
+    if loader == "preload":  # built defused by replace_fused_blocks
+        assert convert_model(expected)
+    _assert_same_bytes(state, expected.state_dict())
+    _close(logits, case["reference"])
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_reverse_round_trip_is_byte_identical(world, model_type):
+    case = world["cases"][model_type]
+    back = _checkpoint(case["back"])
+    if CASES[model_type][1] == "hub":
+        # The source stored the stacked experts transposed; --reverse writes them the way the
+        # model holds them (what save_pretrained writes), every other tensor as it was.
+        _assert_same_bytes(back, case["model"].state_dict())
+    else:
+        _assert_same_bytes(back, _checkpoint(case["source"]))
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (case["back"] / name).read_bytes() == (case["source"] / name).read_bytes()
+
+
+def test_fused_result_of_reverse_loads_stock(world):
+    case = world["cases"]["qwen3_moe"]
+    logits, state = _loaded(world, case["back"], plain=True)
+    _assert_same_bytes(state, case["model"].state_dict())
+    _close(logits, case["reference"])
+
+
+def test_stock_per_expert_checkpoint_is_copied_unchanged(world):
+    """save_pretrained writes mixtral in its legacy per-expert names: nothing is fused, the
+    tensors are copied as they are and still load stock."""
+    legacy = world["cases"]["mixtral_legacy"]
+    source = _checkpoint(legacy["source"])
+    assert any(".block_sparse_moe.experts.0.w1." in key for key in source)
+    _assert_same_bytes(_checkpoint(legacy["result"]), source)
+    logits, state = _loaded(world, legacy["result"], plain=True)
+    _assert_same_bytes(state, world["cases"]["mixtral"]["model"].state_dict())
+    _close(logits, world["cases"]["mixtral"]["reference"])
+
+
+def test_hub_layout_prefix_and_transpose_are_detected(world):
+    plan = plan_conversion(world["cases"]["qwen3_vl_moe"]["source"], world["root"] / "unused")
+    assert plan.prefixes == ("model.", "")
+    splits = [step for step in plan.steps if step.kind == "split"]
+    assert splits and all(step.transposed for step in splits)
+    assert splits[0].outputs[0].name.startswith("model.language_model.layers.0.mlp.experts.0.")
+
+
+def test_sharded_source(tmp_path):
+    model = build_tiny_model("gpt_oss")
+    source, result, back = tmp_path / "fused", tmp_path / "per_expert", tmp_path / "back"
+    source.mkdir()
+    model.save_pretrained(source, max_shard_size="150KB")
+    source_index = json.loads((source / "model.safetensors.index.json").read_text())
+    source_shards = sorted(set(source_index["weight_map"].values()))
+    assert len(source_shards) >= 3
+    plan = convert_checkpoint(source, result, progress=False).plan
+    index = json.loads((result / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert sorted(p.name for p in result.glob("*.safetensors")) == shards
+    written = {shard: load_file(result / shard) for shard in shards}
+    assert index["weight_map"] == {key: shard for shard, tensors in written.items() for key in tensors}
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for tensors in written.values() for t in tensors.values()
+    )
+    # Each output shard holds what its source shard held, so it is no bigger (bar the header).
+    for output, shard in zip(plan.shards, plan.checkpoint.shards, strict=True):
+        assert output.nbytes == sum(e.nbytes for e in plan.checkpoint.tensors.values() if e.file.name == shard)
+    expected = build_tiny_model("gpt_oss")
+    assert convert_model(expected)
+    _assert_same_bytes(_checkpoint(result), expected.state_dict())
+    convert_checkpoint(result, back, reverse=True, progress=False)
+    _assert_same_bytes(_checkpoint(back), _checkpoint(source))
+
+
+def test_reverse_joins_experts_spread_over_shards(tmp_path):
+    model = build_tiny_model("qwen3_moe")
+    source, back = tmp_path / "per_expert", tmp_path / "fused"
+    model.save_pretrained(source, max_shard_size="40KB")  # transformers writes qwen3_moe per expert
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    gate_keys = [f"model.layers.{layer}.mlp.experts.{e}.gate_proj.weight" for layer in (0, 1) for e in range(8)]
+    gate_shards = {weight_map[key] for key in gate_keys}
+    assert len(gate_shards) >= 2  # the pieces of at least one fused tensor live in different files
+    convert_checkpoint(source, back, reverse=True, progress=False)
+    _assert_same_bytes(_checkpoint(back), model.state_dict())
+
+
+def _interrupting_write(monkeypatch, after: int) -> None:
+    original = ShardWriter.write
+    calls = {"count": 0}
+
+    def write(self, name, tensor):
+        calls["count"] += 1
+        if calls["count"] > after:
+            raise RuntimeError("simulated failure mid-way")
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+
+
+def _leftovers(folder: Path, name: str) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(f".{name}.defuser-")]
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt_oss") / "fused"
+    _write_fused(build_tiny_model("gpt_oss"), folder, "save_pretrained")
+    return folder
+
+
+def test_interrupted_conversion_leaves_no_destination(gpt_oss_source, tmp_path, monkeypatch):
+    _interrupting_write(monkeypatch, after=20)
+    destination = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        convert_checkpoint(gpt_oss_source, destination, progress=False)
+    assert not destination.exists()
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_interrupted_overwrite_keeps_the_old_destination(gpt_oss_source, tmp_path, monkeypatch):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "marker").write_text("old")
+    _interrupting_write(monkeypatch, after=20)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
+    assert sorted(p.name for p in destination.iterdir()) == ["marker"]
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_existing_destination_needs_overwrite(gpt_oss_source, tmp_path):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "marker").write_text("old")
+    with pytest.raises(OfflineConversionError, match=r"already exists .*--overwrite"):
+        convert_checkpoint(gpt_oss_source, destination, progress=False)
+    assert (destination / "marker").exists()
+    convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
+    assert not (destination / "marker").exists() and (destination / "model.safetensors").exists()
+    assert _leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("inside", ["", "sub", "sub/deeper"])
+def test_destination_in_source_is_refused_even_with_overwrite(gpt_oss_source, inside):
+    before = sorted(p.name for p in gpt_oss_source.iterdir())
+    with pytest.raises(OfflineConversionError, match="must not be SRC or a folder inside it"):
+        convert_checkpoint(gpt_oss_source, gpt_oss_source / inside, overwrite=True, progress=False)
+    assert sorted(p.name for p in gpt_oss_source.iterdir()) == before
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/tmp/x.safetensors", "a/../../x.safetensors"])
+def test_index_entry_outside_source_is_refused(gpt_oss_source, tmp_path, shard):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (source / name).write_bytes((gpt_oss_source / name).read_bytes())
+    (tmp_path / "x.safetensors").write_bytes((gpt_oss_source / "model.safetensors").read_bytes())
+    keys = list(load_file(source / "model.safetensors"))
+    weight_map = {key: "model.safetensors" for key in keys}
+    weight_map[keys[0]] = shard
+    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(OfflineConversionError, match="points outside"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    source = tmp_path / "src"
+    build_tiny_model("qwen3_moe").config.save_pretrained(source)
+    (source / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(OfflineConversionError, match=r"pytorch_model\.bin; defuser convert reads safetensors only"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+
+
+def test_malformed_safetensors_header_is_refused(gpt_oss_source, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_bytes((gpt_oss_source / "config.json").read_bytes())
+    (source / "model.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(OfflineConversionError, match="not a valid safetensors file"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+
+
+def test_other_files_are_copied_and_stray_weights_left_out(gpt_oss_source, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in gpt_oss_source.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    (source / "consolidated.safetensors").write_bytes((gpt_oss_source / "model.safetensors").read_bytes())
+    (source / "extra").mkdir()
+    (source / "extra" / "notes.txt").write_text("kept")
+    plan = convert_checkpoint(source, tmp_path / "out", progress=False).plan
+    assert plan.skipped == ["consolidated.safetensors"]
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    copied = ["config.json", "extra/notes.txt", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert written == copied
+
+
+def test_every_source_tensor_must_be_accounted_for(gpt_oss_source, tmp_path):
+    plan = plan_conversion(gpt_oss_source, tmp_path / "out")
+    entry = next(iter(plan.checkpoint.tensors.values()))
+    plan.checkpoint.tensors["phantom"] = entry  # a source tensor no step writes
+    with pytest.raises(OfflineConversionError, match="'phantom' is not written"):
+        execute_plan(plan, progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_fused_keys_under_unmatched_module_paths_are_refused(tmp_path):
+    model = build_tiny_model("qwen3_moe")
+    source = tmp_path / "src"
+    model.config.save_pretrained(source)
+    renamed = {k.replace(".mlp.", ".moe."): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(renamed, source / "model.safetensors")
+    with pytest.raises(OfflineConversionError, match=r"model\.layers\.1\.moe\.experts\.\w+' looks like a fused"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+
+
+def test_cli_dry_run_writes_nothing(gpt_oss_source, tmp_path):
+    binary = Path(sys.executable).parent / "defuser"
+    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "defuser.cli"]
+    destination = tmp_path / "out"
+    done = subprocess.run(
+        [*command, "convert", str(gpt_oss_source), str(destination), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "model.layers.*.mlp.experts.gate_up_proj" in done.stdout and "-> 16 tensors each" in done.stdout
+    # 2 layers x (gate_up + its bias: 16 pieces each, down + its bias: 8 each)
+    assert "split: 8 fused tensors into 96 per-expert tensors" in done.stdout
+    assert "dry run: nothing written" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_errors_are_one_line(gpt_oss_source, tmp_path, capsys):
+    from defuser.cli import main
+
+    assert main(["convert", str(gpt_oss_source), str(gpt_oss_source)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("defuser convert: error: ") and "must not be SRC" in error and "\n" not in error
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_cli_converts_and_reverses(gpt_oss_source, tmp_path, capsys, monkeypatch):
+    from defuser.cli import main
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # --quiet sets it; restored after the test
+
+    result, back = tmp_path / "per_expert", tmp_path / "back"
+    assert main(["--quiet", "convert", str(gpt_oss_source), str(result)]) == 0
+    assert f"wrote {result}" in capsys.readouterr().out
+    assert main(["--quiet", "convert", str(result), str(back), "--reverse"]) == 0
+    assert "joined: 96 per-expert tensors into 8 fused tensors" in capsys.readouterr().out
+    _assert_same_bytes(_checkpoint(back), _checkpoint(gpt_oss_source))
