@@ -26,11 +26,13 @@ from defuser.engine.preload import restore_preload_patches
 
 __all__ = [
     "ATOL",
+    "TinyConfigInvalid",
     "assert_converts_equal",
     "assert_generate_same",
     "assert_max_layers",
     "assert_meta_conversion",
     "assert_preload_loads_both_layouts",
+    "assert_saves_and_reloads",
     "expected_expert_weights",
     "model_output",
     "preload_patched",
@@ -147,13 +149,22 @@ def _is_fused_key(key: str, candidate: Any) -> bool:
         return leaf.startswith(f"{candidate.layout.fused_name}.")
     if candidate.kind == "parallel":
         return leaf == candidate.layout.weight_name
-    return not leaf.split(".")[0].isdigit() and leaf.split(".")[-1] in _FUSED_LEAVES
+    return not leaf.split(".")[0].isdigit() and leaf.split(".")[-1] in _FUSED_LEAVES | _declared_fused_leaves(
+        candidate.layout
+    )
 
 
 _FUSED_LEAVES = {
     *("gate_up_proj", "up_proj", "down_proj", "gate_proj", "gate_up_proj_bias", "down_proj_bias"),
     *("w1", "v1", "w2"),  # DBRX's flattened experts
 }
+
+
+def _declared_fused_leaves(layout: Any) -> set[str]:
+    # A plugin may declare tensor names of its own (``w_in``); a dotted name ends in its leaf.
+    names = {getattr(layout, field, None) for field in ("gate_up_name", "gate_name", "up_name", "down_name")}
+    leaves = {name.rsplit(".", 1)[-1] for name in names if name}
+    return leaves | {f"{leaf}_bias" for leaf in leaves}
 
 
 def assert_generate_same(factory: ModelFactory, inputs: dict[str, torch.Tensor], new_tokens: int = 6) -> None:
@@ -238,3 +249,95 @@ def assert_preload_loads_both_layouts(
             assert difference <= atol, f"{name} checkpoint: outputs differ by {difference}"
     after = factory()
     assert find_candidates(after), "restore left the classes patched"
+
+
+def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"save_pretrained wrote no safetensors file into {folder}: {sorted(p.name for p in folder.iterdir())}"
+    saved: dict[str, torch.Tensor] = {}
+    for file in files:
+        saved.update(load_file(file))
+    return saved
+
+
+def _equal(saved: torch.Tensor, tensor: torch.Tensor) -> bool:
+    return torch.equal(saved.to(tensor.dtype), tensor)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
+class TinyConfigInvalid(AssertionError):
+    """The tiny config of a model type fails transformers' own validation, so it cannot be saved."""
+
+
+def assert_saves_and_reloads(
+    factory: ModelFactory,
+    model_type: str,
+    tmp_path: Path,
+    inputs: dict[str, torch.Tensor] | None = None,
+    atol: float = ATOL,
+) -> None:
+    """A converted model saves (safetensors) without losing a defused tensor; with ``inputs``
+    (the plugin patches ``model_type`` before load) it also reloads defused, equal outputs.
+
+    Every tensor of every converted module must be in the checkpoint under its own key with
+    equal values, or be an alias (same storage) of one that is, as tied weights are.  Where a
+    family's checkpoint mapping renames keys on save, the tensor must still be found by value
+    under some key of the same shape.  Raises :class:`TinyConfigInvalid` when the model's
+    config fails transformers' own validation (which ``save_pretrained`` runs first).
+    """
+    model = factory()
+    validate = getattr(model.config, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Exception as error:
+            reason = " ".join(str(error).split())  # one line: pytest shows a skip reason's first line only
+            raise TinyConfigInvalid(f"the tiny {model_type} config is refused by transformers: {reason}") from error
+    reference = model_output(model, inputs) if inputs is not None else None
+    paths = [candidate.path for candidate in find_candidates(model)]
+    assert convert_model(model) is True
+    state = model.state_dict()
+    defused_keys = [key for key in state if any(key.startswith(f"{path}.") for path in paths)]
+    assert defused_keys, f"no tensors under the converted modules {paths}"
+    model.save_pretrained(tmp_path)  # safetensors: transformers 5 writes no other format
+    saved = _saved_tensors(tmp_path)
+    aliases: dict[tuple[Any, ...], list[str]] = {}
+    for key, tensor in state.items():
+        aliases.setdefault(_storage_key(tensor), []).append(key)
+    unmatched = []
+    for key in defused_keys:
+        tensor = state[key]
+        if key in saved:
+            assert _equal(saved[key], tensor), f"{key} saved with other values"
+            continue
+        alias = next((other for other in aliases[_storage_key(tensor)] if other in saved), None)
+        if alias is not None:
+            assert _equal(saved[alias], tensor), f"{key} (saved as {alias}) differs"
+            continue
+        unmatched.append(key)
+    if unmatched:
+        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for tensor in saved.values():
+            by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+        lost = [
+            key
+            for key in unmatched
+            if not any(_equal(other, state[key]) for other in by_shape.get(tuple(state[key].shape), []))
+        ]
+        assert not lost, f"save_pretrained lost {len(lost)} defused tensor(s) (dropped or merged), e.g. {lost[:4]}"
+    if inputs is None:
+        return
+    with preload_patched(model_type):
+        reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert find_candidates(reloaded) == [], "fused blocks after reloading into the patched classes"
+    reloaded_state = reloaded.state_dict()
+    for key in defused_keys:
+        assert key in reloaded_state, f"{key} missing after reload"
+        assert torch.equal(reloaded_state[key], state[key]), f"{key} differs after reload"
+    difference = (model_output(reloaded, inputs) - reference).abs().max().item()
+    assert difference <= atol, f"reloaded model differs by {difference}"

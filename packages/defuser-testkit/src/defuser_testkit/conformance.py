@@ -5,7 +5,9 @@
         preload = {"qwen3_moe"}
         generate = {"qwen3_moe"}
 
-Every test is parametrized over the model types it applies to (``model_type`` argument).
+Every test is parametrized over the model types it applies to (``model_type`` argument):
+``cases`` (conversion, meta device, ``max_layers``, ``filter``, save/reload), ``preload``
+(pre-load patching, and reloading a saved defused model into it) and ``generate``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 import torch
 from packaging.version import Version
 from torch import nn
@@ -104,6 +107,16 @@ class FamilyConformance:
         assert left == [p for p in paths if p != target], f"only {target} should have been converted"
         difference = (checks.model_output(model, inputs) - reference).abs().max().item()
         assert difference <= checks.ATOL
+
+    @over("cases")
+    def test_saves_and_reloads(self, model_type: str, tmp_path: Path) -> None:
+        # Types in ``preload`` also reload into the patched classes (outputs compared); the
+        # rest check the checkpoint's tensors against the defused state dict (cheap).
+        inputs = self.inputs(model_type) if model_type in self.preload else None
+        try:
+            checks.assert_saves_and_reloads(self.cases[model_type], model_type, tmp_path, inputs)
+        except checks.TinyConfigInvalid as error:
+            pytest.skip(str(error))
 
     @over("generate")
     def test_generate_same_tokens(self, model_type: str) -> None:
