@@ -3,7 +3,7 @@
 
 Public API::
 
-    from defuser import convert_model, replace_fused_blocks
+    from defuser import convert_model, fuse_model, replace_fused_blocks, restore_fused_blocks, defused_blocks
 
 Plugin authors also use :data:`hookimpl`, :class:`PluginInfo`, :class:`TypeSupport` and
 :class:`defuser.family.Family`.  Attributes load on first access, so ``import defuser`` stays
@@ -22,20 +22,26 @@ __all__ = [
     "TypeSupport",
     "__version__",
     "convert_model",
+    "defused_blocks",
+    "fuse_model",
     "hookimpl",
     "replace_fused_blocks",
+    "restore_fused_blocks",
 ]
 
 _LAZY = {
     "convert_model": "defuser.api",
+    "fuse_model": "defuser.api",
     "replace_fused_blocks": "defuser.api",
+    "restore_fused_blocks": "defuser.api",
+    "defused_blocks": "defuser.api",
     "hookimpl": "defuser.hookspecs",
     "PluginInfo": "defuser.plugin_info",
     "TypeSupport": "defuser.plugin_info",
 }
 
 if TYPE_CHECKING:
-    from defuser.api import convert_model, replace_fused_blocks
+    from defuser.api import convert_model, defused_blocks, fuse_model, replace_fused_blocks, restore_fused_blocks
     from defuser.hookspecs import hookimpl
     from defuser.plugin_info import PluginInfo, TypeSupport
 

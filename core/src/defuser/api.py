@@ -1,9 +1,10 @@
-"""The public entry points: ``convert_model`` and ``replace_fused_blocks``."""
+"""The public entry points: ``convert_model``, ``fuse_model``, ``replace_fused_blocks`` and its undo."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -12,11 +13,21 @@ from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
 from defuser.engine.experts import register_experts_implementation
-from defuser.engine.preload import apply_preload_plan
+from defuser.engine.offload import dispatched_conversion
+from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
+from defuser.engine.transaction import snapshot_module
 from defuser.filtering import compile_filter
-from defuser.plugins import get_plugin_manager
+from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
-__all__ = ["ConversionError", "convert_model", "find_candidates", "replace_fused_blocks"]
+__all__ = [
+    "ConversionError",
+    "convert_model",
+    "defused_blocks",
+    "find_candidates",
+    "fuse_model",
+    "replace_fused_blocks",
+    "restore_fused_blocks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,28 +112,61 @@ def convert_model(
         logger.info("nothing to defuse in %s", type(model).__name__)
         return False
     manager = get_plugin_manager()
-    for candidate in tqdm(selected, desc="defusing", unit="module", disable=None, leave=False):
-        try:
-            replacement = manager.defuse(candidate)
-        except Exception as error:
-            raise ConversionError(f"defusing {candidate.path} ({candidate.class_name}) failed: {error}") from error
-        _install(model, candidate, replacement)
-        if cleanup_original and replacement is not candidate.module:
-            _drop_fused_tensors(candidate.module)
-        logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
-    logger.info("defused %d module(s) of %s", len(selected), type(model).__name__)
+    count = len(selected)
+    # Candidates are consumed one by one so that, once a module is replaced, nothing here
+    # keeps the fused module (and copies made from it) alive: peak memory stays at the model
+    # plus one module's new tensors.
+    selected.reverse()
+    with tqdm(total=count, desc="defusing", unit="module", disable=None, leave=False) as progress:
+        while selected:
+            candidate = selected.pop()
+            replacement = _defuse_one(manager, candidate, model, cleanup_original)
+            _install(model, candidate, replacement)
+            if cleanup_original and replacement is not candidate.module:
+                _drop_fused_tensors(candidate.module)
+            logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
+            del candidate, replacement
+            progress.update()
+    logger.info("defused %d module(s) of %s", count, type(model).__name__)
+    # save_pretrained writes the per-expert keys under the names stock transformers loads.
+    from defuser.engine.checkpoint import attach_save_mapping
+
+    attach_save_mapping(model)
     return True
+
+
+def _defuse_one(
+    manager: DefuserPluginManager, candidate: Candidate, model: nn.Module | None = None, cleanup_original: bool = False
+) -> nn.Module:
+    """The replacement for one candidate; on any failure (a plugin raising mid-way, out of
+    memory) the fused module (and, under accelerate offload, its offload store) is put back
+    exactly as it was and :class:`ConversionError` names its path."""
+    saved = snapshot_module(candidate.module)
+    try:
+        # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
+        with dispatched_conversion(model, candidate, cleanup_original) as placement:
+            replacement = manager.defuse(candidate)
+            placement.place(replacement)
+        return replacement
+    except BaseException as error:
+        saved.restore()
+        if not isinstance(error, Exception):  # KeyboardInterrupt and friends propagate as they are
+            raise
+        raise ConversionError(f"defusing {candidate.path} ({candidate.class_name}) failed: {error}") from error
 
 
 def replace_fused_blocks(model_type: str) -> bool:
     """Patch transformers so ``model_type`` is built with defused blocks.
 
-    Call before ``from_pretrained()``, ``from_config()`` or direct construction.  The
-    family's experts classes (and listed dense MLPs) are replaced through transformers'
-    ``register_patch_mapping``, and its checkpoint conversion mapping is changed so both
-    fused checkpoints and per-expert checkpoints (including legacy key names) load into the
-    defused modules.  Patching twice is harmless.  Returns False (nothing changed) for a
-    model type no installed plugin can patch, or transformers older than 5.3.0.
+    Call before ``from_pretrained()``, ``from_config()`` or direct construction.  The experts
+    classes of the model's modeling modules (decorated, or declared by the family's plugin) and
+    its dense MLPs with a fused ``gate_up_proj`` Linear are replaced, and its checkpoint
+    conversion mapping is changed so per-expert checkpoints (defuser's names, or the ones the
+    stock mapping merges, e.g. Mixtral's ``w1``/``w3``/``w2``) load as they are and fused
+    checkpoint tensors are split with each module's own layout.  Patching twice is harmless;
+    :func:`restore_fused_blocks` undoes it and :func:`defused_blocks` limits it to a block.
+    Returns False (nothing changed) for a model type no installed plugin can patch, or
+    transformers older than 5.3.0.
     """
     if not isinstance(model_type, str) or not model_type:
         raise TypeError(f"replace_fused_blocks expects a model type string, got {model_type!r}")
@@ -134,3 +178,103 @@ def replace_fused_blocks(model_type: str) -> bool:
         return False
     register_experts_implementation()
     return apply_preload_plan(plan)
+
+
+def restore_fused_blocks(model_type: str | None = None) -> list[str]:
+    """Undo :func:`replace_fused_blocks` for ``model_type`` (every patched type when None).
+
+    Models built afterwards use the stock fused classes and the stock checkpoint mapping
+    again; models built while patched keep their defused blocks.  A class that another
+    still-patched model type shares stays patched.  Returns the model types restored (empty
+    when ``model_type`` was not patched; restoring twice is harmless).
+    """
+    if model_type is not None and (not isinstance(model_type, str) or not model_type):
+        raise TypeError(f"restore_fused_blocks expects a model type string or None, got {model_type!r}")
+    restored = restore_preload_patches(model_type)
+    if restored:
+        logger.info("restored stock fused blocks for %s", ", ".join(restored))
+    return restored
+
+
+@contextlib.contextmanager
+def defused_blocks(*model_types: str) -> Iterator[bool]:
+    """``replace_fused_blocks`` for each of ``model_types`` within a ``with`` block, undone on exit.
+
+    Yields True when every type was patched.  A type that was already patched when the block
+    began stays patched after it, so blocks nest and repeat safely.
+    """
+    if not model_types:
+        raise TypeError("defused_blocks expects at least one model type")
+    for model_type in model_types:
+        if not isinstance(model_type, str) or not model_type:
+            raise TypeError(f"defused_blocks expects model type strings, got {model_type!r}")
+    already = {model_type for model_type in model_types if is_patched(model_type)}
+    patched: list[str] = []
+    try:
+        results = []
+        for model_type in model_types:
+            results.append(replace_fused_blocks(model_type))
+            if results[-1] and model_type not in already:
+                patched.append(model_type)
+        yield all(results)
+    finally:
+        for model_type in reversed(patched):
+            restore_preload_patches(model_type)
+
+
+def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.experts import DefusedExperts
+    from defuser.engine.parallel import DefusedParallelExperts
+
+    found = []
+    for path, module, _ in iter_typed_modules(model):
+        if isinstance(module, DefusedExperts):
+            found.append((path, module, "experts"))
+        elif isinstance(module, DefusedParallelExperts):
+            found.append((path, module, "parallel"))
+        elif any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
+            found.append((path, module, "dense"))
+    return found
+
+
+def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  # noqa: A002
+    """Fuse a defused model back, in place: the inverse of :func:`convert_model`.
+
+    Every defused experts module becomes its original fused class again with its fused
+    tensors rebuilt from the per-expert ``nn.Linear`` weights (as views of the same storage
+    when the weights are still laid out as the fused tensor, otherwise one new tensor per
+    projection); split dense MLPs get their fused ``gate_up_proj`` back.  Outputs are
+    unchanged and ``convert_model`` can defuse the result again.  ``filter`` takes the same
+    rules as in ``convert_model``.  A module whose projections are no longer plain
+    ``nn.Linear`` (quantized, wrapped) is left as it is and named in a warning.  Returns True
+    when something was fused.
+    """
+    from defuser.engine.dense import join_dense_mlp
+    from defuser.engine.fuse import NotFusable, fuse_dense_mlp, fuse_experts, fuse_parallel
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
+    rules = compile_filter(filter)
+    selected = [entry for entry in _fusable_modules(model) if rules.allows(entry[0])]
+    fused_count = 0
+    for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
+        try:
+            if kind == "dense":
+                join_dense_mlp(module, fuse_dense_mlp(module, path))
+                replacement = module
+            elif kind == "parallel":
+                replacement = fuse_parallel(module, module.layout, path)
+            else:
+                replacement = fuse_experts(module, path)
+        except NotFusable as reason:
+            logger.warning("not fused back, left as it is: %s", reason)
+            continue
+        if replacement is not module:
+            for parent, name in parents_of(model, module):
+                parent._modules[name] = replacement
+        fused_count += 1
+        logger.debug("fused %s back into %s", path, type(replacement).__name__)
+    if fused_count:
+        logger.info("fused %d module(s) of %s back", fused_count, type(model).__name__)
+    return fused_count > 0

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from defuser.engine.candidates import ExpertsLayout, read_experts_layout
+from defuser.engine.candidates import ExpertsLayout, read_experts_layout, resolve_tensor
+from defuser.engine.fuse import fused_names, skeleton_of
 from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up, linear_from, stacked_expert_weights
 
 __all__ = [
@@ -40,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "defuser"
 
-# Plain attributes of the fused module that must not travel to the defused one.
-_NOT_COPIED = frozenset({"training"})
+# Plain attributes of the fused module that must not travel to the defused one: an instance
+# ``forward`` (set by accelerate's hooks, or any wrapper) is bound to the fused module.
+_NOT_COPIED = frozenset({"training", "forward"})
 
 
 def copy_plain_attributes(source: nn.Module, target: nn.Module) -> None:
@@ -156,6 +158,14 @@ class DefusedExperts(nn.Module):
             name: (tuple(tensor.shape), tensor.dtype) for name, tensor in fused.named_parameters(recurse=False)
         }
         copy_plain_attributes(fused, self)
+        # For fusing back (defuser.engine.fuse): the fused module without its fused tensors,
+        # kept outside the module tree so it is neither saved nor moved.
+        self.__dict__["_fused_skeleton"] = skeleton_of(fused, fused_names(layout))
+        self.__dict__["_fused_tensor_shapes"] = {
+            name: tuple(tensor.shape)
+            for name in fused_names(layout)
+            if (tensor := resolve_tensor(fused, name)) is not None
+        }
         self.layout = layout
         self.num_experts = layout.num_experts
         act_fn = _attribute_path(fused, layout.activation)
@@ -236,7 +246,8 @@ def per_expert_forward(
 
     Tokens are grouped by expert with one stable sort; only experts that received tokens
     run; one host synchronisation reads all group sizes at once; results are written to
-    their sorted slots and summed over top-k in a fixed order (deterministic, no atomics).
+    their sorted slots and summed per token in increasing expert order, in the model's dtype,
+    like transformers' eager loop (deterministic, no atomics).
     Indices ``>= num_experts`` (the expert-parallel sentinel) contribute nothing.  A fused
     module that reaches this function (``experts_implementation="defuser"`` set model-wide)
     runs its own eager forward, so the choice stays per module.
@@ -270,10 +281,18 @@ def per_expert_forward(
     if sorted_outputs is None:
         return torch.zeros_like(hidden_states).reshape(shape)
     weighted = sorted_outputs * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-    per_slot = torch.empty_like(weighted)
-    per_slot[order] = weighted
-    combined = per_slot.view(-1, top_k, per_slot.shape[-1]).sum(dim=1)
-    return combined.to(hidden_states.dtype).reshape(shape)
+    per_slot = torch.empty_like(weighted, dtype=hidden_states.dtype)
+    per_slot[order] = weighted.to(hidden_states.dtype)
+    per_slot = per_slot.view(-1, top_k, per_slot.shape[-1])
+    # Each token's contributions are added in increasing expert order, in the model's dtype,
+    # as transformers' eager loop adds them: the result matches it bit for bit in bfloat16
+    # too, and the order is fixed (no atomics).
+    by_expert = top_k_index.reshape(-1, top_k).argsort(dim=-1, stable=True)
+    ordered = per_slot.gather(1, by_expert.unsqueeze(-1).expand_as(per_slot))
+    combined = ordered[:, 0]
+    for slot in range(1, top_k):
+        combined = combined + ordered[:, slot]
+    return combined.reshape(shape)
 
 
 def expert_major_forward(module: DefusedExperts, hidden_states: torch.Tensor) -> torch.Tensor:

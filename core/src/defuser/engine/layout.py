@@ -92,23 +92,27 @@ def split_gate_up(
     size = stack.shape[dim] // 2
     if layout.is_concatenated:
         first, second = stack.narrow(dim, 0, size), stack.narrow(dim, size, size)
-    else:
-        index = [slice(None)] * stack.ndim
-        index[dim] = slice(0, None, 2)
-        first = stack[tuple(index)]
-        index[dim] = slice(1, None, 2)
-        second = stack[tuple(index)]
-    gate, up = (first, second) if layout.gate_first else (second, first)
-    return dense_per_expert(gate), dense_per_expert(up)
+        gate, up = (first, second) if layout.gate_first else (second, first)
+        return dense_per_expert(gate), dense_per_expert(up)
+    # Interleaved rows cannot be views: de-interleave both halves in one pass over the
+    # source, ``[E, ..., I, 2, ...] -> [E, 2, ..., I, ...]``, each half then dense per expert.
+    dim = dim % stack.ndim
+    halves = stack.unflatten(dim, (size, 2)).movedim(dim + 1, 1).contiguous()
+    first, second = halves[:, 0], halves[:, 1]
+    return (first, second) if layout.gate_first else (second, first)
 
 
 def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
     """Wrap existing tensors (views included) in an ``nn.Linear`` without allocating anything."""
     out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    # nn.Linear.__init__ would create and initialise throwaway tensors (even on meta); at
+    # hundreds of experts per layer that dominates a zero-copy conversion, so set the same
+    # state directly.
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer._parameters["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
+    layer._parameters["bias"] = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
     return layer
 
 
