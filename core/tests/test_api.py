@@ -136,3 +136,35 @@ def test_cleanup_original_drops_fused_tensors():
     fused = model.model.layers[0].mlp.experts
     assert convert_model(model, cleanup_original=True)
     assert fused.gate_up_proj is None and fused.down_proj is None
+
+
+def test_replaced_fused_modules_are_released_during_conversion(monkeypatch):
+    import gc
+    import weakref
+
+    from defuser.plugins import DefuserPluginManager
+
+    model = build_tiny_model("gpt_oss")  # a copy layout: the fused tensors are not shared
+    fused = [weakref.ref(layer.mlp.experts) for layer in model.model.layers]
+    alive_when_defusing = []
+    original_defuse = DefuserPluginManager.defuse
+
+    def defuse(self, candidate):
+        gc.collect()
+        alive_when_defusing.append([ref() is not None for ref in fused])
+        return original_defuse(self, candidate)
+
+    monkeypatch.setattr(DefuserPluginManager, "defuse", defuse)
+    assert convert_model(model)
+    # While layer 1 is defused, layer 0's fused module (and its tensors) is already gone.
+    assert alive_when_defusing == [[True, True], [False, True]]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_defused_forward_is_bit_exact_with_the_eager_loop_in_bfloat16(model_type):
+    model = build_tiny_model(model_type).to(torch.bfloat16)
+    model.set_experts_implementation("eager")
+    inputs = tiny_inputs(model)
+    reference = _logits(model, inputs)
+    assert convert_model(model)
+    assert torch.equal(_logits(model, inputs), reference)
