@@ -399,25 +399,24 @@ def attach_save_mapping(model: nn.Module) -> bool:
 
 
 def _defused_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the defused modules of ``model`` (experts and split dense MLPs)."""
+    """State-dict keys standing for the defused modules of ``model`` (experts and split dense
+    MLPs).  Converter patterns match any expert index, so expert 0's keys stand for every
+    expert: a full state-dict walk would cost more than the zero-copy conversion itself."""
     from defuser.engine.dense import JoinedGateUp
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
-    prefixes = []
+    keys = []
     for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
         if isinstance(module, (DefusedExperts, DefusedParallelExperts)):
-            prefixes.append(f"{path}.")
-        else:
-            for value in vars(module).values():
-                if isinstance(value, JoinedGateUp):
-                    prefixes += [
-                        f"{path}.gate_proj." if path else "gate_proj.",
-                        f"{path}.up_proj." if path else "up_proj.",
-                    ]
-    if not prefixes:
-        return []
-    return [key for key in model.state_dict(keep_vars=True) if key.startswith(tuple(prefixes))]
+            first = module._modules.get("0")
+            if first is not None:
+                keys += [f"{prefix}0.{name}" for name, _ in first.named_parameters()]
+        elif any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
+            for half in ("gate_proj", "up_proj"):
+                keys += [f"{prefix}{half}.{name}" for name, _ in module._modules[half].named_parameters()]
+    return keys
 
 
 def _folds_defused_keys(conversion: Any, keys: list[str]) -> bool:
