@@ -401,6 +401,8 @@ FUSED_LAYOUTS = {
     "aria_text": "transposed, renamed from fc1/fc2",
     "phi4_multimodal_audio": "dense halves reversed, with biases",
     "inkling2_text": "interleaved checkpoint tensor, reordered by the stock converter first",
+    "jetmoe": "parallel experts, gated in the MLP and not in the attention (MoA)",
+    "granitemoeshared": "5.3.0: parallel experts beside a shared MLP fusing the same name",
 }
 
 
@@ -527,3 +529,20 @@ def test_undo_rejects_bad_input() -> None:
         pass
     with pytest.raises(TypeError, match="model type strings"), defused_blocks(""):
         pass
+
+
+def test_restore_gives_parallel_experts_models_their_own_post_init_back() -> None:
+    from transformers import PreTrainedModel
+
+    module = importlib.import_module("transformers.models.jetmoe.modeling_jetmoe")
+    root = module.JetMoePreTrainedModel
+    assert "post_init" not in root.__dict__
+    with defused_blocks("jetmoe"):
+        assert "post_init" in root.__dict__
+        patched = build_tiny_model("jetmoe")
+        assert find_candidates(patched) == []
+        gated = patched.model.layers[0].mlp.input_linear
+        assert [name for name, _ in gated[0].named_children()] == ["gate_proj", "up_proj"]
+        assert isinstance(patched.model.layers[0].self_attention.experts.input_linear[0], nn.Linear)
+    assert "post_init" not in root.__dict__ and root.post_init is PreTrainedModel.post_init
+    assert len(find_candidates(build_tiny_model("jetmoe"))) == 8

@@ -122,8 +122,7 @@ class Family:
         if support is None or not support.preload:
             return None
         module_names = modeling_modules_for(model_type)
-        if not module_names or self._has_parallel_classes(module_names):
-            # Parallel experts are split by their path in the model, unknown at construction.
+        if not module_names:
             return None
         own_types = {t.model_type for t in self.info.model_types}
         # Sub-models (thinker, talker, text-only, sub-configs) load through their own model
@@ -143,15 +142,7 @@ class Family:
             key_renames=self.key_renames.get(model_type, ()),
             legacy_projection_names=self.legacy_projection_names.get(model_type, {}),
             dense_key_patterns=self.dense_key_patterns.get(model_type, ()),
-        )
-
-    def _has_parallel_classes(self, module_names: list[str]) -> bool:
-        import importlib
-
-        return any(
-            hasattr(importlib.import_module(module_name), name)
-            for module_name in module_names
-            for name in self.parallel_classes
+            parallel_classes=dict(self.parallel_classes),
         )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "PerExpertRenaming",
     "SplitFusedDense",
     "SplitFusedExperts",
+    "SplitFusedParallel",
     "attach_save_mapping",
     "expert_projection_renames",
     "fuses_dense_halves",
@@ -210,6 +211,44 @@ class SplitFusedDense(ConversionOps):
     @property
     def reverse_op(self) -> ConversionOps:
         raise NotImplementedError("SplitFusedDense is applied on load only")
+
+
+class SplitFusedParallel(ConversionOps):
+    """Split the stacked ``{path}.{weight_name}`` of a defused parallel-experts module into
+    ``{path}.{i}.weight`` (or ``{path}.{i}.gate_proj.weight`` and ``up_proj`` for a GLU input
+    projection), read with the module's own :class:`ParallelLayout`."""
+
+    def __init__(self, weight_name: str, target: str):
+        self.weight_name = weight_name
+        # The key the converter renames the fused key to (see SplitFusedExperts.target).
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"SplitFusedParallel({self.weight_name!r}, {self.target!r})"
+
+    @torch.no_grad()
+    def convert(
+        self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        from defuser.engine.parallel import DefusedParallelExperts, GateUpPair
+
+        layer_name = kwargs.get("full_layer_name")
+        path, module = _owner(kwargs.get("model"), layer_name, self.target)
+        if not isinstance(module, DefusedParallelExperts):
+            raise ValueError(f"{self!r}: {layer_name!r} does not belong to a defused parallel-experts module")
+        stacked = orient(_first_tensor(input_dict), module.layout.transposed)
+        gated = isinstance(module[0], GateUpPair)
+        halves = split_gate_up(stacked, module.layout) if gated else (stacked,)
+        names = ("gate_proj.weight", "up_proj.weight") if gated else ("weight",)
+        return {
+            f"{path}.{index}.{name}": half[index].clone()
+            for index in range(module.num_experts)
+            for name, half in zip(names, halves, strict=True)
+        }
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        raise NotImplementedError("SplitFusedParallel is applied on load only")
 
 
 class _LoadOnlyConverter(WeightConverter):

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser.engine.candidates import DenseLayout, declared_experts_layout, read_experts_layout
+from defuser.engine.candidates import DenseLayout, ParallelLayout, declared_experts_layout, read_experts_layout
 from defuser.engine.experts import DefusedExperts, defused_class_for
+from defuser.engine.parallel_preload import ParallelPatch, install_post_init, parallel_converters, resolve_parallel
 
 __all__ = [
     "PreloadPlan",
@@ -71,6 +72,8 @@ class PreloadPlan:
     per-expert projection names to defused ones (Mixtral: ``{"w1": "gate_proj", ...}``);
     ``dense_key_patterns`` and ``experts_key_prefix`` are kept for plugins written before
     fused keys were split by each module's layout, and are no longer needed.
+    ``parallel_classes`` maps parallel-experts class names to their layout: their instances are
+    defused as the model holding them finishes construction (see :mod:`.parallel_preload`).
     ``mapping_types`` are the model types and class names whose checkpoint mapping changes
     (default: the model type alone).
     """
@@ -86,6 +89,7 @@ class PreloadPlan:
     legacy_projection_names: dict[str, str] = field(default_factory=dict)
     dense_key_patterns: tuple[str, ...] = ()
     experts_key_prefix: str = "experts"
+    parallel_classes: dict[str, ParallelLayout] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class _Active:
     recorded: frozenset[str] = frozenset()
     # model class -> its ``_tied_weights_keys`` without ties between fused experts tensors
     tied: dict[type, dict[str, str]] = field(default_factory=dict)
+    parallel: ParallelPatch | None = None
 
 
 # model type -> what its patch holds; a class or mapping stays patched while one needs it.
@@ -359,6 +364,14 @@ def _declared_targets(fields: dict[str, Any]) -> dict[str, str]:
 def _install() -> None:
     _install_classes()
     _install_ties()
+    roots = {root for active in _active.values() if active.parallel for root in active.parallel.roots}
+    install_post_init(roots, _parallel_layouts)
+
+
+def _parallel_layouts() -> dict[type, ParallelLayout]:
+    """Every parallel-experts class patched now, with its layout."""
+    patches = [active.parallel for active in list(_active.values()) if active.parallel]
+    return {cls: layout for patch in patches for cls, layout in patch.layouts.items()}
 
 
 def _install_classes() -> None:
@@ -510,7 +523,10 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
         plan = active.plan
         extra.extend(WeightRenaming(source, target) for source, target in plan.key_renames)
         extra.extend(expert_projection_renames(plan.legacy_projection_names))
-    return kept + renames + extra + chained + splits
+    # At most one converter takes a key: a GLU parallel path before anything else, the other
+    # parallel places after the dense splits (granite's shared MLP fuses ``input_linear`` too).
+    gated, plain = parallel_converters([active.parallel for active in owners if active.parallel])
+    return kept + renames + extra + chained + gated + splits + plain
 
 
 def _target_tensor(transform: Any, tensor_names: list[str]) -> str | None:
@@ -606,10 +622,11 @@ def apply_preload_plan(plan: PreloadPlan) -> bool:
         if plan.model_type in _active:
             return True
         classes, tensor_names, dense_names = _resolve(plan)
-        if not classes:
+        parallel = resolve_parallel(plan.modeling_modules, plan.parallel_classes) if plan.parallel_classes else None
+        if not classes and parallel is None:
             logger.warning("nothing to patch for model type %r in %s", plan.model_type, plan.modeling_modules)
             return False
-        active = _Active(plan, classes, tensor_names, frozenset(dense_names))
+        active = _Active(plan, classes, tensor_names, frozenset(dense_names), parallel=parallel)
         active.recorded = _recorded_class_names(plan.modeling_modules, {name for _, name in classes})
         active.tied = _untied_fused_tensors(plan.modeling_modules, tensor_names)
         _active[plan.model_type] = active
@@ -621,7 +638,7 @@ def apply_preload_plan(plan: PreloadPlan) -> bool:
             _install()
             _install_mappings(set(_mapping_keys(plan)))
             raise
-        names = sorted({name for _, name in classes})
+        names = sorted({name for _, name in classes} | {cls.__name__ for cls in (parallel.layouts if parallel else ())})
         logger.info("patched %s before load: %s", plan.model_type, ", ".join(names))
         return True
 

@@ -12,8 +12,8 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "jetmoe",
-            reload="none",
-            reload_blocker="parallel experts are gated or not by their place in the model, unknown at construction",
+            preload=True,
+            reload="replace_fused_blocks",
             notes="parallel experts of the MLP and of the attention (MoA) split per expert",
         ),
     ],

@@ -1,0 +1,200 @@
+"""Pre-load patching of parallel experts (jetmoe; granite and aria in transformers 5.3).
+
+The same parallel-experts class is a GLU input projection in one place of a model and a plain
+projection in another, and its :class:`ParallelLayout` tells them apart by the module's path,
+which a module does not know while it is constructed.  So these classes are not replaced:
+the root model classes of the modeling modules get a ``post_init`` that first defuses every
+parallel-experts instance of the model it finishes (paths relative to that model, children
+built before their parents), then runs the stock ``post_init`` (weight init, tied keys, plans)
+on the defused structure.  ``from_pretrained``, ``from_config`` and direct construction all end
+in ``post_init``, on the meta device as on a real one.
+
+On load, a stacked ``{path}.weight`` is split per expert by :class:`SplitFusedParallel`, with
+two converters: one for the GLU paths (``gated_paths``), one for the other places the modeling
+source constructs the class (``experts.output_linear``: holder attribute and attribute, read
+from the source), so other ``.weight`` keys are never touched.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from defuser.engine.candidates import ParallelLayout
+
+__all__ = ["ParallelPatch", "defuse_parallel_experts", "install_post_init", "parallel_converters", "resolve_parallel"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelPatch:
+    """The parallel-experts classes of one plan, where they are constructed, and the model
+    classes whose ``post_init`` defuses them."""
+
+    layouts: dict[type, ParallelLayout]
+    attribute_paths: dict[ParallelLayout, frozenset[str]]  # ``holder.attribute`` paths per layout
+    roots: tuple[type, ...]
+
+
+def _constructions(module: Any) -> dict[str, set[tuple[str, str]]]:
+    """Class name -> ``(class, attribute)`` pairs whose ``__init__`` assigns ``self.<attribute>``
+    an instance of it, read from ``module``'s source."""
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):  # no source to read
+        return {}
+    found: dict[str, set[tuple[str, str]]] = {}
+    for class_node in tree.body:
+        if not isinstance(class_node, ast.ClassDef):
+            continue
+        for node in ast.walk(class_node):
+            if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)):
+                continue
+            func = node.value.func
+            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            for target in node.targets:
+                if called and isinstance(target, ast.Attribute) and getattr(target.value, "id", None) == "self":
+                    found.setdefault(called, set()).add((class_node.name, target.attr))
+    return found
+
+
+def _attribute_paths(module: Any, class_name: str) -> set[str]:
+    """``holder.attribute`` (or ``attribute`` where the holder's own place is unknown) for each
+    place ``module`` constructs ``class_name``."""
+    constructions = _constructions(module)
+    paths: set[str] = set()
+    for holder, attribute in constructions.get(class_name, ()):
+        outer = {holder_attribute for _, holder_attribute in constructions.get(holder, ())}
+        paths |= {f"{name}.{attribute}" for name in outer} or {attribute}
+    return paths
+
+
+def _root_model_classes(module: Any) -> list[type]:
+    """``PreTrainedModel`` classes of ``module`` none of whose bases is one of the module's own."""
+    from transformers import PreTrainedModel
+
+    def own(cls: Any) -> bool:
+        return isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.__module__ == module.__name__
+
+    return [cls for cls in vars(module).values() if own(cls) and not any(own(base) for base in cls.__bases__)]
+
+
+def resolve_parallel(modeling_modules: tuple[str, ...], declared: dict[str, ParallelLayout]) -> ParallelPatch | None:
+    """What patching ``declared`` parallel-experts classes (name -> layout) takes in
+    ``modeling_modules``; None when none of them is defined there."""
+    layouts: dict[type, ParallelLayout] = {}
+    paths: dict[ParallelLayout, set[str]] = {}
+    for module_name in modeling_modules:
+        module = importlib.import_module(module_name)
+        for name, layout in declared.items():
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module_name:
+                layouts[cls] = layout
+                paths.setdefault(layout, set()).update(_attribute_paths(module, name))
+    if not layouts:
+        return None
+    roots: list[type] = []
+    for module_name in modeling_modules:
+        roots += _root_model_classes(importlib.import_module(module_name))
+    return ParallelPatch(
+        layouts=layouts,
+        attribute_paths={layout: frozenset(found) for layout, found in paths.items()},
+        roots=tuple(dict.fromkeys(roots)),
+    )
+
+
+def defuse_parallel_experts(model: nn.Module, layouts: dict[type, ParallelLayout]) -> int:
+    """Replace every instance of a class in ``layouts`` inside ``model`` by its per-expert form,
+    its gating read from its path relative to ``model``; returns how many were replaced."""
+    from defuser.engine.parallel import DefusedParallelExperts
+
+    replaced = 0
+    for path, module in list(model.named_modules()):
+        layout = layouts.get(type(module))
+        if layout is None or not path:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, name, DefusedParallelExperts(module, layout, path))
+        replaced += 1
+    return replaced
+
+
+# root model class -> the ``post_init`` in its own namespace before patching (None: inherited)
+_post_init_originals: dict[type, Any] = {}
+
+
+def _defusing_post_init(cls: type, layouts_now: Any) -> Any:
+    own = cls.__dict__.get("post_init")
+
+    def post_init(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        layouts = layouts_now()
+        if layouts:
+            defuse_parallel_experts(self, layouts)
+        if own is not None:
+            return own(self, *args, **kwargs)
+        return super(cls, self).post_init(*args, **kwargs)
+
+    post_init.__defuser_patch__ = True  # type: ignore[attr-defined]
+    return post_init
+
+
+def install_post_init(roots: set[type], layouts_now: Any) -> None:
+    """Give exactly ``roots`` the defusing ``post_init`` (``layouts_now()`` says which classes
+    to defuse when it runs); every other class patched before gets its own back."""
+    for cls in list(_post_init_originals):
+        if cls in roots:
+            continue
+        original = _post_init_originals.pop(cls)
+        if original is None:
+            if "post_init" in cls.__dict__:
+                delattr(cls, "post_init")
+        else:
+            cls.post_init = original
+    for cls in roots:
+        if cls not in _post_init_originals:
+            _post_init_originals[cls] = cls.__dict__.get("post_init")
+            cls.post_init = _defusing_post_init(cls, layouts_now)
+
+
+def _gated_source(layout: ParallelLayout) -> str:
+    """A key pattern for the stacked weight of modules on ``gated_paths``; group 1 is the key
+    up to the weight's name (the converter keeps it and appends the per-expert suffix)."""
+    paths = layout.gated_paths
+    path = paths[:-1] if paths.endswith("$") and not paths.endswith(r"\$") else paths + ".*?"
+    return rf"((?:{path})\.){re.escape(layout.weight_name)}$"
+
+
+def parallel_converters(patches: list[ParallelPatch]) -> tuple[list[Any], list[Any]]:
+    """``(gated, plain)`` load converters splitting the stacked weights of ``patches``' classes;
+    the gated ones must come first (a GLU path is also a place the class is constructed)."""
+    from defuser.engine.checkpoint import SplitFusedParallel, split_on_load_converter
+
+    gated: list[Any] = []
+    plain: list[Any] = []
+    seen: set[str] = set()
+
+    def add(into: list[Any], source: str, target: str, weight_name: str) -> None:
+        if source in seen:
+            return
+        seen.add(source)
+        into.append(split_on_load_converter(source, r"\1" + target, [SplitFusedParallel(weight_name, target)]))
+
+    for patch in patches:
+        for layout, paths in patch.attribute_paths.items():
+            if layout.gated_paths:
+                add(gated, _gated_source(layout), "0.gate_proj.weight", layout.weight_name)
+            if not paths:
+                logger.warning("no place in the source constructs parallel experts of %s: not split on load", layout)
+                continue
+            places = "|".join(re.escape(path) for path in sorted(paths))
+            add(plain, rf"((?<![^.])(?:{places})\.){re.escape(layout.weight_name)}$", "0.weight", layout.weight_name)
+    return gated, plain
