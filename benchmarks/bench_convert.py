@@ -5,7 +5,8 @@
 Each run builds the model in a fresh subprocess (so peak RSS belongs to that run), converts
 it with ``convert_model`` and prints: model bytes, conversion seconds, conversion time over
 one clone of the expert weights (measured in the same process), peak RSS during conversion
-(above the interpreter's own) over model bytes, RSS growth during conversion, whether
+(above the interpreter's own, after returning the heap pages construction freed) over model
+bytes, RSS growth during conversion, whether
 per-expert weights share the fused storage.  It then fuses the model back with ``fuse_model``
 and times the fused forward (transformers' default experts implementation, and its eager
 loop) against the defused one at 256 tokens and at 1 token, and prints the ratios and the max
@@ -53,6 +54,20 @@ class _PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
+
+
+def _return_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``), so that RSS
+    measured next counts live memory, not what model construction and the clone timing
+    freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may then include freed heap
+        pass
 
 
 def _config(model_type: str, size: str):
@@ -111,6 +126,12 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True) -
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     get_checkpoint_conversion_mapping(model_type)
+    # The modeling module and what it imports on first use are libraries too: a throwaway
+    # tiny model of the same type loads them before the baseline is taken.
+    from defuser.tiny import build_tiny_model
+
+    build_tiny_model(model_type, dtype=dtype)
+    _return_free_memory()
     baseline = _rss()  # the interpreter and libraries, before any weight exists
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -130,6 +151,7 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True) -
     # Nothing here may keep the fused modules alive during conversion: the library releases
     # each one once it is replaced, and that is part of what is measured.
     del candidates, expert_tensors
+    _return_free_memory()
     before = _rss()
     with _PeakRss() as peak:
         start = time.perf_counter()

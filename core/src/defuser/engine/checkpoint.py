@@ -390,15 +390,6 @@ def per_expert_renames(transform: Any) -> list[PerExpertRenaming]:
     return renames
 
 
-def _default_conversions(model: nn.Module) -> list[Any]:
-    """What ``save_pretrained`` reverses for a model that ``from_pretrained`` did not build."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    conversions = get_model_conversion_mapping(model, add_legacy=False)
-    # transformers drops prefix changes for such models (it cannot know whether they applied).
-    return [conversion for conversion in conversions if type(conversion).__name__ != "PrefixChange"]
-
-
 def attach_save_mapping(model: nn.Module) -> bool:
     """Make ``model.save_pretrained`` write the defused per-expert keys of a converted model so
     plain transformers loads them: under the names its stock checkpoint mapping merges on load
@@ -411,13 +402,12 @@ def attach_save_mapping(model: nn.Module) -> bool:
     if not isinstance(model, PreTrainedModel):
         return False
     try:
-        renames = [
-            rename
-            for transform in get_model_conversion_mapping(model, add_legacy=False)
-            for rename in per_expert_renames(transform)
-        ]
+        stock = get_model_conversion_mapping(model, add_legacy=False)
+        renames = [rename for transform in stock for rename in per_expert_renames(transform)]
         current = getattr(model, "_weight_conversions", None)
-        conversions = list(current) if current is not None else _default_conversions(model)
+        # transformers drops prefix changes for a model from_pretrained did not build (it
+        # cannot know whether they applied), and so does this.
+        conversions = list(current) if current is not None else [c for c in stock if type(c).__name__ != "PrefixChange"]
     except Exception as error:  # a model transformers cannot map: saving keeps defuser's names
         logger.warning("no save mapping for %s: %s", type(model).__name__, error)
         return False
@@ -445,17 +435,32 @@ def _defused_keys(model: nn.Module) -> list[str]:
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
-    keys = []
-    for path, module in model.named_modules():
+    keys: dict[str, str] = {}  # key with layer numbers as 0 -> the first real key of that form
+
+    def add(key: str) -> None:
+        # Layers of one kind give the same answer; converter patterns tell kinds apart by name.
+        keys.setdefault(_ANY_INDEX.sub(".0.", key), key)
+
+    pending = [("", model)]
+    while pending:
+        path, module = pending.pop()
         prefix = f"{path}." if path else ""
         if isinstance(module, (DefusedExperts, DefusedParallelExperts)):
             first = module._modules.get("0")
             if first is not None:
-                keys += [f"{prefix}0.{name}" for name, _ in first.named_parameters()]
-        elif any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
+                for name, _ in first.named_parameters():
+                    add(f"{prefix}0.{name}")
+            continue  # nothing defused inside the experts
+        if any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
             for half in ("gate_proj", "up_proj"):
-                keys += [f"{prefix}{half}.{name}" for name, _ in module._modules[half].named_parameters()]
-    return keys
+                for name, _ in module._modules[half].named_parameters():
+                    add(f"{prefix}{half}.{name}")
+        children = reversed(module._modules.items())
+        pending += [(f"{prefix}{name}", child) for name, child in children if child is not None]
+    return list(keys.values())
+
+
+_ANY_INDEX = re.compile(r"\.\d+\.")
 
 
 def _folds_defused_keys(conversion: Any, keys: list[str]) -> bool:

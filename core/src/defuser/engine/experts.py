@@ -22,7 +22,14 @@ from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout, resolve_tensor
 from defuser.engine.fuse import fused_names, skeleton_of
-from defuser.engine.layout import expert_weights, fused_tensors, join_gate_up, linear_from, stacked_expert_weights
+from defuser.engine.layout import (
+    blank_module,
+    expert_weights,
+    fused_tensors,
+    join_gate_up,
+    linear_from,
+    stacked_expert_weights,
+)
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -90,11 +97,26 @@ class ExpertMLP(nn.Module):
         act_fn: nn.Module,
     ):
         super().__init__()
+        self._hold(gate_proj, up_proj, down_proj, act_fn)
+
+    @classmethod
+    def of(cls, gate_proj: nn.Linear | None, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module) -> ExpertMLP:
+        """The same as ``ExpertMLP(...)`` without ``nn.Module.__init__`` (built once per expert)."""
+        expert = blank_module(cls)
+        expert._hold(gate_proj, up_proj, down_proj, act_fn)
+        return expert
+
+    def _hold(self, gate_proj: nn.Linear | None, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: Any) -> None:
+        # What attribute assignment would do, minus nn.Module's per-assignment checks.
+        modules = self._modules
         if gate_proj is not None:
-            self.gate_proj = gate_proj
-        self.up_proj = up_proj
-        self.down_proj = down_proj
-        self.act_fn = act_fn
+            modules["gate_proj"] = gate_proj
+        modules["up_proj"] = up_proj
+        modules["down_proj"] = down_proj
+        if isinstance(act_fn, nn.Module):
+            modules["act_fn"] = act_fn
+        else:
+            self.__dict__["act_fn"] = act_fn
 
     @property
     def is_gated(self) -> bool:
@@ -185,7 +207,7 @@ class DefusedExperts(nn.Module):
             )
             up_proj = build(weights.up, weights.up_bias, tensors.requires_grad)
             down_proj = build(weights.down, weights.down_bias, tensors.requires_grad)
-            self.add_module(str(index), ExpertMLP(gate_proj, up_proj, down_proj, activation))
+            self._modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
 
     def __getattr__(self, name: str) -> Any:
         try:
