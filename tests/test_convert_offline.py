@@ -1,23 +1,34 @@
 """`defuser convert`: offline fused <-> per-expert conversion of safetensors checkpoints.
 
-A tiny model per layout family is written in the fused layout, converted offline, and the
-result is (1) compared tensor by tensor with ``convert_model(model).state_dict()``, (2) loaded
-and run against the original's outputs, and (3) converted back, byte for byte.
+A tiny model per layout family is written in the fused layout and converted offline.  The
+result must hold what ``save_pretrained`` writes for ``convert_model(model)``: the converted
+model's tensors, the per-expert ones under the names transformers' reversal of the model's
+weight conversions gives (Mixtral's stock ``block_sparse_moe.experts.N.w1``; defuser's own
+``gate_proj``/``up_proj``/``down_proj`` where transformers has no per-expert names).  Each
+result is then loaded with ``from_pretrained`` and run against the fused original, and
+converted back, byte for byte.
 
-How the per-expert result is loaded depends on what transformers maps on load:
-- qwen3_moe: plain transformers (its checkpoint mapping merges per-expert keys), in a
-  subprocess that never imports defuser;
-- mixtral: plain transformers maps only the legacy ``block_sparse_moe.experts.N.w1/w2/w3``
-  names, so the ``mlp.experts.N.gate_proj`` result is loaded through ``replace_fused_blocks``
-  (in a subprocess);
-- gpt_oss, phi3, llama4_text, qwen3_vl_moe: transformers maps no per-expert keys and no plugin
-  patches them before load, so the model is built, defused with ``convert_model`` and loaded
-  with a strict ``load_state_dict``.
+How a result loads is the family's README "reload" column (``TypeSupport.reload`` of the
+installed plugins), the same as for a checkpoint saved after ``convert_model``:
+- "stock" (qwen3_moe, mixtral): plain transformers, which merges the per-expert keys into its
+  fused model, in a subprocess that never imports defuser (checked);
+- "replace_fused_blocks" (gpt_oss, phi3, llama4_text, qwen3_vl_moe, longcat_flash):
+  ``defuser.replace_fused_blocks(model_type)``, then ``from_pretrained``, in the same subprocess
+  after the stock loads (one subprocess for every load).
+
+``--reverse`` takes per-expert tensors under either naming (saved names, or the converted
+model's state-dict names that older results and ``convert_model(...).state_dict()`` hold).
+LongCat-Flash's fused gate-up tensors hold rows for identity ("zero") experts past the routed
+ones: the split leaves them out, as ``convert_model`` does, and ``--reverse`` writes zeros
+there, as ``fuse_model`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,40 +36,63 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.core_model_loading import revert_weight_conversion
 
 from defuser import convert_model
+from defuser.api import find_candidates
 from defuser.offline import OfflineConversionError, convert_checkpoint, execute_plan, plan_conversion
 from defuser.offline.safetensors_io import ShardWriter
+from defuser.plugin_info import RELOAD_PATCHED, RELOAD_STOCK
+from defuser.plugins import list_plugins
+from defuser.report import fused_tensors_of
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 
 # model type -> (model class or None for the tiny default, how the fused checkpoint is written,
-# how the per-expert result is loaded, dtype, config overrides)
+# dtype, config overrides)
 CASES = {
-    "qwen3_moe": (None, "state_dict", "stock", torch.bfloat16, {}),
-    "mixtral": (None, "state_dict", "preload", torch.float32, {}),
-    "gpt_oss": (None, "save_pretrained", "convert_model", torch.float32, {}),
-    "phi3": (None, "save_pretrained", "convert_model", torch.float32, {}),
-    "llama4_text": (None, "save_pretrained", "convert_model", torch.float32, {}),
+    "qwen3_moe": (None, "state_dict", torch.bfloat16, {}),
+    "mixtral": (None, "state_dict", torch.float32, {}),
+    "gpt_oss": (None, "save_pretrained", torch.float32, {}),
+    "phi3": (None, "save_pretrained", torch.float32, {}),
+    "llama4_text": (None, "save_pretrained", torch.float32, {}),
     # Not square (2I != H), so the stored transpose is visible in the shapes, as in real checkpoints.
     "qwen3_vl_moe": (
         "Qwen3VLMoeForConditionalGeneration",
         "hub",
-        "convert_model",
         torch.float32,
         {"text_config.moe_intermediate_size": 24},
     ),
+    # Fused gate-up with identity-expert rows (zeros here, as fuse_model leaves them).
+    "longcat_flash": (None, "state_dict", torch.float32, {}),
 }
 
-# Loads checkpoints with from_pretrained; jobs without "preload" run first and record that
-# defuser was not imported while they ran.
+
+def _reload_way(model_type: str) -> str:
+    """The README "reload" column of ``model_type``: how a checkpoint of its converted model loads."""
+    ways = [
+        support.reload
+        for plugin in list_plugins()
+        if plugin.info is not None
+        for support in plugin.info.model_types
+        if support.model_type == model_type
+    ]
+    assert len(ways) == 1, f"{model_type}: declared {len(ways)} times"
+    assert ways[0] in (RELOAD_STOCK, RELOAD_PATCHED), f"{model_type}: a result that cannot load ({ways[0]})"
+    return ways[0]
+
+
+RELOAD = {model_type: _reload_way(model_type) for model_type in CASES}
+
+# Loads checkpoints with from_pretrained; stock jobs run first and record that defuser was not
+# imported while they ran; the others patch their type with replace_fused_blocks first.
 LOADER = """
 import json, sys
 import torch, transformers
 from safetensors.torch import load_file, save_file
 
 jobs = json.loads(open(sys.argv[1]).read())
-for job in sorted(jobs, key=lambda job: job["preload"]):
-    if job["preload"]:
+for job in sorted(jobs, key=lambda job: job["patch"]):
+    if job["patch"]:
         import defuser
         assert defuser.replace_fused_blocks(job["model_type"])
     cls = getattr(transformers, job["class"])
@@ -118,23 +152,57 @@ def _write_fused(model: torch.nn.Module, folder: Path, writer: str) -> None:
     (folder / "generation_config.json").write_text('{"do_sample": false}')
 
 
-def _build(model_type: str) -> torch.nn.Module:
-    model_class_name, _, _, dtype, overrides = CASES[model_type]
+def _identity_rows(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fused experts tensors' rows past the routed experts (identity experts), by key; views."""
+    rows = {}
+    for candidate in find_candidates(model):
+        if candidate.kind != "experts" or not candidate.layout.identity_experts:
+            continue
+        routed = candidate.layout.num_experts
+        for name, tensor in fused_tensors_of(candidate).items():
+            if tensor.shape[0] > routed:
+                rows[f"{candidate.path}.{name}"] = tensor.data[routed:]
+    return rows
+
+
+def _build(model_type: str, zero_identity_rows: bool = True) -> torch.nn.Module:
+    """The tiny model of a case (seeded: the same weights every time); identity-expert rows
+    zeroed unless asked otherwise, as ``fuse_model`` leaves them."""
+    model_class_name, _, dtype, overrides = CASES[model_type]
     model_class = None
     if model_class_name is not None:
         import transformers
 
         model_class = getattr(transformers, model_class_name)
-    return build_tiny_model(model_type, model_class=model_class, dtype=dtype, **overrides)
+    model = build_tiny_model(model_type, model_class=model_class, dtype=dtype, **overrides)
+    if zero_identity_rows:
+        for rows in _identity_rows(model).values():
+            rows.zero_()
+    return model
+
+
+def _saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``convert_model(model).state_dict()`` with each per-expert tensor under the name
+    ``save_pretrained`` writes it (transformers' reversal of the model's weight conversions),
+    the other tensors under their own names (the fused source keeps them so)."""
+    fused_keys = set(model.state_dict())
+    assert convert_model(model)
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}  # distinct objects
+    by_identity = {id(tensor): name for name, tensor in state.items()}
+    reverted = revert_weight_conversion(model, dict(state))
+    saved = {by_identity[id(tensor)]: key for key, tensor in reverted.items() if id(tensor) in by_identity}
+    per_expert = [name for name in state if name not in fused_keys]
+    assert per_expert and all(name in saved for name in per_expert)
+    return {saved[name] if name in per_expert else name: tensor for name, tensor in state.items()}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Every family converted both ways, plus the loads that run in subprocesses."""
+    """Every family converted both ways, plus the loads that run in one subprocess."""
     root = tmp_path_factory.mktemp("offline")
     cases = {}
     jobs = []
-    for model_type, (_, writer, loader, dtype, _) in CASES.items():
+    for model_type, (_, writer, dtype, _) in CASES.items():
         model = _build(model_type)
         inputs = tiny_inputs(model)
         source, result, back = root / model_type / "fused", root / model_type / "per_expert", root / model_type / "back"
@@ -155,21 +223,21 @@ def world(tmp_path_factory):
             "class": type(model).__name__,
             "dtype": str(dtype).removeprefix("torch."),
             "inputs": str(root / model_type / "inputs.safetensors"),
-            "preload": loader == "preload",
+            "patch": RELOAD[model_type] == RELOAD_PATCHED,
         }
-        if loader in ("stock", "preload"):
-            jobs.append({**job, "folder": str(result), "output": str(root / model_type / "result.safetensors")})
+        jobs.append({**job, "folder": str(result), "output": str(root / model_type / "result.safetensors")})
     # The fused result of --reverse loads stock too, and so does mixtral's stock checkpoint,
     # whose legacy per-expert keys offline conversion copies unchanged.
+    qwen3_moe = next(job for job in jobs if job["model_type"] == "qwen3_moe")
     back_output = str(root / "qwen3_moe" / "back.safetensors")
-    jobs.append({**jobs[0], "folder": str(cases["qwen3_moe"]["back"]), "output": back_output})
+    jobs.append({**qwen3_moe, "folder": str(cases["qwen3_moe"]["back"]), "output": back_output})
     legacy_source, legacy_result = root / "mixtral_legacy" / "fused", root / "mixtral_legacy" / "per_expert"
     cases["mixtral"]["model"].save_pretrained(legacy_source)
     convert_checkpoint(legacy_source, legacy_result, progress=False)
     cases["mixtral_legacy"] = {"source": legacy_source, "result": legacy_result}
     mixtral = next(job for job in jobs if job["model_type"] == "mixtral")
     legacy_output = str(root / "mixtral_legacy.safetensors")
-    jobs.append({**mixtral, "preload": False, "folder": str(legacy_result), "output": legacy_output})
+    jobs.append({**mixtral, "patch": False, "folder": str(legacy_result), "output": legacy_output})
     (root / "jobs.json").write_text(json.dumps(jobs))
     (root / "loader.py").write_text(LOADER)
     done = subprocess.run(
@@ -181,8 +249,8 @@ def world(tmp_path_factory):
 
 
 def _loaded(world: dict, folder: Path, plain: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and state dict of a checkpoint loaded in the subprocess; ``plain``: loaded with
-    nothing but transformers (defuser not imported), with no missing or unexpected keys."""
+    """Logits and state dict of a checkpoint loaded in the subprocess, with no missing or
+    unexpected keys; ``plain``: loaded with nothing but transformers (defuser not imported)."""
     job = world["loaded"][str(folder)]
     assert job["problems"] == {}
     assert job["defuser_imported"] is not plain
@@ -197,30 +265,22 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("model_type", list(CASES))
-def test_result_equals_convert_model_state_dict(world, model_type):
+def test_result_is_what_save_pretrained_writes(world, model_type):
+    """The result holds convert_model's tensors under save_pretrained's names (source names for
+    the tensors copied unchanged)."""
     case = world["cases"][model_type]
-    expected = _build(model_type)  # same seed: the same weights as the saved model
-    assert convert_model(expected)
-    _assert_same_bytes(_checkpoint(case["result"]), expected.state_dict())
+    _assert_same_bytes(_checkpoint(case["result"]), _saved_state_dict(_build(model_type)))
 
 
 @pytest.mark.parametrize("model_type", list(CASES))
-def test_result_loads_with_equal_outputs(world, model_type):
+def test_result_loads_with_from_pretrained_and_equal_outputs(world, model_type):
+    """Loaded as the README "reload" column says: stock into the fused model (defuser never
+    imported), or after replace_fused_blocks into the defused one."""
     case = world["cases"][model_type]
-    loader = CASES[model_type][2]
-    if loader == "convert_model":
-        model = _build(model_type)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.zero_()
-        assert convert_model(model)
-        missing, unexpected = model.load_state_dict(_checkpoint(case["result"]), strict=False)
-        assert not unexpected and not [key for key in missing if not key.endswith("lm_head.weight")]
-        _close(tiny_forward(model, case["inputs"]), case["reference"])
-        return
-    logits, state = _loaded(world, case["result"], plain=loader == "stock")
+    stock = RELOAD[model_type] == RELOAD_STOCK
+    logits, state = _loaded(world, case["result"], plain=stock)
     expected = _build(model_type)
-    if loader == "preload":  # built defused by replace_fused_blocks
+    if not stock:  # built defused by replace_fused_blocks
         assert convert_model(expected)
     _assert_same_bytes(state, expected.state_dict())
     _close(logits, case["reference"])
@@ -247,16 +307,120 @@ def test_fused_result_of_reverse_loads_stock(world):
     _close(logits, case["reference"])
 
 
+def _expert_keys(tensors: dict[str, torch.Tensor]) -> set[str]:
+    return {key for key in tensors if ".experts." in key}
+
+
 def test_stock_per_expert_checkpoint_is_copied_unchanged(world):
-    """save_pretrained writes mixtral in its legacy per-expert names: nothing is fused, the
-    tensors are copied as they are and still load stock."""
+    """save_pretrained writes mixtral in its legacy per-expert names, the names offline
+    conversion gives its fused tensors: nothing is fused, the tensors are copied as they are
+    and still load stock."""
     legacy = world["cases"]["mixtral_legacy"]
     source = _checkpoint(legacy["source"])
     assert any(".block_sparse_moe.experts.0.w1." in key for key in source)
+    assert _expert_keys(_checkpoint(world["cases"]["mixtral"]["result"])) == _expert_keys(source)
     _assert_same_bytes(_checkpoint(legacy["result"]), source)
     logits, state = _loaded(world, legacy["result"], plain=True)
     _assert_same_bytes(state, world["cases"]["mixtral"]["model"].state_dict())
     _close(logits, world["cases"]["mixtral"]["reference"])
+
+
+def test_reverse_joins_stock_per_expert_names(world, tmp_path):
+    """--reverse of save_pretrained's own mixtral checkpoint (w1/w2/w3 names) rebuilds the fused
+    tensors; the router, under its legacy name, is copied as it is."""
+    legacy = world["cases"]["mixtral_legacy"]
+    convert_checkpoint(legacy["source"], tmp_path / "fused", reverse=True, progress=False)
+    back, source = _checkpoint(tmp_path / "fused"), _checkpoint(legacy["source"])
+    fused = {k: v for k, v in world["cases"]["mixtral"]["model"].state_dict().items() if ".experts." in k}
+    _assert_same_bytes(back, {**{k: v for k, v in source.items() if k not in _expert_keys(source)}, **fused})
+
+
+@pytest.fixture(scope="module")
+def mixtral_state_dict_names(world, tmp_path_factory):
+    """A per-expert mixtral checkpoint under the converted model's state-dict names
+    (``mlp.experts.N.gate_proj``), as older ``defuser convert`` results hold them."""
+    folder = tmp_path_factory.mktemp("mixtral_state_dict_names") / "per_expert"
+    model = _build("mixtral")
+    model.config.save_pretrained(folder)
+    assert convert_model(model)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    return folder
+
+
+def test_reverse_joins_state_dict_names(world, mixtral_state_dict_names, tmp_path):
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in _checkpoint(mixtral_state_dict_names)
+    convert_checkpoint(mixtral_state_dict_names, tmp_path / "fused", reverse=True, progress=False)
+    _assert_same_bytes(_checkpoint(tmp_path / "fused"), _checkpoint(world["cases"]["mixtral"]["source"]))
+
+
+def test_reverse_refuses_a_tensor_under_both_names(mixtral_state_dict_names, tmp_path):
+    source = tmp_path / "both"
+    shutil.copytree(mixtral_state_dict_names, source)
+    tensors = _checkpoint(source)
+    twice = tensors["model.layers.1.mlp.experts.3.down_proj.weight"]
+    tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"] = twice
+    save_file({k: v.clone() for k, v in tensors.items()}, source / "model.safetensors")
+    with pytest.raises(OfflineConversionError, match=r"holds the same per-expert tensor twice, as .*experts\.3\.w2"):
+        convert_checkpoint(source, tmp_path / "out", reverse=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reverse_names_a_missing_piece_by_both_names(mixtral_state_dict_names, tmp_path):
+    source = tmp_path / "missing"
+    shutil.copytree(mixtral_state_dict_names, source)
+    tensors = _checkpoint(source)
+    del tensors["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file({k: v.clone() for k, v in tensors.items()}, source / "model.safetensors")
+    missing = (
+        r"'model\.layers\.0\.block_sparse_moe\.experts\.5\.w3\.weight' or "
+        r"'model\.layers\.0\.mlp\.experts\.5\.up_proj\.weight' is missing"
+    )
+    with pytest.raises(OfflineConversionError, match=missing):
+        convert_checkpoint(source, tmp_path / "out", reverse=True, progress=False)
+
+
+def test_fused_and_per_expert_copies_of_one_tensor_are_refused(world, tmp_path):
+    """A fused source that also holds a piece under defuser's name would yield that piece
+    twice, under its saved name too."""
+    source = tmp_path / "fused"
+    shutil.copytree(world["cases"]["mixtral"]["source"], source)
+    tensors = _checkpoint(source)
+    tensors["model.layers.0.mlp.experts.2.gate_proj.weight"] = torch.zeros(64, 32)
+    save_file(tensors, source / "model.safetensors")
+    piece = r"'[^']*\.experts\.2\.(w1|gate_proj)\.weight'"
+    with pytest.raises(OfflineConversionError, match=f"one per-expert tensor, as {piece} and {piece}, twice"):
+        plan_conversion(source, tmp_path / "out")
+
+
+def test_identity_expert_rows_are_left_out_and_come_back_as_zeros(tmp_path, caplog):
+    """Non-zero identity rows (the tiny model's random init) are left out with a warning, the
+    rest is exact, and --reverse writes zeros there (what fuse_model does)."""
+    model = _build("longcat_flash", zero_identity_rows=False)
+    rows = _identity_rows(model)
+    assert rows and all(bool(tensor.any()) for tensor in rows.values())
+    _write_fused(model, tmp_path / "fused", "state_dict")
+    with caplog.at_level(logging.WARNING, logger="defuser.offline"):
+        report = convert_checkpoint(tmp_path / "fused", tmp_path / "per_expert", progress=False)
+    assert "hold non-zero identity-expert rows, which are left out" in caplog.text
+    identity = sum(step.identity_elements for step in report.plan.steps)
+    assert identity == sum(tensor.numel() for tensor in rows.values())
+    _assert_same_bytes(_checkpoint(tmp_path / "per_expert"), _saved_state_dict(_build("longcat_flash", False)))
+    convert_checkpoint(tmp_path / "per_expert", tmp_path / "back", reverse=True, progress=False)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, tensor in rows.items():
+        expected[key][-tensor.shape[0] :] = 0
+    _assert_same_bytes(_checkpoint(tmp_path / "back"), expected)
+
+
+def test_identity_rows_are_accounted_for_explicitly(world, tmp_path):
+    """The element-count check allows exactly the declared identity rows to go missing."""
+    plan = plan_conversion(world["cases"]["longcat_flash"]["source"], tmp_path / "out")
+    split = next(step for step in plan.steps if step.identity_elements)
+    index = next(i for i, step in enumerate(plan.shards[0].steps) if step is split)
+    plan.shards[0].steps[index] = dataclasses.replace(split, identity_elements=0)
+    with pytest.raises(OfflineConversionError, match=r"elements read, \d+ written"):
+        execute_plan(plan, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_hub_layout_prefix_and_transpose_are_detected(world):

@@ -89,8 +89,11 @@ class _Sources:
             handle.close()
 
 
-def _run_step(step: Step, plan: ConversionPlan, sources: _Sources, writer: ShardWriter) -> Iterator[int]:
-    """Write one step's tensors; yields byte counts as they are written."""
+def _run_step(
+    step: Step, plan: ConversionPlan, sources: _Sources, writer: ShardWriter, nonzero_identity: list[str]
+) -> Iterator[int]:
+    """Write one step's tensors; yields byte counts as they are written.  A split whose dropped
+    identity rows hold anything but zeros adds its source key to ``nonzero_identity``."""
     if step.kind == "copy":
         entry = plan.checkpoint.tensors[step.sources[0]]
         yield from writer.copy(entry, sources.handle(entry.name), sources.buffer, step.outputs[0].name)
@@ -100,12 +103,14 @@ def _run_step(step: Step, plan: ConversionPlan, sources: _Sources, writer: Shard
         fused = sources.read(step.sources[0])
         if step.transposed:
             fused = fused.transpose(-1, -2)
+        if spec.identity_rows and bool(fused[spec.layout.num_experts :].any()):
+            nonzero_identity.append(step.sources[0])
         for output, (_, piece) in zip(step.outputs, spec.pieces(fused), strict=True):
             yield writer.write(output.name, piece)
         del fused
         return
     names = [name for name, _ in plan.layout.pieces[spec.key]]
-    by_name = dict(zip(names, step.sources, strict=True))
+    by_name = dict(zip(names, step.sources, strict=True))  # sources are in piece order, under either name
     out = torch.empty(spec.shape, dtype=same_width_int(step.outputs[0].dtype))
     spec.join(out, lambda name: sources.read(by_name[name]))
     yield writer.write(step.outputs[0].name, out)
@@ -113,13 +118,14 @@ def _run_step(step: Step, plan: ConversionPlan, sources: _Sources, writer: Shard
 
 def _write_shards(plan: ConversionPlan, folder: Path, progress: tqdm) -> None:
     sources = _Sources(plan.checkpoint)
+    nonzero_identity: list[str] = []
     try:
         for number, shard in enumerate(plan.shards, 1):
             progress.set_description(f"shard {number}/{len(plan.shards)}")
             writer = ShardWriter(folder / shard.name, shard.tensors, shard.metadata)
             try:
                 for step in shard.steps:
-                    for count in _run_step(step, plan, sources, writer):
+                    for count in _run_step(step, plan, sources, writer, nonzero_identity):
                         progress.update(count)
                 writer.close()
             except BaseException:
@@ -127,6 +133,14 @@ def _write_shards(plan: ConversionPlan, folder: Path, progress: tqdm) -> None:
                 raise
     finally:
         sources.close()
+    if nonzero_identity:
+        # Not an error: convert_model drops these rows too, and no forward reads them.
+        logger.warning(
+            "%d fused tensor(s) hold non-zero identity-expert rows, which are left out (first: %r); "
+            "--reverse writes zeros there",
+            len(nonzero_identity),
+            nonzero_identity[0],
+        )
 
 
 def _write_index(plan: ConversionPlan, folder: Path) -> None:
@@ -163,17 +177,21 @@ def _verify(plan: ConversionPlan, folder: Path) -> None:
                 raise OfflineConversionError(f"{shard.name}: {name!r} was written as {entry.dtype} {list(entry.shape)}")
         written.update(entries)
     accounted: list[str] = []
+    identity = 0  # identity-expert elements: dropped by splits (-), zero rows added by joins (+)
     for step in plan.steps:
         source = sum(plan.checkpoint.tensors[key].numel for key in step.sources)
         result = sum(written[tensor.name].numel for tensor in step.outputs)
-        if source != result:
-            raise OfflineConversionError(f"{step.sources[0]!r}: {source} elements read, {result} written")
+        change = {"split": -step.identity_elements, "join": step.identity_elements}.get(step.kind, 0)
+        if source + change != result:
+            dropped = f" ({abs(change)} of them identity-expert rows)" if change else ""
+            raise OfflineConversionError(f"{step.sources[0]!r}: {source} elements read{dropped}, {result} written")
+        identity += change
         accounted += step.sources
     missing = plan.checkpoint.tensors.keys() - set(accounted)
     if missing or len(accounted) != len(plan.checkpoint.tensors):
         what = f"{sorted(missing)[0]!r} is not written" if missing else "a tensor is written twice"
         raise OfflineConversionError(f"{plan.destination}: {what}")
-    if sum(e.numel for e in written.values()) != sum(e.numel for e in plan.checkpoint.tensors.values()):
+    if sum(e.numel for e in written.values()) != sum(e.numel for e in plan.checkpoint.tensors.values()) + identity:
         raise OfflineConversionError(f"{plan.destination}: element counts of source and result differ")
 
 
@@ -232,8 +250,9 @@ def convert_checkpoint(
     progress: bool | None = None,
 ) -> ConversionReport:
     """Convert the safetensors checkpoint in ``source`` from the fused layout to the per-expert
-    layout that ``convert_model`` gives (``reverse=True``: back to fused) into the new folder
-    ``destination``, tensor by tensor; ``dry_run`` only plans.  See :func:`plan_conversion` for
+    layout that ``convert_model`` gives, under the names ``save_pretrained`` writes for it
+    (``reverse=True``: back to fused, from either naming) into the new folder ``destination``,
+    tensor by tensor; ``dry_run`` only plans.  See :func:`plan_conversion` for
     the checks and :func:`execute_plan` for the writing."""
     plan = plan_conversion(source, destination, reverse=reverse, overwrite=overwrite)
     if dry_run:

@@ -2,14 +2,20 @@
 device, the installed plugins' candidates give each fused tensor's layout, and converting the
 meta model with :func:`defuser.convert_model` gives the names and shapes the per-expert
 tensors must have.  The engine's own slicing functions (:mod:`defuser.engine.layout`) cut a
-fused tensor into those pieces and join them back."""
+fused tensor into those pieces and join them back.
+
+A converted model saves its per-expert tensors under other names where transformers has stock
+per-expert names (Mixtral's ``block_sparse_moe.experts.N.w1.weight``): ``save_pretrained``
+reverses the model's weight conversions, among them the renamings ``convert_model`` attaches.
+The same reversal, run on the meta pieces, gives each piece its saved name."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +25,8 @@ from defuser.engine.layout import join_gate_up, orient, split_gate_up
 from defuser.offline.safetensors_io import OfflineConversionError
 
 __all__ = ["FusedSpec", "ModelLayout", "PieceFetcher", "describe_model_layout"]
+
+logger = logging.getLogger(__name__)
 
 PieceFetcher = Callable[[str], torch.Tensor]
 _PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -32,6 +40,9 @@ class FusedSpec:
     ``role`` says which tensor of the fused block it is: experts ``gate_up``, ``gate``, ``up``,
     ``down``, ``gate_up_bias``, ``gate_bias``, ``up_bias``, ``down_bias``; dense ``dense``
     (weight or bias of the fused Linear); ``parallel`` (a stacked parallel-experts weight).
+    ``identity_rows`` counts the experts-dimension rows past the routed experts (LongCat's
+    identity experts, never read by the forward): dropped by a split, zeros after a join, as
+    ``convert_model`` and ``fuse_model`` do.
     """
 
     key: str
@@ -42,6 +53,12 @@ class FusedSpec:
     class_name: str
     plugin: str
     gated: bool = True  # parallel experts only: the GLU input projection
+    identity_rows: int = 0
+
+    @property
+    def identity_elements(self) -> int:
+        """Elements of the identity rows (dropped by a split, zero-filled by a join)."""
+        return self.identity_rows * math.prod(self.shape[1:])
 
     def _stack(self, fused: torch.Tensor) -> torch.Tensor:
         """Experts weights as ``[E, out, in]`` in ``nn.Linear`` orientation (a view)."""
@@ -67,7 +84,7 @@ class FusedSpec:
                 yield stacked[index], gated if self.gated else (f"{expert}.weight",)
             return
         bias = self.role.endswith("_bias")
-        stacked = fused if bias else self._stack(fused)
+        stacked = fused[: layout.num_experts] if bias else self._stack(fused)
         leaf = "bias" if bias else "weight"
         for index in range(layout.num_experts):
             expert = f"{path}.{index}"
@@ -100,7 +117,9 @@ class FusedSpec:
 
     def join(self, out: torch.Tensor, fetch: PieceFetcher) -> None:
         """Fill ``out`` (the module's orientation) from the pieces ``fetch(name)`` returns: the
-        inverse of :meth:`pieces`."""
+        inverse of :meth:`pieces`; identity rows become zeros."""
+        if self.identity_rows:
+            out[self.layout.num_experts :].zero_()
         for part, names in self._parts(out):
             if len(names) == 1:
                 part.copy_(fetch(names[0]))
@@ -117,6 +136,16 @@ class FusedSpec:
         """The fused key from the module's own name on (``experts.gate_up_proj``): what a
         checkpoint with other key prefixes still shares with it."""
         return self.path.rsplit(".", 1)[-1] + self.key[len(self.path) :]
+
+
+def _identity_rows(candidate: Candidate, shape: tuple[int, ...]) -> int:
+    """Rows of a stacked experts tensor past its routed experts: none, or exactly the identity
+    experts its layout declares (anything else is left to the split check to refuse)."""
+    layout = candidate.layout
+    if candidate.kind != "experts" or layout.flattened or not layout.identity_experts or not shape:
+        return 0
+    extra = shape[0] - layout.num_experts
+    return extra if extra == layout.identity_experts else 0
 
 
 def _specs_of(candidate: Candidate, shapes: dict[str, tuple[int, ...]]) -> list[FusedSpec]:
@@ -144,7 +173,8 @@ def _specs_of(candidate: Candidate, shapes: dict[str, tuple[int, ...]]) -> list[
     for name, role in roles:
         key = f"{path}.{name}"
         if key in shapes:
-            specs.append(FusedSpec(key=key, role=role, shape=shapes[key], gated=gated, **common))
+            extra = _identity_rows(candidate, shapes[key])
+            specs.append(FusedSpec(key=key, role=role, shape=shapes[key], gated=gated, identity_rows=extra, **common))
         elif role != "dense":  # a dense Linear without bias has no bias key
             raise OfflineConversionError(
                 f"{path} ({candidate.class_name}): fused tensor {key!r} is not in the model's state dict"
@@ -161,11 +191,30 @@ class ModelLayout:
     specs: dict[str, FusedSpec]  # fused state-dict key -> spec
     pieces: dict[str, list[tuple[str, tuple[int, ...]]]]  # fused key -> (piece name, shape) in order
     piece_owner: dict[str, str]  # piece name -> fused key
-    model_keys: frozenset[str]  # every state-dict key of the fused and of the converted model
-    tails: dict[str, str]  # tail -> one full key with it (fused keys and piece names)
+    model_keys: frozenset[str]  # every key of the fused and of the converted model, saved names included
+    tails: dict[str, str]  # tail -> one full key with it (fused keys, piece names, saved names)
+    saved_names: dict[str, str] = field(default_factory=dict)  # piece name -> name save_pretrained writes
+
+    def __post_init__(self) -> None:
+        self._piece_of = {name: name for name in self.piece_owner}
+        self._piece_of.update({saved: name for name, saved in self.saved_names.items()})
+
+    def saved_name(self, piece: str) -> str:
+        """The name ``save_pretrained`` of the converted model writes ``piece`` under."""
+        return self.saved_names.get(piece, piece)
+
+    def piece_of(self, key: str) -> str | None:
+        """The piece (state-dict name) that ``key`` names, under its own or its saved name."""
+        return self._piece_of.get(key)
+
+    def names_of(self, piece: str) -> tuple[str, ...]:
+        """The names a checkpoint may hold ``piece`` under: saved name first, then defuser's own."""
+        saved = self.saved_name(piece)
+        return (saved,) if saved == piece else (saved, piece)
 
     def has_expert_tail(self, key: str) -> bool:
-        """Whether ``key`` ends like one of the fused keys or piece names, whatever comes before."""
+        """Whether ``key`` ends like one of the fused keys, piece names or saved names, whatever
+        comes before."""
         return any(key.endswith("." + tail) for tail in self.tails)
 
 
@@ -174,10 +223,41 @@ def _meta_pieces(spec: FusedSpec) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(piece.shape)) for name, piece in spec.pieces(meta)]
 
 
+def _saved_names(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Piece name -> the name ``save_pretrained`` writes it under, for the converted meta
+    ``model``: transformers' own reversal of the model's weight conversions, run on one distinct
+    meta tensor per piece, each traced back to its piece by identity.  Defuser's names are kept
+    (with a warning) when the reversal fails or does not hand every piece back unchanged."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # an older transformers saves state-dict names
+        return {}
+    tensors = {name: torch.empty(shape, dtype=torch.int8, device="meta") for name, shape in shapes.items()}
+    by_identity = {id(tensor): name for name, tensor in tensors.items()}
+    try:
+        reverted = revert_weight_conversion(model, dict(tensors))
+    except Exception as error:  # a mapping that cannot run on meta tensors: keep defuser's names
+        logger.warning("%s: save names not found (%s); writing defuser's per-expert names", type(model).__name__, error)
+        return {}
+    saved = {by_identity[id(tensor)]: key for key, tensor in reverted.items() if id(tensor) in by_identity}
+    if saved.keys() != tensors.keys() or len(set(saved.values())) != len(saved):
+        lost = sorted(tensors.keys() - saved.keys())
+        what = f"{lost[0]!r} is not saved as it is" if lost else "two pieces get the same saved name"
+        logger.warning("%s: %s; writing defuser's per-expert names", type(model).__name__, what)
+        return {}
+    return {name: key for name, key in saved.items() if key != name}
+
+
+def _tail(path: str, name: str) -> str:
+    """``name`` from the last component of the module ``path`` on (``experts.0.gate_proj.weight``)."""
+    return path.rsplit(".", 1)[-1] + name[len(path) :]
+
+
 def describe_model_layout(config: Any) -> ModelLayout:
     """Build the model of ``config`` on the meta device, find its fused tensors with the installed
     plugins and check that splitting them as planned gives exactly the names and shapes that
-    ``convert_model`` gives (an error names the module otherwise)."""
+    ``convert_model`` gives (an error names the module otherwise); the pieces' saved names are
+    what ``save_pretrained`` of the converted model writes."""
     from defuser.api import convert_model, find_candidates
     from defuser.report import model_on_meta
 
@@ -214,20 +294,34 @@ def describe_model_layout(config: Any) -> ModelLayout:
         if name in after and after[name] != shape
     ]
     for key, found in pieces.items():
-        if sum(math.prod(shape) for _, shape in found) != math.prod(specs[key].shape):
-            problems.append(f"{key!r} {list(specs[key].shape)} does not split into its per-expert pieces exactly")
+        spec = specs[key]
+        # Identity rows are the only elements a split may leave out, and only as many as declared.
+        if sum(math.prod(shape) for _, shape in found) + spec.identity_elements != math.prod(spec.shape):
+            problems.append(f"{key!r} {list(spec.shape)} does not split into its per-expert pieces exactly")
     if problems:
         raise OfflineConversionError(f"cannot convert {model_type} offline: {problems[0]}")
+    saved_names = _saved_names(model, planned)
+    taken = (before.keys() | after.keys()) - saved_names.keys()  # renamed pieces free their names
+    clash = next((saved for saved in saved_names.values() if saved in taken), None)
+    if clash is not None:
+        raise OfflineConversionError(
+            f"cannot convert {model_type} offline: a per-expert tensor saves as {clash!r}, which names another tensor"
+        )
     tails = {spec.tail: key for key, spec in specs.items()}
     for name, key in piece_owner.items():
-        spec = specs[key]
-        tails.setdefault(spec.path.rsplit(".", 1)[-1] + name[len(spec.path) :], name)
+        tail = _tail(specs[key].path, name)
+        tails.setdefault(tail, name)
+        if name in saved_names:
+            # The saved name ends like the piece's tail, projection names aside (experts.0.w1.weight).
+            saved_tail = ".".join(saved_names[name].split(".")[-len(tail.split(".")) :])
+            tails.setdefault(saved_tail, saved_names[name])
     return ModelLayout(
         model_type=model_type,
         model_class=type(model).__name__,
         specs=specs,
         pieces=pieces,
         piece_owner=piece_owner,
-        model_keys=frozenset(before) | frozenset(after),
+        model_keys=frozenset(before) | frozenset(after) | frozenset(saved_names.values()),
         tails=tails,
+        saved_names=saved_names,
     )

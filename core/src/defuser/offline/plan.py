@@ -40,6 +40,7 @@ class Step:
     outputs: tuple[OutputTensor, ...]  # tensors written, in order
     fused_key: str | None = None  # the model's state-dict key of the fused tensor
     transposed: bool = False  # the checkpoint stores the fused tensor transposed (last two dims)
+    identity_elements: int = 0  # identity-expert elements of the fused tensor: dropped (split), zeros (join)
 
     @property
     def piece_count(self) -> int:
@@ -99,7 +100,7 @@ def _prefixes(keys: list[str], model: ModelLayout) -> tuple[str, str]:
     """``(checkpoint prefix, model prefix)`` that turn the checkpoint's fused or per-expert keys
     into the model's (``("model.", "")`` for a checkpoint saved from a wrapper class), found from
     the first key that ends like one of them; ``("", "")`` when they already agree."""
-    special = model.specs.keys() | model.piece_owner.keys()
+    special = model.specs.keys() | model.piece_owner.keys() | set(model.saved_names.values())
     if any(key in special for key in keys):
         return "", ""
     for key in keys:
@@ -164,10 +165,11 @@ def plan_conversion(
     joined: set[str] = set()
     for key in keys:
         entry, model_key = checkpoint.tensors[key], to_model(key)
+        piece = model.piece_of(model_key) if reverse and model_key is not None else None
         if not reverse and model_key in model.specs:
             step = _split_step(entry, model.specs[model_key], model, to_checkpoint)
-        elif reverse and model_key in model.piece_owner:
-            fused_key = model.piece_owner[model_key]
+        elif piece is not None:
+            fused_key = model.piece_owner[piece]
             if fused_key in joined:
                 continue  # joined into the shard of its first piece
             joined.add(fused_key)
@@ -188,11 +190,15 @@ def plan_conversion(
         ShardPlan(name, steps_by_shard[shard], checkpoint.metadata[shard] or {"format": "pt"})
         for name, shard in zip(shard_file_names(len(kept)), kept, strict=True)
     ]
-    names = [tensor.name for shard in shards for tensor in shard.tensors]
-    if len(set(names)) != len(names):
-        seen: set[str] = set()
-        duplicate = next(name for name in names if name in seen or seen.add(name))
-        raise OfflineConversionError(f"{src}: the result would hold {duplicate!r} twice (fused and per-expert both?)")
+    # One tensor twice: under one name, or a per-expert tensor under its saved and its own name.
+    seen: dict[str, str] = {}
+    for name in (tensor.name for shard in shards for tensor in shard.tensors):
+        model_key = to_model(name)
+        meaning = (model.piece_of(model_key) if model_key is not None else None) or name
+        if meaning in seen:
+            what = repr(name) if seen[meaning] == name else f"one per-expert tensor, as {seen[meaning]!r} and {name!r},"
+            raise OfflineConversionError(f"{src}: the result would hold {what} twice (fused and per-expert both?)")
+        seen[meaning] = name
     files, skipped = other_files(checkpoint)
     return ConversionPlan(
         source=src,
@@ -237,8 +243,12 @@ def _split_step(entry: TensorEntry, spec: FusedSpec, model: ModelLayout, to_chec
             f"{entry.file.name}: fused tensor {entry.name!r} is {list(entry.shape)}, the model built from "
             f"config.json expects {list(shape)}"
         )
-    outputs = tuple(_planned_output(to_checkpoint(name), entry.dtype, piece) for name, piece in model.pieces[spec.key])
-    return Step("split", (entry.name,), outputs, fused_key=spec.key, transposed=transposed)
+    outputs = tuple(
+        _planned_output(to_checkpoint(model.saved_name(name)), entry.dtype, shape)
+        for name, shape in model.pieces[spec.key]
+    )
+    identity = spec.identity_elements
+    return Step("split", (entry.name,), outputs, fused_key=spec.key, transposed=transposed, identity_elements=identity)
 
 
 def _join_step(
@@ -247,13 +257,21 @@ def _join_step(
     sources = []
     dtypes = set()
     for name, shape in model.pieces[spec.key]:
-        key = to_checkpoint(name)
-        entry = checkpoint.tensors.get(key)
-        if entry is None:
+        # A per-expert checkpoint names a piece as save_pretrained does or as the converted
+        # model's state dict does (older defuser convert results): either, never both.
+        held = [key for key in map(to_checkpoint, model.names_of(name)) if key in checkpoint.tensors]
+        if len(held) > 1:
             raise OfflineConversionError(
-                f"{checkpoint.folder}: per-expert tensor {key!r} is missing, so {to_checkpoint(spec.key)!r} "
+                f"{checkpoint.folder}: holds the same per-expert tensor twice, as {held[0]!r} and {held[1]!r}"
+            )
+        if not held:
+            names = " or ".join(repr(key) for key in map(to_checkpoint, model.names_of(name)))
+            raise OfflineConversionError(
+                f"{checkpoint.folder}: per-expert tensor {names} is missing, so {to_checkpoint(spec.key)!r} "
                 "cannot be rebuilt"
             )
+        key = held[0]
+        entry = checkpoint.tensors[key]
         if entry.shape != shape:
             raise OfflineConversionError(
                 f"{checkpoint.shard_of[key]}: per-expert tensor {key!r} is {list(entry.shape)}, expected {list(shape)}"
@@ -266,7 +284,7 @@ def _join_step(
             f"{checkpoint.folder}: the pieces of {to_checkpoint(spec.key)!r} mix dtypes {sorted(dtypes)}"
         )
     output = _planned_output(to_checkpoint(spec.key), dtypes.pop(), tuple(spec.shape))
-    return Step("join", tuple(sources), (output,), fused_key=spec.key)
+    return Step("join", tuple(sources), (output,), fused_key=spec.key, identity_elements=spec.identity_elements)
 
 
 # -- the plan in words --------------------------------------------------------------------
@@ -321,6 +339,10 @@ def format_plan(plan: ConversionPlan) -> str:
         changed = f"split: {len(fused):,} fused tensors into {pieces:,} per-expert tensors"
     copied = _size(sum(step.outputs[0].nbytes for step in copies))
     lines.append(f"{changed}; copied unchanged: {len(copies):,} tensors ({copied})")
+    identity = sum(step.identity_elements for step in fused)
+    if identity:
+        what = "filled with zeros" if plan.reverse else "left out (the forward never reads them)"
+        lines.append(f"identity-expert rows of the fused tensors: {identity:,} elements {what}")
     count = sum(len(shard.tensors) for shard in plan.shards)
     shard_names = ", ".join(f"{shard.name} ({_size(shard.nbytes)})" for shard in plan.shards[:3])
     more = f", ... ({len(plan.shards)} shards)" if len(plan.shards) > 3 else ""
