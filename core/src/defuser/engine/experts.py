@@ -303,14 +303,20 @@ def per_expert_forward(
     if sorted_outputs is None:
         return torch.zeros_like(hidden_states).reshape(shape)
     weighted = sorted_outputs * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-    per_slot = torch.empty_like(weighted, dtype=hidden_states.dtype)
-    per_slot[order] = weighted.to(hidden_states.dtype)
-    per_slot = per_slot.view(-1, top_k, per_slot.shape[-1])
     # Each token's contributions are added in increasing expert order, in the model's dtype,
     # as transformers' eager loop adds them: the result matches it bit for bit in bfloat16
-    # too, and the order is fixed (no atomics).
-    by_expert = top_k_index.reshape(-1, top_k).argsort(dim=-1, stable=True)
-    ordered = per_slot.gather(1, by_expert.unsqueeze(-1).expand_as(per_slot))
+    # too, and the order is fixed (no atomics).  Every sorted row goes straight to its slot
+    # in that order: row ``t * top_k + r`` holds token t's r-th lowest expert.
+    choices = top_k_index.reshape(-1, top_k)
+    by_expert = choices.argsort(dim=-1, stable=True)
+    rank = torch.empty_like(by_expert).scatter_(
+        1, by_expert, torch.arange(top_k, device=by_expert.device).expand_as(by_expert)
+    )
+    slots = torch.arange(choices.shape[0], device=rank.device).unsqueeze(1) * top_k + rank
+    destination = slots.reshape(-1).index_select(0, order)
+    ordered = torch.empty_like(weighted, dtype=hidden_states.dtype)
+    ordered.index_copy_(0, destination, weighted.to(hidden_states.dtype))
+    ordered = ordered.view(-1, top_k, ordered.shape[-1])
     combined = ordered[:, 0]
     for slot in range(1, top_k):
         combined = combined + ordered[:, slot]
