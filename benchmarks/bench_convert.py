@@ -108,7 +108,7 @@ def _timed_forward(model, inputs, repeats: int, budget_s: float = 3.0) -> float:
     return (time.perf_counter() - start) / done
 
 
-def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True) -> dict:
+def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, cleanup_original: bool = False) -> dict:
     """Build, convert (measured), fuse back, then compare fused and defused forwards."""
     import torch
 
@@ -155,7 +155,7 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True) -
     before = _rss()
     with _PeakRss() as peak:
         start = time.perf_counter()
-        assert convert_model(model)
+        assert convert_model(model, cleanup_original=cleanup_original)
         convert_seconds = time.perf_counter() - start
     shares = all(
         p.untyped_storage().data_ptr() in fused_storage
@@ -168,6 +168,7 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True) -
         "size": size,
         "dtype": dtype_name,
         "zero_copy_layout": zero_copy,
+        "cleanup_original": cleanup_original,
         "model_bytes": model_bytes,
         "expert_bytes": expert_bytes,
         "largest_fused_tensor_bytes": largest_fused,
@@ -230,20 +231,26 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-forward", action="store_true", help="conversion figures only")
+    parser.add_argument(
+        "--cleanup-original", action="store_true", help="cleanup_original=True: copies release fused weights"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_run(args.model_type, args.size, args.dtype, forward=not args.no_forward)))
+        figures = one_run(args.model_type, args.size, args.dtype, not args.no_forward, args.cleanup_original)
+        print(json.dumps(figures))
         return
     results = []
     for _ in range(args.runs):
         command = [sys.executable, __file__, "--child", "--model-type", args.model_type]
         command += ["--size", args.size, "--dtype", args.dtype] + (["--no-forward"] if args.no_forward else [])
+        command += ["--cleanup-original"] if args.cleanup_original else []
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         print(output, flush=True)
         results.append(json.loads(output))
     keys = [k for k, v in results[0].items() if isinstance(v, float)]
     summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "runs": len(results)}
+    summary["cleanup_original"] = args.cleanup_original
     summary.update({k: statistics.median(r[k] for r in results) for k in keys})
     summary["shares_fused_storage"] = all(r["shares_fused_storage"] for r in results)
     summary["model_bytes"] = results[0]["model_bytes"]

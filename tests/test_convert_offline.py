@@ -12,7 +12,7 @@ How a result loads is the family's README "reload" column (``TypeSupport.reload`
 installed plugins), the same as for a checkpoint saved after ``convert_model``:
 - "stock" (qwen3_moe, mixtral): plain transformers, which merges the per-expert keys into its
   fused model, in a subprocess that never imports defuser (checked);
-- "replace_fused_blocks" (gpt_oss, phi3, llama4_text, qwen3_vl_moe, longcat_flash):
+- "replace_fused_blocks" (gpt_oss, phi3, llama4_text, qwen3_vl_moe, longcat_flash, jetmoe):
   ``defuser.replace_fused_blocks(model_type)``, then ``from_pretrained``, in the same subprocess
   after the stock loads (one subprocess for every load).
 
@@ -64,6 +64,8 @@ CASES = {
     ),
     # Fused gate-up with identity-expert rows (zeros here, as fuse_model leaves them).
     "longcat_flash": (None, "state_dict", torch.float32, {}),
+    # Parallel experts: stacked [E, out, in], gated (GLU) in the MLP, plain in the attention.
+    "jetmoe": (None, "state_dict", torch.float32, {}),
 }
 
 
@@ -100,7 +102,7 @@ for job in sorted(jobs, key=lambda job: job["patch"]):
     job["problems"] = {name: sorted(map(str, keys)) for name, keys in info.items() if keys}
     with torch.no_grad():
         logits = model.eval()(**load_file(job["inputs"]), use_cache=False).logits
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}  # tied: apart
     save_file({"logits": logits.contiguous()}, job["output"])
     save_file(state, job["output"] + ".state")
     job["defuser_imported"] = "defuser" in sys.modules

@@ -227,6 +227,66 @@ def test_running_out_of_memory_inside_the_engine_mid_module(manager, monkeypatch
     assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
 
 
+def test_cleanup_original_releases_each_copied_fused_weight_before_the_next_copy(monkeypatch):
+    """gpt-oss copies (transposed, interleaved): with cleanup_original the fused gate-up is
+    gone before the down projection is copied, so one fused tensor's copy exists at a time."""
+    import defuser.engine.layout as layout_module
+
+    model = build_tiny_model("gpt_oss")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    fused = model.model.layers[0].mlp.experts
+    seen = []
+    real_dense_per_expert = layout_module.dense_per_expert
+
+    def watching(stack):
+        seen.append(dict(fused._parameters))
+        return real_dense_per_expert(stack)
+
+    monkeypatch.setattr(layout_module, "dense_per_expert", watching)
+    assert convert_model(model, max_layers=1, cleanup_original=True)
+    # split_gate_up copies gate-up in one pass; the first dense_per_expert call copies down.
+    assert seen and seen[0]["gate_up_proj"] is None and seen[0]["down_proj"] is not None
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+
+
+def test_a_failure_after_a_fused_weight_was_released_rebuilds_it_equal(monkeypatch):
+    import defuser.engine.experts as experts_module
+
+    model = build_tiny_model("gpt_oss")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    fused = model.model.layers[0].mlp.experts
+    values = {name: tensor.detach().clone() for name, tensor in fused.named_parameters()}
+    strides = {name: tensor.stride() for name, tensor in fused.named_parameters()}
+    grads = {name: tensor.requires_grad for name, tensor in fused.named_parameters()}
+
+    def out_of_memory(weight, bias, requires_grad):
+        assert fused._parameters["gate_up_proj"] is None, "released before the Linears are built"
+        raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(experts_module, "linear_from", out_of_memory)
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.experts"):
+        convert_model(model, cleanup_original=True)
+    assert model.model.layers[0].mlp.experts is fused
+    restored = dict(fused.named_parameters())
+    assert restored.keys() == values.keys()
+    for name, value in values.items():
+        assert torch.equal(restored[name], value), name
+        assert restored[name].stride() == strides[name], name
+        assert restored[name].requires_grad == grads[name], name
+    assert (tiny_forward(model, inputs) - reference).abs().max().item() == 0
+
+
+def test_cleanup_original_keeps_a_tied_fused_weight(monkeypatch):
+    model = build_tiny_model("gpt_oss")
+    first, second = model.model.layers[0].mlp.experts, model.model.layers[1].mlp.experts
+    second.gate_up_proj = first.gate_up_proj  # tied: the other layer still needs it
+    tied = first.gate_up_proj
+    assert convert_model(model, max_layers=1, cleanup_original=True)
+    assert second.gate_up_proj is tied and tied.numel() > 0
+
+
 def test_an_interrupt_mid_module_propagates_as_it_is_and_restores(manager):
     target = "model.layers.0.mlp.experts"
     manager.register(_MeddleThenFail(target, KeyboardInterrupt()), "meddler")

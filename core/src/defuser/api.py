@@ -15,7 +15,7 @@ from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
-from defuser.engine.transaction import snapshot_module
+from defuser.engine.transaction import releasing_consumed, snapshot_module
 from defuser.filtering import compile_filter
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
@@ -113,6 +113,7 @@ def convert_model(
         return False
     manager = get_plugin_manager()
     count = len(selected)
+    shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
     # Candidates are consumed one by one so that, once a module is replaced, nothing here
     # keeps the fused module (and copies made from it) alive: peak memory stays at the model
     # plus one module's new tensors.
@@ -120,7 +121,7 @@ def convert_model(
     with tqdm(total=count, desc="defusing", unit="module", disable=None, leave=False) as progress:
         while selected:
             candidate = selected.pop()
-            replacement = _defuse_one(manager, candidate, model, cleanup_original)
+            replacement = _defuse_one(manager, candidate, model, cleanup_original, shared)
             _install(model, candidate, replacement)
             if cleanup_original and replacement is not candidate.module:
                 _drop_fused_tensors(candidate.module)
@@ -135,16 +136,33 @@ def convert_model(
     return True
 
 
+def _shared_parameter_ids(model: nn.Module) -> frozenset[int]:
+    """Ids of parameters that more than one place of ``model`` holds (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                (shared if id(parameter) in seen else seen).add(id(parameter))
+    return frozenset(shared)
+
+
 def _defuse_one(
-    manager: DefuserPluginManager, candidate: Candidate, model: nn.Module | None = None, cleanup_original: bool = False
+    manager: DefuserPluginManager,
+    candidate: Candidate,
+    model: nn.Module | None = None,
+    cleanup_original: bool = False,
+    shared: frozenset[int] = frozenset(),
 ) -> nn.Module:
     """The replacement for one candidate; on any failure (a plugin raising mid-way, out of
     memory) the fused module (and, under accelerate offload, its offload store) is put back
-    exactly as it was and :class:`ConversionError` names its path."""
-    saved = snapshot_module(candidate.module)
+    as it was (a fused weight released mid-way with ``cleanup_original`` comes back rebuilt
+    from its copy, equal) and :class:`ConversionError` names its path."""
+    saved = snapshot_module(candidate.module, shared)
+    release = releasing_consumed(saved) if cleanup_original else contextlib.nullcontext()
     try:
         # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
-        with dispatched_conversion(model, candidate, cleanup_original) as placement:
+        with release, dispatched_conversion(model, candidate, cleanup_original) as placement:
             replacement = manager.defuse(candidate)
             placement.place(replacement)
         return replacement

@@ -23,6 +23,7 @@ from torch import nn
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout, resolve_tensor
 from defuser.engine.fuse import fused_names, skeleton_of
 from defuser.engine.layout import (
+    Consumed,
     blank_module,
     expert_weights,
     fused_tensors,
@@ -30,6 +31,7 @@ from defuser.engine.layout import (
     linear_from,
     stacked_expert_weights,
 )
+from defuser.engine.transaction import consumed_releaser
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -131,6 +133,21 @@ class ExpertMLP(nn.Module):
         return self.down_proj(hidden)
 
 
+def _releasing(fused: nn.Module, layout: ExpertsLayout) -> Consumed | None:
+    """Where the caller allows it (``convert_model(..., cleanup_original=True)``), release each
+    fused weight of ``fused`` once copied (see :func:`stacked_expert_weights`)."""
+    names = {"first": layout.first_name, "second": layout.up_name, "down": layout.down_name}
+
+    def consumed(role: str, rebuild: Callable[[], torch.Tensor]) -> None:
+        owner_path, _, leaf = names[role].rpartition(".")
+        owner = fused.get_submodule(owner_path) if owner_path else fused
+        release = consumed_releaser(owner)
+        if release is not None:
+            release(leaf, rebuild)
+
+    return consumed if consumed_releaser(fused) is not None else None
+
+
 def _attribute_path(module: Any, path: str) -> Any:
     for name in path.split("."):
         module = getattr(module, name, None)
@@ -198,7 +215,7 @@ class DefusedExperts(nn.Module):
         if layout.has_post_expert_norm:
             self.post_expert_norm = fused.post_expert_norm
         tensors = fused_tensors(fused, layout)
-        stacked = stacked_expert_weights(tensors, layout)
+        stacked = stacked_expert_weights(tensors, layout, _releasing(fused, layout) if materialize else None)
         for index in range(layout.num_experts):
             weights = expert_weights(stacked, index)
             build = linear_from if materialize else _empty_linear

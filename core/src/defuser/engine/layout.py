@@ -7,6 +7,7 @@ projection of a module, on the tensor's own device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from defuser.engine.candidates import ExpertsLayout, ParallelLayout, resolve_tensor
 
 __all__ = [
+    "Consumed",
     "ExpertWeights",
     "FusedTensors",
     "blank_module",
@@ -29,9 +31,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class FusedTensors:
-    """The fused tensors of one experts module, detached (the layout says how to read them)."""
+    """The fused tensors of one experts module, detached (the layout says how to read them).
+    :func:`stacked_expert_weights` clears a field once its tensor is consumed."""
 
     first: torch.Tensor  # gate_up (gated), up (not gated) or gate (separate gate and up)
     down: torch.Tensor
@@ -130,24 +133,61 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: 
     return layer
 
 
-def stacked_expert_weights(tensors: FusedTensors, layout: ExpertsLayout) -> ExpertWeights:
+def _shares_storage(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+
+
+# Told, for a fused tensor that was copied, which one it was ("first", "second", "down") and
+# how to rebuild it from the copies, once nothing here holds it any more.
+Consumed = Callable[[str, Callable[[], torch.Tensor]], None]
+
+
+def stacked_expert_weights(
+    tensors: FusedTensors, layout: ExpertsLayout, consumed: Consumed | None = None
+) -> ExpertWeights:
     """All experts' weights stacked ``[E, out, in]`` (biases ``[E, out]``) in ``nn.Linear``
     orientation: views of the fused storage where the layout allows, else one copy per
-    projection of the whole module (transposed or interleaved layouts)."""
+    projection of the whole module (transposed or interleaved layouts), the largest first.
+    After each copy, ``consumed`` (when given) is told, so the caller may release the fused
+    tensor before the next copy is made."""
+    experts = layout.num_experts
 
     def stack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view(layout.num_experts, -1, tensor.shape[-1]) if layout.flattened else tensor
+        return tensor.view(experts, -1, tensor.shape[-1]) if layout.flattened else tensor
 
-    down = dense_per_expert(orient(stack(tensors.down), layout.transposed_down)[: layout.num_experts])
-    down_bias = tensors.down_bias
-    first = orient(stack(tensors.first), layout.is_transposed)[: layout.num_experts]
-    first_bias = tensors.first_bias
+    def take(role: str, transposed: bool, split: bool) -> tuple[torch.Tensor, ...]:
+        fused = getattr(tensors, role)
+        view = orient(stack(fused), transposed)[:experts]
+        result = split_gate_up(view, layout, dim=-2) if split else (dense_per_expert(view),)
+        copied = not any(_shares_storage(part, fused) for part in result)
+        if consumed is None or not copied or layout.flattened or fused.shape[0] != experts:
+            return result
+        shape, stride, dtype, device = fused.shape, fused.stride(), fused.dtype, fused.device
+        setattr(tensors, role, None)
+        del fused, view
+
+        def rebuild() -> torch.Tensor:
+            # The copies are a permutation of the fused tensor: written back through the same view.
+            out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            target = orient(out, transposed)
+            target.copy_(join_gate_up(*result, layout, dim=-2) if split else result[0])
+            return out
+
+        consumed(role, rebuild)
+        return result
+
+    down_bias, first_bias = tensors.down_bias, tensors.first_bias
     if tensors.second is not None:
-        up = dense_per_expert(orient(stack(tensors.second), layout.is_transposed)[: layout.num_experts])
-        return ExpertWeights(dense_per_expert(first), up, down, down_bias=down_bias)
+        (gate,) = take("first", layout.is_transposed, split=False)
+        (up,) = take("second", layout.is_transposed, split=False)
+        (down,) = take("down", layout.transposed_down, split=False)
+        return ExpertWeights(gate, up, down, down_bias=down_bias)
     if not layout.has_gate:
-        return ExpertWeights(None, dense_per_expert(first), down, None, first_bias, down_bias)
-    gate, up = split_gate_up(first, layout, dim=-2)
+        (up,) = take("first", layout.is_transposed, split=False)
+        (down,) = take("down", layout.transposed_down, split=False)
+        return ExpertWeights(None, up, down, None, first_bias, down_bias)
+    gate, up = take("first", layout.is_transposed, split=True)
+    (down,) = take("down", layout.transposed_down, split=False)
     gate_bias, up_bias = split_gate_up(first_bias, layout, dim=-1) if first_bias is not None else (None, None)
     return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
 

@@ -5,17 +5,26 @@ child, set an attribute).  The snapshot keeps, for every module of the tree, its
 dict and copies of its parameter, buffer and child dicts, plus each tensor's data object:
 restoring puts all of them back, so the module has the same tensors and the same forward as
 before.  No weight bytes are copied; writes *into* a tensor's storage are not undone.
+
+With :func:`releasing_consumed` active (``convert_model(..., cleanup_original=True)``), the
+engine may release a fused weight as soon as it has been copied (:func:`consumed_releaser`),
+so a copy layout needs memory for one fused tensor's copy at a time, not for the whole
+module's.  The snapshot then forgets that tensor and keeps how to rebuild it from the copies:
+a failure later still puts back a tensor equal to it (a new Parameter object).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModuleSnapshot", "snapshot_module"]
+__all__ = ["ModuleSnapshot", "consumed_releaser", "releasing_consumed", "snapshot_module"]
 
 _DICTS = ("_parameters", "_buffers", "_modules")
 
@@ -26,20 +35,78 @@ class ModuleSnapshot:
 
     states: list[tuple[nn.Module, dict[str, Any]]]
     tensor_data: list[tuple[torch.Tensor, torch.Tensor]]
+    # Ids of parameters held elsewhere too (ties): never released.
+    shared: frozenset[int] = field(default_factory=frozenset)
 
     def restore(self) -> None:
         """Put every recorded module attribute, child and tensor back."""
         for module, state in self.states:
             module.__dict__.clear()
             module.__dict__.update({name: dict(value) if name in _DICTS else value for name, value in state.items()})
+            parameters = module._parameters
+            for name, value in parameters.items():
+                if isinstance(value, _Released):
+                    parameters[name] = nn.Parameter(value.rebuild(), requires_grad=value.requires_grad)
         for tensor, data in self.tensor_data:
             if tensor.data is not data:
                 with torch.no_grad():
                     tensor.data = data
 
+    def release(self, module: nn.Module, name: str, rebuild: Callable[[], torch.Tensor]) -> bool:
+        """Drop ``module``'s parameter ``name`` and every reference this snapshot holds to it,
+        keeping ``rebuild`` to make an equal one on :meth:`restore`; False (nothing done) for a
+        parameter that is tied elsewhere, of a Parameter subclass, or not in the snapshot."""
+        parameter = module._parameters.get(name)
+        if type(parameter) is not nn.Parameter or id(parameter) in self.shared:
+            return False
+        state = next((state for owner, state in self.states if owner is module), None)
+        if state is None or state["_parameters"].get(name) is not parameter:
+            return False
+        elsewhere = (
+            held for owner, kept in self.states if owner is not module for held in kept["_parameters"].values()
+        )
+        if any(held is parameter for held in elsewhere):
+            return False
+        state["_parameters"][name] = _Released(rebuild, parameter.requires_grad)
+        self.tensor_data = [(tensor, data) for tensor, data in self.tensor_data if tensor is not parameter]
+        module._parameters[name] = None
+        return True
 
-def snapshot_module(root: nn.Module) -> ModuleSnapshot:
-    """Record ``root``'s tree (structure and tensor objects, not their bytes)."""
+
+@dataclass(frozen=True)
+class _Released:
+    """A parameter released mid-conversion, as the snapshot keeps it."""
+
+    rebuild: Callable[[], torch.Tensor]
+    requires_grad: bool
+
+
+_active_release: ContextVar[ModuleSnapshot | None] = ContextVar("defuser_release", default=None)
+
+
+@contextmanager
+def releasing_consumed(snapshot: ModuleSnapshot) -> Iterator[None]:
+    """While active, :func:`consumed_releaser` lets the engine release the fused tensors it has
+    copied from modules of ``snapshot``'s tree."""
+    token = _active_release.set(snapshot)
+    try:
+        yield
+    finally:
+        _active_release.reset(token)
+
+
+def consumed_releaser(module: nn.Module) -> Callable[[str, Callable[[], torch.Tensor]], bool] | None:
+    """A function releasing ``module``'s parameter ``name`` (given how to rebuild it), or None
+    when releasing is not active for it (the default: the fused module stays intact)."""
+    snapshot = _active_release.get()
+    if snapshot is None or not any(module is owner for owner, _ in snapshot.states):
+        return None
+    return lambda name, rebuild: snapshot.release(module, name, rebuild)
+
+
+def snapshot_module(root: nn.Module, shared: frozenset[int] = frozenset()) -> ModuleSnapshot:
+    """Record ``root``'s tree (structure and tensor objects, not their bytes); ``shared`` holds
+    ids of parameters that something outside the tree holds too."""
     states = []
     tensor_data = []
     seen: set[int] = set()
@@ -50,4 +117,4 @@ def snapshot_module(root: nn.Module) -> ModuleSnapshot:
             if tensor is not None and id(tensor) not in seen:
                 seen.add(id(tensor))
                 tensor_data.append((tensor, tensor.data))
-    return ModuleSnapshot(states, tensor_data)
+    return ModuleSnapshot(states, tensor_data, shared)
