@@ -20,6 +20,7 @@ __all__ = [
     "ExpertWeights",
     "FusedTensors",
     "blank_module",
+    "dense_copy",
     "dense_per_expert",
     "expert_weights",
     "fused_tensors",
@@ -79,13 +80,30 @@ def fused_tensors(module: nn.Module, layout: ExpertsLayout) -> FusedTensors:
     )
 
 
+# Columns per block of a transposing copy on the CPU: measured best on this project's machines
+# (8 to 64 all beat one pass; 16 was fastest at both benchmark sizes).
+_COPY_COLUMNS = 16
+
+
+def dense_copy(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``view`` on its own device.  On the CPU, a view whose last dimension
+    is strided (a transpose) is copied a block of columns at a time: the source rows being read
+    then stay in cache, which makes large transposing copies about twice as fast as one pass."""
+    if view.device.type != "cpu" or view.ndim < 2 or view.stride(-1) == 1 or view.shape[-1] <= _COPY_COLUMNS:
+        return view.contiguous()
+    out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+    for start in range(0, view.shape[-1], _COPY_COLUMNS):
+        out[..., start : start + _COPY_COLUMNS].copy_(view[..., start : start + _COPY_COLUMNS])
+    return out
+
+
 def dense_per_expert(stack: torch.Tensor) -> torch.Tensor:
     """``stack`` if each ``stack[e]`` is already dense (a view is enough), else one copy of the
     whole stack, made on its own device: one copy per projection per module, not per expert."""
     if stack.ndim < 3:  # biases [E, out]
         return stack if stack.stride(-1) == 1 else stack.contiguous()
     dense = stack.stride(-1) == 1 and stack.stride(-2) == stack.shape[-1]
-    return stack if dense else stack.contiguous()
+    return stack if dense else dense_copy(stack)
 
 
 def split_gate_up(
@@ -101,7 +119,7 @@ def split_gate_up(
     # Interleaved rows cannot be views: de-interleave both halves in one pass over the
     # source, ``[E, ..., I, 2, ...] -> [E, 2, ..., I, ...]``, each half then dense per expert.
     dim = dim % stack.ndim
-    halves = stack.unflatten(dim, (size, 2)).movedim(dim + 1, 1).contiguous()
+    halves = dense_copy(stack.unflatten(dim, (size, 2)).movedim(dim + 1, 1))
     first, second = halves[:, 0], halves[:, 1]
     return (first, second) if layout.gate_first else (second, first)
 
