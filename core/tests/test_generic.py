@@ -128,3 +128,24 @@ def test_sentinel_index_and_idle_experts_contribute_nothing():
         reference = holder.experts(hidden, index, weights)
         assert convert_model(holder)
         assert torch.allclose(per_expert_forward(holder.experts, hidden, index, weights), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        lambda t: t.transpose(-1, -2),  # column blocks, with a partial last block
+        lambda t: t.transpose(-1, -2)[:, 3:],
+        lambda t: t.unflatten(-1, (t.shape[-1] // 2, 2)).movedim(-1, 1).transpose(-1, -2),
+        lambda t: t[:, :, :5].transpose(-1, -2),  # no wider than one block
+        lambda t: t,  # already contiguous
+    ],
+    ids=["transposed", "offset", "interleaved", "narrow", "contiguous"],
+)
+def test_dense_copy_equals_contiguous(make_view):
+    from defuser.engine.layout import dense_copy
+
+    source = torch.randn(3, 40, 38)
+    view = make_view(source)
+    copy = dense_copy(view)
+    assert copy.is_contiguous() and torch.equal(copy, view.contiguous())
+    assert copy.untyped_storage().data_ptr() != source.untyped_storage().data_ptr() or view.is_contiguous()
