@@ -73,6 +73,16 @@ def _owner(model: nn.Module | None, layer_name: str | None, suffix: str) -> tupl
     return path, None
 
 
+def _defused_owner(op: ConversionOps, kwargs: dict[str, Any], kind: type, what: str) -> tuple[str, nn.Module]:
+    """Path and module of the key a converter ``op`` was handed (``op.target`` ends it); a
+    ValueError naming the key when that module is not a ``kind``."""
+    layer_name = kwargs.get("full_layer_name")
+    path, module = _owner(kwargs.get("model"), layer_name, op.target)
+    if not isinstance(module, kind):
+        raise ValueError(f"{op!r}: {layer_name!r} does not belong to a {what}")
+    return path, module
+
+
 class SplitFusedExperts(ConversionOps):
     """Split one fused experts tensor (``tensor_name``, possibly dotted or a ``*_bias``) of a
     defused experts module into per-expert ``{path}.{i}.{proj}.weight|bias`` tensors.
@@ -100,10 +110,7 @@ class SplitFusedExperts(ConversionOps):
     ) -> dict[str, torch.Tensor]:
         from defuser.engine.experts import DefusedExperts
 
-        layer_name = kwargs.get("full_layer_name")
-        path, module = _owner(kwargs.get("model"), layer_name, self.target)
-        if not isinstance(module, DefusedExperts):
-            raise ValueError(f"{self!r}: {layer_name!r} does not belong to a defused experts module")
+        path, module = _defused_owner(self, kwargs, DefusedExperts, "defused experts module")
         if self.inputs:
             pieces = {self.inputs[key]: _first_tensor({key: value}) for key, value in input_dict.items()}
         else:
@@ -232,10 +239,7 @@ class SplitFusedParallel(ConversionOps):
     ) -> dict[str, torch.Tensor]:
         from defuser.engine.parallel import DefusedParallelExperts, GateUpPair
 
-        layer_name = kwargs.get("full_layer_name")
-        path, module = _owner(kwargs.get("model"), layer_name, self.target)
-        if not isinstance(module, DefusedParallelExperts):
-            raise ValueError(f"{self!r}: {layer_name!r} does not belong to a defused parallel-experts module")
+        path, module = _defused_owner(self, kwargs, DefusedParallelExperts, "defused parallel-experts module")
         stacked = orient(_first_tensor(input_dict), module.layout.transposed)
         gated = isinstance(module[0], GateUpPair)
         halves = split_gate_up(stacked, module.layout) if gated else (stacked,)

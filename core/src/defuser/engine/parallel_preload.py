@@ -18,6 +18,7 @@ from the source), so other ``.weight`` keys are never touched.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import logging
@@ -29,7 +30,14 @@ from torch import nn
 
 from defuser.engine.candidates import ParallelLayout
 
-__all__ = ["ParallelPatch", "defuse_parallel_experts", "install_post_init", "parallel_converters", "resolve_parallel"]
+__all__ = [
+    "ParallelPatch",
+    "defuse_parallel_experts",
+    "install_post_init",
+    "parallel_converters",
+    "resolve_parallel",
+    "source_assignments",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,35 +52,37 @@ class ParallelPatch:
     roots: tuple[type, ...]
 
 
-def _constructions(module: Any) -> dict[str, set[tuple[str, str]]]:
-    """Class name -> ``(class, attribute)`` pairs whose ``__init__`` assigns ``self.<attribute>``
-    an instance of it, read from ``module``'s source."""
+@functools.cache
+def source_assignments(module_name: str) -> tuple[tuple[str, str, str], ...]:
+    """``(class, target, callee)`` for every ``target = callee(...)`` assignment inside the
+    classes of ``module_name``'s source, as written (``("JetMoeMoE", "self.input_linear",
+    "JetMoeParallelExperts")``), in source order; empty without source.  Read once per module."""
     try:
-        tree = ast.parse(inspect.getsource(module))
+        tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
     except (OSError, TypeError, SyntaxError):  # no source to read
-        return {}
-    found: dict[str, set[tuple[str, str]]] = {}
+        return ()
+    found = []
     for class_node in tree.body:
         if not isinstance(class_node, ast.ClassDef):
             continue
         for node in ast.walk(class_node):
-            if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)):
-                continue
-            func = node.value.func
-            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-            for target in node.targets:
-                if called and isinstance(target, ast.Attribute) and getattr(target.value, "id", None) == "self":
-                    found.setdefault(called, set()).add((class_node.name, target.attr))
-    return found
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                callee = ast.unparse(node.value.func)
+                found += [(class_node.name, ast.unparse(target), callee) for target in node.targets]
+    return tuple(found)
 
 
-def _attribute_paths(module: Any, class_name: str) -> set[str]:
+def _attribute_paths(module_name: str, class_name: str) -> set[str]:
     """``holder.attribute`` (or ``attribute`` where the holder's own place is unknown) for each
-    place ``module`` constructs ``class_name``."""
-    constructions = _constructions(module)
+    place the source of ``module_name`` assigns ``self.<attribute>`` an instance of ``class_name``."""
+    held: dict[str, set[tuple[str, str]]] = {}  # class name -> (holding class, attribute)
+    for holder, target, callee in source_assignments(module_name):
+        attribute = target.removeprefix("self.")
+        if target.startswith("self.") and "." not in attribute:
+            held.setdefault(callee.rsplit(".", 1)[-1], set()).add((holder, attribute))
     paths: set[str] = set()
-    for holder, attribute in constructions.get(class_name, ()):
-        outer = {holder_attribute for _, holder_attribute in constructions.get(holder, ())}
+    for holder, attribute in held.get(class_name, ()):
+        outer = {holder_attribute for _, holder_attribute in held.get(holder, ())}
         paths |= {f"{name}.{attribute}" for name in outer} or {attribute}
     return paths
 
@@ -98,7 +108,7 @@ def resolve_parallel(modeling_modules: tuple[str, ...], declared: dict[str, Para
             cls = getattr(module, name, None)
             if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module_name:
                 layouts[cls] = layout
-                paths.setdefault(layout, set()).update(_attribute_paths(module, name))
+                paths.setdefault(layout, set()).update(_attribute_paths(module_name, name))
     if not layouts:
         return None
     roots: list[type] = []

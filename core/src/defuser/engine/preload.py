@@ -25,10 +25,7 @@ patched model type needs it, and goes back to the stock one when none does.
 
 from __future__ import annotations
 
-import ast
-import functools
 import importlib
-import inspect
 import logging
 import re
 import sys
@@ -41,7 +38,13 @@ from torch import nn
 
 from defuser.engine.candidates import DenseLayout, ParallelLayout, declared_experts_layout, read_experts_layout
 from defuser.engine.experts import DefusedExperts, defused_class_for
-from defuser.engine.parallel_preload import ParallelPatch, install_post_init, parallel_converters, resolve_parallel
+from defuser.engine.parallel_preload import (
+    ParallelPatch,
+    install_post_init,
+    parallel_converters,
+    resolve_parallel,
+    source_assignments,
+)
 
 __all__ = [
     "PreloadPlan",
@@ -153,27 +156,13 @@ def _is_decorated_experts_class(cls: type) -> bool:
 _LINEAR_ASSIGNMENT = re.compile(r"Linear$")
 
 
-@functools.cache
 def _dense_class_names(module_name: str) -> tuple[str, ...]:
-    module = importlib.import_module(module_name)
-    try:
-        tree = ast.parse(inspect.getsource(module))
-    except (OSError, TypeError, SyntaxError):  # no source to read
-        return ()
-    names = []
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for item in ast.walk(node):
-            if (
-                isinstance(item, ast.Assign)
-                and any(isinstance(target, ast.Attribute) and target.attr == "gate_up_proj" for target in item.targets)
-                and isinstance(item.value, ast.Call)
-                and _LINEAR_ASSIGNMENT.search(ast.unparse(item.value.func))
-            ):
-                names.append(node.name)
-                break
-    return tuple(names)
+    found = (
+        holder
+        for holder, target, callee in source_assignments(module_name)
+        if target.endswith(".gate_up_proj") and _LINEAR_ASSIGNMENT.search(callee)
+    )
+    return tuple(dict.fromkeys(found))
 
 
 def fused_dense_classes(module: Any) -> list[str]:
