@@ -11,6 +11,7 @@ does not, and it must always be pinned to exactly TORCH_VERSION.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -25,10 +26,24 @@ nox.options.default_venv_backend = "virtualenv"
 
 ROOT = Path(__file__).resolve().parent
 TORCH_VERSION = "2.13.0"
-# Oldest and newest transformers releases defuser supports, with the ids sessions are named by.
+
+
+def _releases() -> dict[str, str]:
+    """Oldest supported and newest served transformers releases (scripts/transformers_releases.py,
+    the one place that names them; the newest is asked of the package index when nox starts)."""
+    spec = importlib.util.spec_from_file_location(
+        "transformers_releases", ROOT / "scripts" / "transformers_releases.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.releases()
+
+
+_RELEASES = _releases()
+# Sessions are named by these ids, whatever the versions are today.
 TRANSFORMERS_VERSIONS = [
-    nox.param("5.3.0", id="oldest"),
-    nox.param("5.24.0", id="latest"),
+    nox.param(_RELEASES["oldest"], id="oldest"),
+    nox.param(_RELEASES["newest"], id="latest"),
 ]
 
 # Test runner and test-only libraries every test session installs.

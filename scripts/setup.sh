@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create (or refresh) a virtual environment with core, every first-party plugin, the
-# testkit and the test tools, for one transformers version.
+# testkit and the test tools, for one transformers version (default: the newest release the
+# package registry serves, see scripts/transformers_releases.py).
 #   scripts/setup.sh [VENV_DIR] [TRANSFORMERS_VERSION]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-$root/.venv}"
-transformers_version="${2:-5.24.0}"
 python="${PYTHON:-python3}"
+transformers_version="${2:-$("$python" "$root/scripts/transformers_releases.py" newest)}"
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi

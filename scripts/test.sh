@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: every package against the newest transformers and the oldest
-# supported one (5.3.0), plus lint. Environments live in .venvs/ and are reused.
+# The whole test suite: every package against the newest transformers release the package
+# registry serves now and the oldest supported one, plus lint. scripts/transformers_releases.py
+# names both. Environments live in .venvs/ and are reused (upgraded when a release ships).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 status=0
-for entry in "latest:5.24.0" "oldest:5.3.0"; do
+python="${PYTHON:-python3}"
+newest="$("$python" "$root/scripts/transformers_releases.py" newest)"
+oldest="$("$python" "$root/scripts/transformers_releases.py" oldest)"
+echo "=== transformers releases under test: newest $newest, oldest $oldest"
+for entry in "latest:$newest" "oldest:$oldest"; do
     name="${entry%%:*}"; version="${entry#*:}"
     venv="$root/.venvs/$name"
     "$root/scripts/setup.sh" "$venv" "$version"
