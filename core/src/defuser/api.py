@@ -15,7 +15,9 @@ from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
-from defuser.engine.transaction import releasing_consumed, snapshot_module
+from defuser.engine.selfcheck import SelfCheck
+from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
+from defuser.errors import ConversionError
 from defuser.filtering import compile_filter
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
@@ -35,10 +37,6 @@ logger = logging.getLogger(__name__)
 _FUSED_TENSOR_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 
-class ConversionError(RuntimeError):
-    """Defusing one module failed; that module was left as it was."""
-
-
 def _check_max_layers(max_layers: object) -> int | None:
     if max_layers is None:
         return None
@@ -49,17 +47,38 @@ def _check_max_layers(max_layers: object) -> int | None:
     return max_layers
 
 
-def find_candidates(model: nn.Module) -> list[Candidate]:
-    """Every fused block of ``model`` that an installed plugin (or the generic engine) can defuse."""
+def _detect(model: nn.Module) -> list[Candidate]:
+    """Every fused block of ``model`` and who defuses it, refused ones included."""
     manager = get_plugin_manager()
     found = []
     for path, module, model_type in iter_typed_modules(model):
         candidate = manager.detect(module, path, model_type)
         if candidate is not None:
-            if candidate.generic and manager.owner_of(model_type) is None:
+            if candidate.generic and not candidate.refusal and manager.owner_of(model_type) is None:
                 logger.info("%s (%s, model type %s) handled generically", path, candidate.class_name, model_type)
             found.append(candidate)
     return found
+
+
+def find_candidates(model: nn.Module) -> list[Candidate]:
+    """Every fused block of ``model`` that an installed plugin (or the generic engine) can defuse
+    (refused ones, which ``convert_model`` reports as an error, left out)."""
+    return [candidate for candidate in _detect(model) if not candidate.refusal]
+
+
+def _refusal_error(refused: list[Candidate]) -> ConversionError:
+    """One error naming every refused module (grouped by class and reason); nothing changed yet."""
+    groups: dict[tuple[str, str | None, str], list[str]] = {}
+    for candidate in refused:
+        groups.setdefault((candidate.class_name, candidate.model_type, candidate.refusal), []).append(candidate.path)
+    parts = []
+    for (class_name, model_type, reason), paths in groups.items():
+        where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        parts.append(f"{where} ({class_name}, model type {model_type!r}): {reason}")
+    return ConversionError(
+        f"cannot defuse {len(refused)} module(s), so the model was left as it was: {'; '.join(parts)}. "
+        "Leave them out with filter=['-:<path regex>'] (or max_layers) to convert the rest."
+    )
 
 
 def _install(model: nn.Module, candidate: Candidate, replacement: nn.Module) -> None:
@@ -93,6 +112,12 @@ def convert_model(
     them.  Returns True when something was defused; False (model untouched) for a model with
     nothing to defuse, an unsupported model type, or transformers older than 5.3.0.  A module
     whose defusion fails is left as it was and :class:`ConversionError` names its path.
+
+    Every conversion checks itself (:mod:`defuser.engine.selfcheck`): a module whose structure
+    is not known (a subclass overriding ``forward``, tensors no layout names) is refused with
+    :class:`ConversionError` before anything changes; each replacement must keep every tensor
+    its layout does not consume; and the first module of each class is probed against its
+    fused original (``DEFUSER_VERIFY=0`` turns that off, ``DEFUSER_VERIFY=all`` probes all).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -100,9 +125,11 @@ def convert_model(
     rules = compile_filter(filter)
     if not transformers_supported("convert_model"):
         return False
+    manager = get_plugin_manager()
+    check = SelfCheck(model, manager)  # reads DEFUSER_VERIFY
     register_experts_implementation()
     selected = []
-    for candidate in find_candidates(model):
+    for candidate in _detect(model):
         index = layer_index(candidate.path)
         if limit is not None and (index is None or index >= limit):
             continue
@@ -111,23 +138,34 @@ def convert_model(
     if not selected:
         logger.info("nothing to defuse in %s", type(model).__name__)
         return False
-    manager = get_plugin_manager()
+    refused = [candidate for candidate in selected if candidate.refusal]
+    if refused:
+        raise _refusal_error(refused)
     count = len(selected)
     shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
-    # Candidates are consumed one by one so that, once a module is replaced, nothing here
-    # keeps the fused module (and copies made from it) alive: peak memory stays at the model
-    # plus one module's new tensors.
-    selected.reverse()
+    # The first module of each class and layout is defused and self-checked before any other,
+    # and installed only once all of them passed: a failed check leaves the model as it was.
+    first = check.first_modules(selected)
+    held = _defuse_held(manager, first, model, cleanup_original, shared, check)
+    # The rest are consumed one by one so that, once a module is replaced, nothing here keeps
+    # the fused module (and copies made from it) alive: peak memory stays at the model plus
+    # one module's new tensors.
+    selected = [candidate for candidate in reversed(selected) if all(candidate is not f for f in first)]
+    del first
     with tqdm(total=count, desc="defusing", unit="module", disable=None, leave=False) as progress:
-        while selected:
-            candidate = selected.pop()
-            replacement = _defuse_one(manager, candidate, model, cleanup_original, shared)
+        while held or selected:
+            if held:
+                candidate, replacement = held.pop()
+            else:
+                candidate = selected.pop()
+                replacement, _ = _defuse_one(manager, candidate, model, cleanup_original, shared, check)
             _install(model, candidate, replacement)
             if cleanup_original and replacement is not candidate.module:
                 _drop_fused_tensors(candidate.module)
             logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
             del candidate, replacement
             progress.update()
+    check.report()
     logger.info("defused %d module(s) of %s", count, type(model).__name__)
     # save_pretrained writes the per-expert keys under the names stock transformers loads.
     from defuser.engine.checkpoint import attach_save_mapping
@@ -147,30 +185,58 @@ def _shared_parameter_ids(model: nn.Module) -> frozenset[int]:
     return frozenset(shared)
 
 
+def _defuse_held(
+    manager: DefuserPluginManager,
+    candidates: list[Candidate],
+    model: nn.Module,
+    cleanup_original: bool,
+    shared: frozenset[int],
+    check: SelfCheck,
+) -> list[tuple[Candidate, nn.Module]]:
+    """Defuse ``candidates`` without installing them, in reverse order (ready to pop); when one
+    fails, every one defused before is put back as it was too."""
+    done: list[tuple[Candidate, nn.Module, ModuleSnapshot]] = []
+    try:
+        for candidate in candidates:
+            done.append((candidate, *_defuse_one(manager, candidate, model, cleanup_original, shared, check)))
+    except BaseException:
+        for _, _, saved in reversed(done):
+            saved.restore()
+        raise
+    return [(candidate, replacement) for candidate, replacement, _ in reversed(done)]
+
+
 def _defuse_one(
     manager: DefuserPluginManager,
     candidate: Candidate,
     model: nn.Module | None = None,
     cleanup_original: bool = False,
     shared: frozenset[int] = frozenset(),
-) -> nn.Module:
-    """The replacement for one candidate; on any failure (a plugin raising mid-way, out of
-    memory) the fused module (and, under accelerate offload, its offload store) is put back
-    as it was (a fused weight released mid-way with ``cleanup_original`` comes back rebuilt
-    from its copy, equal) and :class:`ConversionError` names its path."""
+    check: SelfCheck | None = None,
+) -> tuple[nn.Module, ModuleSnapshot]:
+    """The replacement for one candidate (self-checked, see :mod:`defuser.engine.selfcheck`) and
+    the snapshot that undoes it; on any failure (a plugin raising mid-way, out of memory, a
+    failed self-check) the fused module (and, under accelerate offload, its offload store) is
+    put back as it was (a fused weight released mid-way with ``cleanup_original`` comes back
+    rebuilt from its copy, equal) and :class:`ConversionError` names its path."""
     saved = snapshot_module(candidate.module, shared)
     release = releasing_consumed(saved) if cleanup_original else contextlib.nullcontext()
     try:
+        probe = check.prepare(candidate) if check is not None else None
         # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
         with release, dispatched_conversion(model, candidate, cleanup_original) as placement:
             replacement = manager.defuse(candidate)
             placement.place(replacement)
-        return replacement
+            if check is not None and probe is not None:
+                check.verify(candidate, probe, replacement)
+        return replacement, saved
     except BaseException as error:
         saved.restore()
         if not isinstance(error, Exception):  # KeyboardInterrupt and friends propagate as they are
             raise
-        raise ConversionError(f"defusing {candidate.path} ({candidate.class_name}) failed: {error}") from error
+        raise ConversionError(
+            f"defusing {candidate.path} ({candidate.class_name}) failed: {error} (the module was put back as it was)"
+        ) from error
 
 
 def replace_fused_blocks(model_type: str) -> bool:

@@ -11,8 +11,15 @@ The family claims its model types; decorated experts are read from transformers'
 and dense ``gate_up_proj`` MLPs are found by shape.  What differs is declared per class name:
 ``dense_classes`` (another fused name, reversed halves), ``experts_classes`` (undecorated
 experts: their :class:`ExpertsLayout` fields), ``parallel_classes`` (stacked per-expert
-projections routed by the parent) and ``layout_overrides`` (quirks of decorated classes).
+projections routed by the parent) and ``layout_overrides`` (quirks of decorated classes, and
+subclasses of them that override ``forward``, which nothing else describes).
 Override a method (keeping its ``@hookimpl``) only for what declarations cannot say.
+
+A class the family does not declare is held to its decorator's flags: a subclass overriding
+``forward``, or tensors the flags do not name, make it a refusal, not a guess.  An
+``experts_classes`` declaration applies while transformers leaves the class undecorated; once
+a release decorates it, the flags describe it and the generic engine takes it over (the plugin
+manager logs that).  ``tested_on`` names the transformers releases the family was tested on.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from defuser.compat import transformers_version
 from defuser.engine.candidates import (
     Candidate,
     DenseLayout,
@@ -30,13 +38,15 @@ from defuser.engine.candidates import (
     declared_experts_layout,
     read_experts_layout,
 )
+from defuser.engine.contract import contract_refusal, decorated_class
 from defuser.engine.generic import dense_layout_of
 from defuser.engine.parallel import parallel_weight
 from defuser.engine.preload import PreloadPlan
+from defuser.errors import DeclarationMismatch
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TypeSupport
 
-__all__ = ["Family", "modeling_module_for", "modeling_modules_for"]
+__all__ = ["Family", "modeling_module_for", "modeling_modules_for", "preload_plan_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +78,7 @@ class Family:
         core: str = ">=0.1,<1",
         priority: int = 0,
         description: str = "",
+        tested_on: Iterable[str] = (),
     ):
         self.info = PluginInfo(
             name=name,
@@ -76,6 +87,7 @@ class Family:
             core=core,
             priority=priority,
             description=description,
+            tested_on=tuple(tested_on),
         )
         self.dense_classes = dict(dense_classes or {})
         self.experts_classes = {key: dict(value) for key, value in (experts_classes or {}).items()}
@@ -106,36 +118,33 @@ class Family:
                 return None
             return Candidate(path, module, "parallel", self.info.name, parallel, model_type)
         if class_name in self.experts_classes:
+            if decorated_class(type(module)) is not None:
+                # A release decorated the class: its flags, not this declaration, describe it.
+                raise DeclarationMismatch(
+                    f"{class_name} is declared as undecorated experts, but transformers {transformers_version()} "
+                    "decorates it with @use_experts_implementation"
+                )
             layout = declared_experts_layout(module, **self.experts_classes[class_name])
         else:
             layout = read_experts_layout(module)
         if layout is None:
             return None
+        # A declared class is described by its declaration; any other is held to its decorator's flags.
+        declared = class_name in self.experts_classes or class_name in self.layout_overrides
+        refusal = "" if declared else contract_refusal(module, layout)
         overrides = self.layout_overrides.get(class_name)
         if overrides:
             layout = layout.with_overrides(**overrides)
-        return Candidate(path, module, "experts", self.info.name, layout, model_type)
+        return Candidate(path, module, "experts", self.info.name, layout, model_type, refusal=refusal)
 
     @hookimpl
     def defuser_preload_plan(self, model_type: str) -> PreloadPlan | None:
         support = self.info.support_for(model_type)
         if support is None or not support.preload:
             return None
-        module_names = modeling_modules_for(model_type)
-        if not module_names:
-            return None
-        own_types = {t.model_type for t in self.info.model_types}
-        # Sub-models (thinker, talker, text-only, sub-configs) load through their own model
-        # types, and some models through their classes' names: their mappings change too.
-        related = [
-            t for t in own_types if t != model_type and set(modeling_modules_for(t, nested=False)) & set(module_names)
-        ]
-        mapping_keys = [model_type, *sorted(related), *_sub_config_types(model_type)]
-        mapping_keys += _mapped_class_names(module_names)
-        return PreloadPlan(
-            model_type=model_type,
-            mapping_types=tuple(dict.fromkeys(mapping_keys)),
-            modeling_modules=tuple(module_names),
+        return preload_plan_for(
+            model_type,
+            related_types=[t.model_type for t in self.info.model_types],
             declared_experts={name: dict(fields) for name, fields in self.experts_classes.items()},
             layout_overrides={name: dict(fields) for name, fields in self.layout_overrides.items()},
             dense_classes=dict(self.dense_classes),
@@ -144,6 +153,31 @@ class Family:
             dense_key_patterns=self.dense_key_patterns.get(model_type, ()),
             parallel_classes=dict(self.parallel_classes),
         )
+
+
+def preload_plan_for(model_type: str, related_types: Iterable[str] = (), **declarations: Any) -> PreloadPlan | None:
+    """The :class:`PreloadPlan` patching ``model_type``'s modeling modules (None when it has
+    none): its checkpoint mapping, those of its sub-configs, of ``related_types`` sharing its
+    modules and of its model classes with a mapping of their own change too.
+    ``declarations`` are the plan's class declarations (``declared_experts``, ...)."""
+    module_names = modeling_modules_for(model_type)
+    if not module_names:
+        return None
+    # Sub-models (thinker, talker, text-only, sub-configs) load through their own model
+    # types, and some models through their classes' names: their mappings change too.
+    related = [
+        t
+        for t in set(related_types)
+        if t != model_type and set(modeling_modules_for(t, nested=False)) & set(module_names)
+    ]
+    mapping_keys = [model_type, *sorted(related), *_sub_config_types(model_type)]
+    mapping_keys += _mapped_class_names(module_names)
+    return PreloadPlan(
+        model_type=model_type,
+        mapping_types=tuple(dict.fromkeys(mapping_keys)),
+        modeling_modules=tuple(module_names),
+        **declarations,
+    )
 
 
 def _config_class(model_type: str) -> type | None:

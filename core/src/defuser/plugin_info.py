@@ -21,7 +21,8 @@ class TypeSupport:
     """How one model type is handled: after-load conversion, before-load patching (``preload``,
     from ``preload_min_transformers`` on when older releases cannot), how a checkpoint saved
     from the defused model reloads (``reload``, one of :data:`RELOAD_WAYS`; ``reload_blocker``
-    says why when it cannot), the oldest transformers the type is tested on, notes."""
+    says why when it cannot; ``stock_reload_from``: the release from which stock transformers
+    reloads it too), the oldest transformers the type is tested on, notes."""
 
     model_type: str
     preload: bool = False
@@ -30,8 +31,11 @@ class TypeSupport:
     reload: str = RELOAD_STOCK
     reload_blocker: str = ""
     preload_min_transformers: str | None = None
+    stock_reload_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.stock_reload_from is not None and self.reload == RELOAD_STOCK:
+            raise ValueError(f"{self.model_type}: stock_reload_from says when a non-stock reload becomes stock")
         if self.reload not in RELOAD_WAYS:
             raise ValueError(f"{self.model_type}: reload must be one of {RELOAD_WAYS}, got {self.reload!r}")
         if self.reload == RELOAD_PATCHED and not self.preload:
@@ -39,10 +43,23 @@ class TypeSupport:
         if (self.reload == RELOAD_NONE) != bool(self.reload_blocker):
             raise ValueError(f"{self.model_type}: reload_blocker says why, and only when reload={RELOAD_NONE!r}")
 
+    def reload_on(self, release: object) -> str:
+        """How a saved defused model reloads on transformers ``release``: :attr:`reload`, or
+        stock from :attr:`stock_reload_from` on."""
+        from packaging.version import Version
+
+        if self.stock_reload_from is not None and Version(str(release)) >= Version(self.stock_reload_from):
+            return RELOAD_STOCK
+        return self.reload
+
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """Self-description a plugin returns from ``defuser_plugin_info``."""
+    """Self-description a plugin returns from ``defuser_plugin_info``.
+
+    ``tested_on`` lists the transformers releases the plugin was tested on (``"5.25.0"``);
+    ``defuser plugins`` says "untested on X" for an installed release outside it.
+    """
 
     name: str
     model_types: tuple[TypeSupport, ...] = ()
@@ -51,6 +68,22 @@ class PluginInfo:
     priority: int = 0
     description: str = ""
     distribution: str | None = field(default=None, compare=False)
+    tested_on: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from packaging.version import InvalidVersion, Version
+
+        for release in self.tested_on:
+            try:
+                Version(release)
+            except (InvalidVersion, TypeError):
+                raise ValueError(f"plugin {self.name!r}: tested_on holds {release!r}, not a release version") from None
+
+    def tested_with(self, release: object) -> bool:
+        """True when the transformers ``release`` is one the plugin was tested on."""
+        from packaging.version import Version
+
+        return release is not None and any(Version(str(release)) == Version(tested) for tested in self.tested_on)
 
     def claims(self, model_type: str | None) -> bool:
         """True when ``model_type`` is one of the plugin's declared model types."""

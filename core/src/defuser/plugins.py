@@ -19,10 +19,13 @@ a warning names both.
 
 A hook that raises is reported as :class:`PluginError` naming the plugin and the hook:
 
-* ``defuser_detect_candidate``: the module it was asked about is left fused, with a warning
-  (once per plugin and hook); other modules and model types still convert.  A plugin that
-  does not own the module's model type is skipped and the next one asked, as if it had
-  returned None.  ``strict=True`` raises instead.
+* ``defuser_detect_candidate``: when the plugin owns the module's model type, its declaration
+  is taken not to fit the installed transformers: the generic engine defuses the module if it
+  can (self-checked), with one warning naming plugin, version and reason; a fused module it
+  cannot take is refused (``convert_model`` raises ``ConversionError`` before changing
+  anything); any other module is left as it is, with a warning (once per plugin and hook).
+  A plugin that does not own the module's model type is skipped and the next one asked, as
+  if it had returned None.  ``strict=True`` raises instead.
 * ``defuser_preload_plan``: raised; ``replace_fused_blocks`` patches nothing.
 * ``defuser_defuse_candidate``: raised; ``convert_model`` restores the module and raises
   ``ConversionError`` with its path (modules converted before stay converted).
@@ -43,9 +46,11 @@ from torch import nn
 
 from defuser import hookspecs
 from defuser.compat import transformers_version, version_in
-from defuser.engine.candidates import Candidate
+from defuser.engine.candidates import Candidate, ExpertsLayout
+from defuser.engine.contract import looks_fused
 from defuser.engine.generic import GENERIC_PLUGIN_NAME, GenericEngine
 from defuser.engine.preload import PreloadPlan
+from defuser.errors import DeclarationMismatch
 from defuser.plugin_info import PluginInfo
 
 __all__ = [
@@ -263,8 +268,7 @@ class DefuserPluginManager:
             p.obj
             for p in self.plugins.values()
             if p.obj is not None
-            and p.name != GENERIC_PLUGIN_NAME
-            and (p.name in skipped or (owner is not None and p.name != owner))
+            and (p.name in skipped or (p.name != GENERIC_PLUGIN_NAME and owner is not None and p.name != owner))
         ]
         if not removed:
             return getattr(self.pm.hook, hook_name)
@@ -293,9 +297,14 @@ class DefuserPluginManager:
         """Detection: the candidate for one module, from its model type's plugin or generic.
 
         A raising implementation never aborts the walk (unless ``strict``): a plugin that does
-        not own ``model_type`` is skipped as if it had answered None; when the owner (or core's
-        generic engine) raises, the module is left fused.  Either way a warning names the plugin
-        and the hook.
+        not own ``model_type`` is skipped as if it had answered None.  When the owner raises (its
+        declaration does not fit the installed transformers: a class it declares is decorated
+        now, an attribute it reads is gone), the generic engine takes the module if it can
+        (self-checked like any other), with one warning naming the plugin, its version and the
+        reason; a fused module it cannot take is refused with that reason
+        (``convert_model`` raises before changing anything); any other module is left as it is.
+        When core's generic engine raises, the module is left fused.  A warning names the
+        plugin and the hook.
         """
         self.ensure_loaded()
         hook_name = "defuser_detect_candidate"
@@ -314,15 +323,67 @@ class DefuserPluginManager:
                     self._warn_once(culprit, hook_name, f"{failure}; plugin skipped for such modules")
                     skipped.add(culprit)
                     continue
+                if culprit == owner and culprit in self.plugins:
+                    return self._fall_back(module, path, model_type, culprit, error, failure)
                 self._warn_once(culprit, hook_name, f"{failure}; module left fused")
                 return None
 
+    def _fall_back(
+        self, module: nn.Module, path: str, model_type: str | None, plugin: str, error: Exception, failure: PluginError
+    ) -> Candidate | None:
+        """The generic engine's answer for a module whose owner ``plugin`` raised ``error``
+        (see :meth:`detect`), or a refusal naming both."""
+        loaded = self.plugins[plugin]
+        installed = transformers_version()
+        who = f"plugin {plugin!r} {loaded.version or '(no version)'}"
+        reason = _describe_error(error)
+        generic = self.plugins[GENERIC_PLUGIN_NAME].obj
+        try:
+            candidate = generic.defuser_detect_candidate(module=module, path=path, model_type=model_type)
+        except Exception:  # the generic engine cannot read it either
+            candidate = None
+        key = (plugin, f"fallback:{type(module).__name__}")
+        if candidate is not None and not candidate.refusal:
+            # Expected where the plugin was tested on this release (a class it once declared
+            # undecorated is decorated now); news otherwise.
+            expected = isinstance(error, DeclarationMismatch) and loaded.info is not None
+            expected = expected and loaded.info.tested_with(installed)
+            level = logging.INFO if expected else logging.WARNING
+            level = level if key not in self._reported else logging.DEBUG
+            self._reported.add(key)
+            logger.log(
+                level,
+                "%s does not fit transformers %s on %s (%s): hook defuser_detect_candidate raised %s; "
+                "the generic engine defuses it (self-checked)",
+                who,
+                installed,
+                path,
+                type(module).__name__,
+                reason,
+            )
+            candidate.extra["fallback_from"] = plugin
+            return candidate
+        if candidate is None and not looks_fused(module):
+            self._warn_once(plugin, "defuser_detect_candidate", f"{failure}; module left fused")
+            return None
+        beyond = (
+            f"and the generic engine cannot defuse it either: {candidate.refusal}"
+            if candidate is not None
+            else "and the generic engine does not know this structure"
+        )
+        layout = candidate.layout if candidate is not None else ExpertsLayout(num_experts=0)
+        refusal = f"{who} does not fit transformers {installed} ({reason}), {beyond}"
+        return Candidate(path, module, "experts", plugin, layout, model_type, refusal=refusal)
+
     def preload_plan(self, model_type: str) -> PreloadPlan | None:
-        """Pre-load patching: the owner plugin's plan for ``model_type``; a raising hook is a
-        :class:`PluginError` naming plugin and hook."""
+        """Pre-load patching: the owner plugin's plan for ``model_type`` (the generic engine's for
+        a type no plugin claims); a raising hook is a :class:`PluginError` naming plugin and hook."""
         self.ensure_loaded()
         hook_name = "defuser_preload_plan"
-        caller = self._caller(hook_name, model_type)
+        # An owner's answer is final (None included): the generic engine plans unclaimed types only.
+        owner = self.owner_of(model_type)
+        generic = frozenset({GENERIC_PLUGIN_NAME}) if owner is not None else frozenset()
+        caller = self._caller(hook_name, model_type, generic)
         try:
             return caller(model_type=model_type)
         except Exception as error:
@@ -335,7 +396,9 @@ class DefuserPluginManager:
         adds its path)."""
         self.ensure_loaded()
         hook_name = "defuser_defuse_candidate"
-        caller = self._caller(hook_name, candidate.model_type)
+        # A module the owner could not describe (it fell back to the generic engine) is not its own.
+        fallen = candidate.extra.get("fallback_from")
+        caller = self._caller(hook_name, candidate.model_type, frozenset({fallen} if fallen else ()))
         try:
             result = caller(candidate=candidate)
         except Exception as error:

@@ -31,6 +31,7 @@ __all__ = [
     "tiny_config",
     "tiny_forward",
     "tiny_inputs",
+    "tiny_model_like",
 ]
 
 # Attribute -> small value; applied wherever a config (or sub-config) has the attribute.
@@ -196,6 +197,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "diffusion_gemma": {"canvas_length": 8},
     # The image tokenizer's codebook and latent widths have names of their own.
     "glm_image_vqmodel": {"embed_dim": 32, "num_embeddings": 64, "latent_channels": 32},
+    # NVFP4 fake quantisation of K/V works on blocks of 16: the head must be a multiple of 16.
+    # Of the two layers, the indexed-attention one (1) indexes, with as many heads as a key head
+    # serves, and reads its own K/V.
+    "kolibri1_1": {"head_dim": 16, "index_layers": [1], "kv_source_layers": [0, 1], "index_num_heads": 2},
     # The composite model always builds a sliding-window mask.
     "step3p5": {
         "sliding_window": 4,
@@ -465,6 +470,20 @@ def build_tiny_model(
         ) from error
     _init_uninitialized(model, getattr(config, "initializer_range", None) or 0.02)
     return model.to(dtype).eval()
+
+
+def tiny_model_like(config: Any, seed: int = 0) -> nn.Module:
+    """A tiny float32 CPU model in eval mode with the structure ``config`` describes: a shrunk
+    copy of it (``config`` is not changed), seeded random weights.  The global random state
+    is left as it was (the self-check builds these inside a user's conversion)."""
+    shrunk = copy.deepcopy(config)
+    _shrink(shrunk, {}, set())
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        with _uninitialized_as_nan():
+            model = _instantiate(str(getattr(shrunk, "model_type", "?")), shrunk)
+        _init_uninitialized(model, getattr(shrunk, "initializer_range", None) or 0.02)
+    return model.float().eval()
 
 
 def model_from_config(config: Any) -> nn.Module:

@@ -40,6 +40,8 @@ class ExpertsLayout:
     ``(hidden_states[E*T, H])``, every token through every expert (llama4);
     ``"weighted_all"`` ``(hidden_states, gammas)``, every token through every expert scaled
     per token before the down projection, summed in float32 (inkling's shared experts).
+    ``post_expert_norm_by_expert`` says the post-expert norm holds one scale per expert and is
+    called as ``post_expert_norm(expert_output, expert_ids)`` (ergo), not on its own.
     """
 
     num_experts: int
@@ -49,6 +51,7 @@ class ExpertsLayout:
     is_concatenated: bool = True
     gate_first: bool = True
     has_post_expert_norm: bool = False
+    post_expert_norm_by_expert: bool = False
     gate_up_name: str = "gate_up_proj"
     gate_name: str = "gate_proj"
     up_name: str = "up_proj"
@@ -125,6 +128,10 @@ class Candidate:
     model_type: str | None = None
     generic: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Why this fused module must not be defused (an unknown structure); empty when it can be.
+    # ``convert_model`` raises ``ConversionError`` naming every refused module it would
+    # convert, before it changes anything.
+    refusal: str = ""
 
     @property
     def class_name(self) -> str:

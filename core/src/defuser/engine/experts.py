@@ -312,7 +312,11 @@ def per_expert_forward(
         else:
             expert_out = module[index](sorted_inputs[start:end])
         if module.layout.has_post_expert_norm:
-            expert_out = module.post_expert_norm(expert_out)
+            if module.layout.post_expert_norm_by_expert:  # one scale per expert, chosen by id
+                ids = torch.full((count,), min(index, module.num_experts - 1), device=expert_out.device)
+                expert_out = module.post_expert_norm(expert_out, ids)
+            else:
+                expert_out = module.post_expert_norm(expert_out)
         if sorted_outputs is None:
             sorted_outputs = expert_out.new_zeros(order.shape[0], expert_out.shape[-1])
         sorted_outputs[start:end] = expert_out

@@ -2,28 +2,46 @@
 
 It detects any experts module that ``@use_experts_implementation`` decorated, from the flags
 the decorator records, and any dense MLP whose ``gate_up_proj`` is one ``nn.Linear``, and
-defuses them, so a family transformers adds tomorrow is handled without a plugin.  Plugins
-declare what differs (undecorated experts, reversed halves, parallel experts).
+defuses them, so a family transformers adds tomorrow is handled without a plugin, before load
+too (``replace_fused_blocks`` of a model type no plugin claims).  A decorated module the flags
+do not fully describe (a subclass overriding ``forward``, tensors they do not name) is
+refused (see :mod:`defuser.engine.contract`).  Plugins declare what differs (undecorated
+experts, reversed halves, parallel experts).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout, read_experts_layout
+from defuser.engine.contract import contract_refusal
 from defuser.engine.dense import split_dense_mlp
 from defuser.engine.experts import DefusedExperts
 from defuser.engine.parallel import DefusedParallelExperts
 from defuser.hookspecs import hookimpl
-from defuser.plugin_info import PluginInfo
+from defuser.plugin_info import PluginInfo, TypeSupport
 
-__all__ = ["GENERIC_PLUGIN_NAME", "GenericEngine", "defuse", "dense_layout_of"]
+if TYPE_CHECKING:
+    from defuser.engine.preload import PreloadPlan
+
+__all__ = ["GENERIC_PLUGIN_NAME", "TESTED_TYPES", "GenericEngine", "defuse", "dense_layout_of"]
 
 logger = logging.getLogger(__name__)
 
 GENERIC_PLUGIN_NAME = "generic"
+
+# Model types no plugin claims that the generic engine alone handles, as tested (the README
+# table's "generic" rows; the census and the save-and-reload test check each one).  Any other
+# decorated class of any release is handled the same way, untested until it is listed here.
+TESTED_TYPES = (
+    TypeSupport("kolibri1_1", preload=True, min_transformers="5.25.0"),
+    TypeSupport("minicpm5_moe", preload=True, min_transformers="5.25.0"),
+    TypeSupport("param2moe", preload=True, min_transformers="5.25.0", notes="GLM-4-MoE model classes"),
+)
 
 _DEFAULT_DENSE = DenseLayout()
 
@@ -63,10 +81,28 @@ class GenericEngine:
     def defuser_detect_candidate(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
         layout = read_experts_layout(module)
         if layout is not None:
-            return Candidate(path, module, "experts", GENERIC_PLUGIN_NAME, layout, model_type, generic=True)
+            refusal = contract_refusal(module, layout)
+            return Candidate(
+                path, module, "experts", GENERIC_PLUGIN_NAME, layout, model_type, generic=True, refusal=refusal
+            )
         dense = dense_layout_of(module)
         if dense is not None:
             return Candidate(path, module, "dense", GENERIC_PLUGIN_NAME, dense, model_type, generic=True)
+        return None
+
+    @hookimpl(trylast=True)
+    def defuser_preload_plan(self, model_type: str) -> PreloadPlan | None:
+        # Asked only for model types no plugin claims (see DefuserPluginManager.preload_plan).
+        from defuser.engine.preload import decorated_experts_classes, fused_dense_classes
+        from defuser.family import preload_plan_for
+
+        plan = preload_plan_for(model_type)
+        if plan is None:
+            return None
+        for name in plan.modeling_modules:
+            module = importlib.import_module(name)
+            if decorated_experts_classes(module) or fused_dense_classes(module):
+                return plan
         return None
 
     @hookimpl(trylast=True)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import DenseLayout, ParallelLayout, declared_experts_layout, read_experts_layout
+from defuser.engine.contract import class_refusal, decorated_class, is_experts_wrapper
 from defuser.engine.experts import DefusedExperts, defused_class_for
 from defuser.engine.parallel_preload import (
     ParallelPatch,
@@ -45,6 +46,7 @@ from defuser.engine.parallel_preload import (
     resolve_parallel,
     source_assignments,
 )
+from defuser.errors import ConversionError
 
 __all__ = [
     "PreloadPlan",
@@ -143,14 +145,20 @@ def _original_class(value: Any) -> Any:
 def _is_decorated_experts_class(cls: type) -> bool:
     # ``functools.wraps`` hides the wrapper's name, but its code still closes over the
     # original forward, and the decorator gives every such class an ``_apply_gate``.
-    forward = cls.forward
-    code = getattr(forward, "__code__", None)
-    return (
-        hasattr(forward, "__wrapped__")
-        and hasattr(cls, "_apply_gate")
-        and code is not None
-        and "original_forward" in code.co_freevars
-    )
+    return is_experts_wrapper(cls.forward) and hasattr(cls, "_apply_gate")
+
+
+def _overriding_subclasses(module: Any) -> dict[str, type[nn.Module]]:
+    """Classes defined in ``module`` that derive from a decorated experts class and override
+    what it computes (ergo's ``ErgoExperts``), by name."""
+    found = {}
+    for name, value in vars(module).items():
+        value = _original_class(value)
+        if not (isinstance(value, type) and issubclass(value, nn.Module)) or value.__module__ != module.__name__:
+            continue
+        if not _is_decorated_experts_class(value) and class_refusal(value):
+            found[name] = value
+    return found
 
 
 _LINEAR_ASSIGNMENT = re.compile(r"Linear$")
@@ -234,9 +242,17 @@ def _resolve(plan: PreloadPlan) -> tuple[dict[tuple[str, str], tuple[type, type]
     classes: dict[tuple[str, str], tuple[type, type]] = {}
     tensor_names: dict[str, str] = {}
     dense_names: set[str] = set()
+    refusals = []
     for module_name in plan.modeling_modules:
         module = importlib.import_module(module_name)
-        for name, fused in decorated_experts_classes(module).items():
+        decorated = decorated_experts_classes(module)
+        # Subclasses overriding a decorated forward: only a declaration describes them.
+        for name, fused in _overriding_subclasses(module).items():
+            if name in plan.layout_overrides:
+                decorated[name] = fused
+            elif name not in plan.declared_experts:
+                refusals.append(f"{module_name}.{name}: {class_refusal(fused)}")
+        for name, fused in decorated.items():
             if plan.experts_classes is not None and name not in plan.experts_classes:
                 continue
             overrides = plan.layout_overrides.get(name, {})
@@ -246,6 +262,10 @@ def _resolve(plan: PreloadPlan) -> tuple[dict[tuple[str, str], tuple[type, type]
         for name, fields in plan.declared_experts.items():
             fused = _original_class(getattr(module, name, None))
             if not isinstance(fused, type) or fused.__module__ != module_name:
+                continue
+            if decorated_class(fused) is not None:
+                # A release decorated it since: its flags describe it (patched with the decorated ones).
+                logger.info("%s: %s declared undecorated, but decorated: its flags describe it", module_name, name)
                 continue
             classes[(module_name, name)] = (fused, _replacement((module_name, name), fused, fields=fields))
             for tensor, target in _declared_targets(fields).items():
@@ -258,6 +278,10 @@ def _resolve(plan: PreloadPlan) -> tuple[dict[tuple[str, str], tuple[type, type]
                 continue
             classes[(module_name, name)] = (original, _replacement((module_name, name), original, dense=layout))
             dense_names.add(layout.fused_name)
+    if refusals:
+        raise ConversionError(
+            f"replace_fused_blocks({plan.model_type!r}) cannot patch " + "; ".join(refusals) + "; nothing was patched"
+        )
     return classes, tensor_names, dense_names
 
 

@@ -1,0 +1,493 @@
+"""Run-time self-checks of a conversion: nothing lost, and the same outputs.
+
+Two checks guard every module ``convert_model`` defuses, before its replacement is installed:
+
+* **Conservation** (always): every parameter and buffer of the fused module that is not a
+  fused tensor its layout consumes must be in the replacement under the same name relative
+  to the module (the same object, or equal values).  A lost tensor (a norm, a scale) fails
+  the module.
+* **Numbers** (``DEFUSER_VERIFY``, on by default): the first module of each (class, plugin,
+  kind, layout) of a conversion runs a small probe (a few tokens, routes that reach every
+  expert, in the module's own dtype and on its own device) through the fused module before
+  defusion and through its replacement after; a difference beyond the dtype's tolerance fails
+  the module, with the measured difference.  Those first modules are converted before all
+  others and installed only once every one of them passed, so a failed probe leaves the whole
+  model as it was.  Modules on the ``meta`` device (or offloaded by accelerate, whose tensors
+  wait on ``meta``) cannot run: their class is checked once per process on a tiny CPU model
+  built from the model's config, before anything changes, or the log says why it was skipped.
+
+A failing module is put back as it was and ``ConversionError`` names its path, class and what
+failed.  ``DEFUSER_VERIFY=0`` turns the numeric check off; ``DEFUSER_VERIFY=all`` probes every
+module (for debugging: a failure after the first modules rolls back that module only).  The
+check costs one probe per class, whatever the number of layers (see the README's performance
+section for figures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout, resolve_tensor
+from defuser.engine.fuse import fused_names
+from defuser.engine.layout import orient
+from defuser.errors import ConversionError
+
+__all__ = [
+    "ENV_VERIFY",
+    "VERIFY_ALL",
+    "VERIFY_FIRST",
+    "VERIFY_OFF",
+    "Probe",
+    "SelfCheck",
+    "SelfCheckError",
+    "check_conservation",
+    "consumed_names",
+    "probe_inputs",
+    "verify_mode",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VERIFY = "DEFUSER_VERIFY"
+VERIFY_OFF = "0"
+VERIFY_FIRST = "1"
+VERIFY_ALL = "all"
+_MODES = {
+    "": VERIFY_FIRST,
+    "1": VERIFY_FIRST,
+    "on": VERIFY_FIRST,
+    "true": VERIFY_FIRST,
+    "yes": VERIFY_FIRST,
+    "first": VERIFY_FIRST,
+    "0": VERIFY_OFF,
+    "off": VERIFY_OFF,
+    "false": VERIFY_OFF,
+    "no": VERIFY_OFF,
+    "all": VERIFY_ALL,
+}
+
+# Largest accepted difference, relative to the reference's largest magnitude.  A wrong layout
+# (gate and up swapped, a lost transpose or norm) differs by a good part of the output itself;
+# the per-expert path rounds each route and its sum in the model's dtype, at most one unit in
+# the last place per route (4 routes: 2^-7 in bfloat16, 2^-9 in float16; measured at most 0.007
+# and 0.0006 over the census), and these bounds leave a margin of about 4 over that.
+_RELATIVE_TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 8e-3,
+    torch.bfloat16: 3e-2,
+}
+_DEFAULT_TOLERANCE = 3e-2  # other (8-bit) dtypes
+# Routes per probe token: E / 4 tokens reach every expert once and exercise the sum of routes
+# (the cost is one pass over each expert's weights, whatever the number of tokens).
+_PROBE_TOP_K = 4
+
+
+class SelfCheckError(RuntimeError):
+    """The replacement of a fused module lost a tensor or computes something else."""
+
+
+def verify_mode() -> str:
+    """The numeric self-check mode from ``DEFUSER_VERIFY``: :data:`VERIFY_FIRST` (unset, ``1``),
+    :data:`VERIFY_OFF` (``0``) or :data:`VERIFY_ALL` (``all``); anything else is a ValueError."""
+    raw = os.environ.get(ENV_VERIFY, "")
+    mode = _MODES.get(raw.strip().lower())
+    if mode is None:
+        raise ValueError(f"{ENV_VERIFY} must be 0 (off), 1 (first module of each class; default) or all, got {raw!r}")
+    return mode
+
+
+def consumed_names(candidate: Candidate) -> list[str]:
+    """The (dotted) tensor names of ``candidate``'s module that its layout consumes."""
+    layout = candidate.layout
+    if isinstance(layout, DenseLayout):
+        return [f"{layout.fused_name}.weight", f"{layout.fused_name}.bias"]
+    if isinstance(layout, ParallelLayout):
+        return [layout.weight_name]
+    return fused_names(layout)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(tensor.is_meta for tensor in _named_tensors(module).values())
+
+
+def _same_values(before: torch.Tensor, after: torch.Tensor) -> bool:
+    if before.shape != after.shape or before.dtype != after.dtype:
+        return False
+    if before.is_meta or after.is_meta:  # no values to compare: the shape is all there is
+        return True
+    return torch.equal(before.detach().cpu(), after.detach().cpu())
+
+
+@dataclass
+class Probe:
+    """What :meth:`SelfCheck.prepare` recorded about one fused module before its defusion."""
+
+    kept: dict[str, torch.Tensor]
+    inputs: tuple[Any, ...] | None = None
+    reference: list[torch.Tensor] | None = None
+    # Set when only this attribute (a dense MLP's fused gate-up Linear) is probed, not the module.
+    part: str | None = None
+
+
+@contextlib.contextmanager
+def _evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the probe; every flag restored after."""
+    flags = [(module, module.training) for root in modules for module in root.modules()]
+    try:
+        for module, _ in flags:
+            module.training = False
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _tensors_of(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in _tensors_of(item)]
+    return []
+
+
+def _run(module: nn.Module, inputs: tuple[Any, ...], part: str | None = None) -> list[torch.Tensor]:
+    # ``forward`` rather than ``__call__``: hooks a user registered on the module (activation
+    # capture, say) must not see the probe.
+    with _evaluating(module):
+        if part is not None:
+            target = getattr(module, part)
+            output = target.forward(*inputs) if isinstance(target, nn.Module) else target(*inputs)
+        else:
+            output = module.forward(*inputs)
+        return [tensor.detach() for tensor in _tensors_of(output)]
+
+
+def _floating_tensor(module: nn.Module, names: Sequence[str]) -> torch.Tensor:
+    for name in names:
+        tensor = resolve_tensor(module, name)
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            return tensor
+    raise SelfCheckError(f"no floating-point fused tensor among {list(names)}")
+
+
+def _experts_hidden_size(module: nn.Module, layout: ExpertsLayout) -> int:
+    first = resolve_tensor(module, layout.first_name)
+    if layout.flattened:
+        first = first.view(layout.num_experts, -1, first.shape[-1])
+    return int(orient(first, layout.is_transposed).shape[-1])
+
+
+def probe_inputs(candidate: Candidate, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+    """Inputs for ``candidate``'s module in the contract of its kind: a few tokens, and for
+    routed experts ``ceil(E / 4)`` tokens with up to four routes each that together reach every
+    expert (identity experts included) once."""
+    generator = torch.Generator().manual_seed(0)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    def positive(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * 0.5 + 0.5).to(device=device, dtype=dtype)
+
+    module, layout = candidate.module, candidate.layout
+    if isinstance(layout, DenseLayout):
+        return (normal(1, 3, getattr(module, layout.fused_name).in_features),)
+    if isinstance(layout, ParallelLayout):
+        weight = module._parameters[layout.weight_name]
+        experts = weight.shape[0]
+        width = weight.shape[-2] if layout.transposed else weight.shape[-1]
+        return (normal(experts, width), [1] * experts)
+    assert isinstance(layout, ExpertsLayout)
+    hidden = _experts_hidden_size(module, layout)
+    experts = layout.num_experts
+    if layout.contract == "expert_major":
+        return (normal(experts, hidden),)
+    if layout.contract == "weighted_all":
+        return (normal(2, hidden), positive(2, experts))
+    routed = experts + layout.identity_experts
+    top_k = min(_PROBE_TOP_K, routed)
+    tokens = math.ceil(routed / top_k)
+    index = (torch.arange(tokens * top_k) % routed).view(tokens, top_k).to(device)
+    return (normal(tokens, hidden), index, positive(tokens, top_k))
+
+
+def _probe_dtype_device(candidate: Candidate) -> tuple[torch.dtype, torch.device]:
+    layout = candidate.layout
+    if isinstance(layout, DenseLayout):
+        tensor = getattr(candidate.module, layout.fused_name).weight
+    else:
+        tensor = _floating_tensor(candidate.module, consumed_names(candidate))
+    return tensor.dtype, tensor.device
+
+
+def _compare(reference: list[torch.Tensor], output: list[torch.Tensor], what: str) -> str:
+    """Empty when ``output`` matches ``reference`` within the dtype's tolerance, else why not."""
+    if len(reference) != len(output):
+        return f"{what}: the replacement returned {len(output)} tensor(s), the fused module {len(reference)}"
+    for expected, got in zip(reference, output, strict=True):
+        if expected.shape != got.shape:
+            # Some fused forwards add a unit dimension their caller drops (DBRX: [T, 1, H]).
+            if [d for d in expected.shape if d != 1] != [d for d in got.shape if d != 1]:
+                return f"{what}: output shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
+            got = got.reshape(expected.shape)
+        if not got.is_floating_point():
+            if not torch.equal(expected, got):
+                return f"{what}: integer outputs differ"
+            continue
+        difference = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+        scale = expected.double().abs().max().item() if expected.numel() else 0.0
+        tolerance = _RELATIVE_TOLERANCE.get(expected.dtype, _DEFAULT_TOLERANCE) * max(scale, 1e-6)
+        if not difference <= tolerance:  # also catches NaN
+            return (
+                f"{what}: outputs differ by {difference:.3g} (max abs; largest reference magnitude {scale:.3g}, "
+                f"tolerance {tolerance:.3g} for {str(expected.dtype).removeprefix('torch.')})"
+            )
+    return ""
+
+
+def _probe_summary(candidate: Candidate, inputs: tuple[Any, ...]) -> str:
+    layout = candidate.layout
+    if isinstance(layout, ExpertsLayout) and layout.contract == "routed":
+        routed = layout.num_experts + layout.identity_experts
+        tokens, routes = inputs[1].shape
+        return f"self-check ({tokens} probe tokens, {routes} routes each, reaching all {routed} experts)"
+    return "self-check (probe)"
+
+
+def _check_key(candidate: Candidate) -> tuple[Any, ...]:
+    return (type(candidate.module), candidate.plugin, candidate.kind, candidate.layout)
+
+
+def _class_key(candidate: Candidate) -> tuple[Any, ...]:
+    """Like :func:`_check_key`, without the sizes a tiny model changes."""
+    layout = candidate.layout
+    if isinstance(layout, ExpertsLayout):
+        layout = dataclasses.replace(layout, num_experts=0, identity_experts=0)
+    return (type(candidate.module), candidate.plugin, candidate.kind, layout)
+
+
+# Classes checked on a tiny CPU model in this process: key -> "" (passed), the reason it was
+# skipped, or the failure (raised again).
+_CLASS_CHECKS: dict[tuple[Any, ...], tuple[str, str]] = {}
+_GENERIC_PATH = re.compile(r"\.\d+(?=\.|$)")
+
+
+class SelfCheck:
+    """The self-checks of one ``convert_model`` call (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, manager: Any, mode: str | None = None):
+        self.model = model
+        self.manager = manager
+        self.mode = verify_mode() if mode is None else mode
+        self.checked: set[tuple[Any, ...]] = set()
+        self.seconds = 0.0
+        self.probes = 0
+
+    # -- order of conversion ---------------------------------------------------------------
+
+    def first_modules(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The first candidate of each (class, plugin, kind, layout) on a real device: converted,
+        probed and held before any other.  Classes whose modules are on ``meta`` are checked
+        here on a tiny CPU model instead (raises :class:`ConversionError` on a mismatch)."""
+        if self.mode == VERIFY_OFF:
+            return []
+        first: dict[tuple[Any, ...], Candidate] = {}
+        for candidate in candidates:
+            key = _check_key(candidate)
+            if key in first or key in self.checked:
+                continue
+            if _on_meta(candidate.module):
+                self._check_class_on_tiny_model(candidate)
+                self.checked.add(key)
+                continue
+            first[key] = candidate
+        return list(first.values())
+
+    # -- one module ------------------------------------------------------------------------
+
+    def prepare(self, candidate: Candidate) -> Probe:
+        """Record ``candidate``'s kept tensors and, when it is to be probed, its fused output."""
+        kept = {name: tensor for name, tensor in _named_tensors(candidate.module).items()}
+        for name in consumed_names(candidate):
+            kept.pop(name, None)
+        probe = Probe(kept)
+        key = _check_key(candidate)
+        wanted = self.mode == VERIFY_ALL or (self.mode == VERIFY_FIRST and key not in self.checked)
+        if not wanted or _on_meta(candidate.module):
+            return probe
+        start = time.perf_counter()
+        try:
+            dtype, device = _probe_dtype_device(candidate)
+            probe.inputs = probe_inputs(candidate, device, dtype)
+            try:
+                probe.reference = _run(candidate.module, probe.inputs)
+            except Exception:
+                if not isinstance(candidate.layout, DenseLayout):
+                    raise
+                # A dense MLP whose forward takes more than its input (Zamba2's layer index):
+                # the split replaces only its fused Linear, so probe that Linear and its stand-in.
+                probe.part = candidate.layout.fused_name
+                probe.reference = _run(candidate.module, probe.inputs, probe.part)
+        except Exception as error:  # a forward the probe cannot drive: say so, never guess
+            logger.warning(
+                "self-check of %s (%s) skipped: the fused module does not run on the probe (%s: %s)",
+                candidate.path,
+                candidate.class_name,
+                type(error).__name__,
+                error,
+            )
+            probe.inputs = probe.reference = None
+            self.checked.add(key)
+        finally:
+            self.seconds += time.perf_counter() - start
+        floating = [tensor for tensor in probe.reference or () if tensor.is_floating_point()]
+        if probe.reference is not None and not all(torch.isfinite(tensor).all() for tensor in floating):
+            logger.warning(
+                "self-check of %s (%s) skipped: the fused module's output on the probe is not finite "
+                "(uninitialised weights?)",
+                candidate.path,
+                candidate.class_name,
+            )
+            probe.inputs = probe.reference = None
+        return probe
+
+    def verify(self, candidate: Candidate, probe: Probe, replacement: nn.Module) -> None:
+        """Raise :class:`SelfCheckError` when ``replacement`` lost a kept tensor or, when probed,
+        computes something else than the fused module did."""
+        check_conservation(probe.kept, replacement)
+        if probe.reference is None or probe.inputs is None:
+            return
+        start = time.perf_counter()
+        try:
+            try:
+                output = _run(replacement, probe.inputs, probe.part)
+            except Exception as error:
+                raise SelfCheckError(
+                    f"self-check: the replacement ({type(replacement).__name__}) fails on the probe the fused module "
+                    f"ran: {type(error).__name__}: {error}"
+                ) from error
+            failure = _compare(probe.reference, output, _probe_summary(candidate, probe.inputs))
+        finally:
+            self.seconds += time.perf_counter() - start
+        self.probes += 1
+        if failure:
+            raise SelfCheckError(failure)
+        self.checked.add(_check_key(candidate))
+
+    def report(self) -> None:
+        """Log what the numeric check did in this conversion and what it cost."""
+        if self.mode == VERIFY_OFF:
+            logger.debug("self-check off (%s=0)", ENV_VERIFY)
+            return
+        # The figures travel on the record too (``defuser_selfcheck``): the benchmark reads them.
+        figures = {"probes": self.probes, "seconds": self.seconds}
+        logger.debug(
+            "self-check: %d probe(s) in %.1f ms", self.probes, self.seconds * 1e3, extra={"defuser_selfcheck": figures}
+        )
+
+    # -- meta device -----------------------------------------------------------------------
+
+    def _check_class_on_tiny_model(self, candidate: Candidate) -> None:
+        key = _class_key(candidate)
+        if key not in _CLASS_CHECKS:
+            start = time.perf_counter()
+            try:
+                _CLASS_CHECKS[key] = self._tiny_model_check(candidate)
+            finally:
+                self.seconds += time.perf_counter() - start
+            outcome, detail = _CLASS_CHECKS[key]
+            if outcome == "skipped":
+                logger.warning(
+                    "self-check of %s (%s) skipped: its tensors are on the meta device and %s",
+                    candidate.class_name,
+                    candidate.plugin,
+                    detail,
+                )
+        outcome, detail = _CLASS_CHECKS[key]
+        if outcome == "failed":
+            raise ConversionError(
+                f"cannot defuse {candidate.path} ({candidate.class_name}): its tensors are on the meta device, and "
+                f"the {candidate.plugin} defusion of {candidate.class_name} failed its self-check on a tiny CPU model "
+                f"built from the model's config: {detail}; the model was left as it was"
+            )
+
+    def _tiny_model_check(self, candidate: Candidate) -> tuple[str, str]:
+        """("passed" | "skipped" | "failed", detail) for ``candidate``'s class on a tiny CPU model."""
+        from defuser.tiny import tiny_model_like
+
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return "skipped", "the model has no config to build a tiny CPU model from"
+        try:
+            tiny = tiny_model_like(config)
+        except Exception as error:  # a config the tiny builder cannot shrink or instantiate
+            return "skipped", f"no tiny CPU model could be built from its config ({type(error).__name__}: {error})"
+        twin = _twin_candidate(tiny, candidate, self.manager)
+        if twin is None:
+            return "skipped", f"the tiny CPU model built from its config has no {candidate.class_name} to check"
+        check = SelfCheck(tiny, self.manager, VERIFY_ALL)
+        probe = check.prepare(twin)
+        if probe.reference is None:
+            return "skipped", f"the tiny CPU model's {candidate.class_name} does not run on the probe"
+        try:
+            check.verify(twin, probe, self.manager.defuse(twin))
+        except Exception as error:
+            return "failed", f"{type(error).__name__}: {error}"
+        return "passed", ""
+
+
+def _twin_candidate(tiny: nn.Module, candidate: Candidate, manager: Any) -> Candidate | None:
+    """The candidate of ``tiny`` standing where ``candidate`` stands (layer numbers aside), or
+    the first one of the same class, detected the same way."""
+    from defuser.engine.detect import iter_typed_modules
+
+    wanted = _GENERIC_PATH.sub(".N", candidate.path)
+    found: list[tuple[bool, str, nn.Module, str | None]] = []
+    for path, module, model_type in iter_typed_modules(tiny):
+        if type(module) is type(candidate.module):
+            found.append((_GENERIC_PATH.sub(".N", path) != wanted, path, module, model_type))
+    for _, path, module, model_type in sorted(found, key=lambda entry: entry[0]):
+        twin = manager.detect(module, path, model_type)
+        if twin is not None and not twin.refusal and twin.kind == candidate.kind and twin.plugin == candidate.plugin:
+            return twin
+    return None
+
+
+def check_conservation(kept: dict[str, torch.Tensor], replacement: nn.Module) -> None:
+    """Raise :class:`SelfCheckError` naming the first of ``kept`` (name -> tensor of the fused
+    module) that ``replacement`` does not hold under the same name, as the same object or with
+    equal values."""
+    after = _named_tensors(replacement)
+    for name, tensor in kept.items():
+        carried = after.get(name)
+        if carried is None:
+            raise SelfCheckError(
+                f"self-check: {name} (shape {tuple(tensor.shape)}) of the fused module is not in its replacement "
+                f"({type(replacement).__name__}); the layout does not consume it, so it would be lost"
+            )
+        if carried is not tensor and not _same_values(tensor, carried):
+            raise SelfCheckError(
+                f"self-check: {name} of the replacement ({type(replacement).__name__}) differs from the fused module's"
+            )

@@ -1,0 +1,20 @@
+"""The error a conversion raises: one home, so the engine and the public API share it."""
+
+from __future__ import annotations
+
+__all__ = ["ConversionError", "DeclarationMismatch"]
+
+
+class ConversionError(RuntimeError):
+    """Defusing failed or was refused; the message names the module path, its class and why.
+
+    A module refused before conversion (an unknown structure) leaves the whole model as it
+    was; a module whose defusion failed (a plugin error, out of memory, the run-time
+    self-check) is put back as it was.
+    """
+
+
+class DeclarationMismatch(RuntimeError):
+    """A plugin's declaration does not fit the installed transformers (a class it declares
+    undecorated is decorated now, an attribute it reads is gone).  Raised from detection; the
+    plugin manager then lets the generic engine take the module, or refuses it."""
