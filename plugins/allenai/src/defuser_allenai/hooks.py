@@ -12,4 +12,5 @@ plugin = Family(
         TypeSupport("flex_olmo", preload=True),
         TypeSupport("olmoe", preload=True),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

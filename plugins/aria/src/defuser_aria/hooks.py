@@ -25,4 +25,5 @@ plugin = Family(
     ],
     # transformers 5.3.0: fc1/fc2 grouped GEMMs store [E, in, out]; fc1 is the GLU input.
     parallel_classes={"AriaGroupedExpertsGemm": ParallelLayout(transposed=True, gated_paths=r"experts\.fc1$")},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

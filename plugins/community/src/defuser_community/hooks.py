@@ -15,7 +15,12 @@ plugin = Family(
         TypeSupport("afmoe", preload=True, min_transformers="5.24.0"),
         TypeSupport("axk1", preload=True, min_transformers="5.24.0"),
         TypeSupport("axk2", preload=True, min_transformers="5.24.0"),
-        TypeSupport("bailing_hybrid", preload=True, min_transformers="5.24.0"),
+        TypeSupport(
+            "bailing_hybrid",
+            preload=True,
+            notes="own clamped gate from 5.25.0 (its gate function)",
+            min_transformers="5.24.0",
+        ),
         TypeSupport("beam", preload=True, notes="float32 gate math (own gate function)", min_transformers="5.24.0"),
         TypeSupport("cohere2_moe", preload=True, min_transformers="5.24.0"),
         TypeSupport(
@@ -70,4 +75,5 @@ plugin = Family(
         ),
         TypeSupport("solar_open", preload=True),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

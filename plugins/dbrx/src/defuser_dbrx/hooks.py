@@ -42,4 +42,5 @@ plugin = Family(
             "activation": "mlp.activation_fn",
         }
     },
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

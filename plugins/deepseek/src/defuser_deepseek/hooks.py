@@ -30,4 +30,5 @@ plugin = Family(
         TypeSupport("unlimited_ocr", preload=True, notes="DeepSeek-style experts", min_transformers="5.24.0"),
         TypeSupport("unlimited_ocr_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

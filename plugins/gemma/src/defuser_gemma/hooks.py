@@ -38,4 +38,5 @@ plugin = Family(
             min_transformers="5.24.0",
         ),
     ],
+    tested_on=["5.24.0", "5.25.0"],
 )

@@ -45,4 +45,5 @@ plugin = Family(
     ],
     dense_classes={"GlmMLP": _DENSE, "Glm4MLP": _DENSE, "Glm4vTextMLP": _DENSE},
     dense_key_patterns={"glm4v": ("mlp.gate_up_proj.weight",)},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

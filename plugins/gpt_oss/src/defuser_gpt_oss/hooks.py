@@ -25,4 +25,5 @@ plugin = Family(
     ],
     # gate and up alternate along the last axis (transformers 5.3.0 does not record it).
     layout_overrides={"GptOssExperts": {"is_concatenated": False}},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -40,4 +40,5 @@ plugin = Family(
         name: ParallelLayout(gated_paths=r"block_sparse_moe\.input_linear$")
         for name in ("GraniteMoeParallelExperts", "GraniteMoeSharedParallelExperts", "GraniteMoeHybridParallelExperts")
     },
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -54,4 +54,5 @@ plugin = Family(
     ],
     # Shared experts: stacked gate/up/down, every token through each, scaled by gammas.
     experts_classes={"InklingSharedExperts": {"separate_gate_up": True, "contract": "weighted_all"}},
+    tested_on=["5.24.0", "5.25.0"],
 )

@@ -19,4 +19,5 @@ plugin = Family(
     ],
     # The MLP's input projection is a GLU (gate and up halves); the MoA projections are not.
     parallel_classes={"JetMoeParallelExperts": ParallelLayout(gated_paths=r"\.mlp\.input_linear$")},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -19,4 +19,5 @@ plugin = Family(
     ],
     # Undecorated: [E, H, 2I] / [E, I, H] storage, forward(hidden_states[E*T, H]).
     experts_classes={"Llama4TextExperts": {"is_transposed": True, "contract": "expert_major"}},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

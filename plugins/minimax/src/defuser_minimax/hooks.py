@@ -25,4 +25,5 @@ plugin = Family(
             min_transformers="5.24.0",
         ),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -18,4 +18,5 @@ plugin = Family(
     ],
     # w1 is each expert's gate, w3 its up and w2 its down projection.
     legacy_projection_names={"mixtral": {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -12,4 +12,5 @@ plugin = Family(
         TypeSupport("kimi_k25", preload=True, notes="DeepSeek-V3 text model inside", min_transformers="5.24.0"),
         TypeSupport("kimi_linear", preload=True, min_transformers="5.24.0"),
     ],
+    tested_on=["5.24.0", "5.25.0"],
 )

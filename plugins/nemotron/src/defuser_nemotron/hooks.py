@@ -13,4 +13,5 @@ plugin = Family(
         TypeSupport("nemotron_h", preload=True, notes="non-gated experts (up_proj, down_proj)"),
         TypeSupport("nemotron_h_omni", preload=True, notes="non-gated experts", min_transformers="5.24.0"),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

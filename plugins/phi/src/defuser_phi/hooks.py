@@ -28,4 +28,5 @@ plugin = Family(
     ],
     # The audio conformer's MLP puts the up half first.
     dense_classes={"Phi4MultimodalAudioMLP": DenseLayout(gate_first=False)},
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

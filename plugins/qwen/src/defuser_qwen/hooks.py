@@ -44,4 +44,5 @@ plugin = Family(
         TypeSupport("qwen4_exp", preload=True, min_transformers="5.24.0"),
         TypeSupport("qwen4_exp_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

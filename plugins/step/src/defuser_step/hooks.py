@@ -20,10 +20,12 @@ plugin = Family(
             "step3p7",
             preload=True,
             reload="replace_fused_blocks",
-            notes="undecorated; activation clamped after (per-layer limit)",
+            notes="own gate: activation clamped (per-layer limit); undecorated before 5.25.0",
             min_transformers="5.24.0",
         ),
     ],
-    # Undecorated with its own gate function (clamp after the activation).
+    # Undecorated with its own gate function (clamp after the activation) before 5.25.0, which
+    # decorates it (the flags and its own gate describe it there).
     experts_classes={"Step3p7Experts": {"gate_style": "module"}},
+    tested_on=["5.24.0", "5.25.0"],
 )

@@ -17,4 +17,5 @@ plugin = Family(
         ),
         TypeSupport("zaya", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
     ],
+    tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

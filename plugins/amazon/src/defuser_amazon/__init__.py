@@ -1,0 +1,1 @@
+"""defuser plugin: Amazon."""
