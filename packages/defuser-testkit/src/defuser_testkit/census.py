@@ -4,9 +4,13 @@
 and reports the classes that hold fused weights: experts decorated with
 ``@use_experts_implementation``, classes assigning ``self.gate_up_proj = nn.Linear(...)``,
 and undecorated ``*Expert*`` classes creating their own ``nn.Parameter`` (stacked or
-flattened expert weights).  :func:`fused_model_types` maps them to the model types whose
-models contain them, including composites whose sub-configs are such types.  Nothing here is
-a frozen list, so a class transformers adds or renames shows up by name.
+flattened expert weights).  Classes are matched on the class hierarchy, not on names alone: a
+class deriving from a fused class is fused too (``base`` names the fused class it derives
+from; ergo's ``ErgoExperts`` derives from the decorated ``ErgoExpertProjections`` and is the
+one its model builds), and :func:`built_or_derived` says whether a fused class is built
+itself or through such a subclass.  :func:`fused_model_types` maps them to the model types
+whose models contain them, including composites whose sub-configs are such types.  Nothing
+here is a frozen list, so a class transformers adds or renames shows up by name.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FusedClass", "fused_model_types", "scan_fused_classes"]
+__all__ = ["FusedClass", "built_or_derived", "fused_model_types", "scan_fused_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class FusedClass:
     package: str  # the transformers.models sub-package, e.g. "qwen3_moe"
     name: str
     kind: str  # "decorated_experts" | "undecorated_experts" | "fused_dense_mlp"
+    base: str | None = None  # the fused class it derives from (its kind is that class's), if any
 
 
 def _is_decorated(node: ast.ClassDef) -> bool:
@@ -97,27 +102,66 @@ def _is_stacked_parameter(value: ast.expr) -> bool:
     return len(dims) >= 3
 
 
+def _base_names(node: ast.ClassDef) -> list[str]:
+    names = []
+    for base in node.bases:
+        if isinstance(base, ast.Name):
+            names.append(base.id)
+        elif isinstance(base, ast.Attribute):
+            names.append(base.attr)
+    return names
+
+
 @functools.lru_cache(maxsize=1)
 def _scan() -> tuple[tuple[FusedClass, ...], dict[str, str]]:
     import transformers
 
     models = Path(transformers.__file__).parent / "models"
-    found = []
+    found: dict[tuple[str, str], FusedClass] = {}
     defined_in: dict[str, str] = {}
+    bases: dict[tuple[str, str], list[str]] = {}
     for path in sorted(models.glob("*/modeling_*.py")):
+        package = path.parent.name
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
-                defined_in.setdefault(node.name, path.parent.name)
+                defined_in.setdefault(node.name, package)
+                bases[(package, node.name)] = _base_names(node)
                 kind = _kind_of(node)
                 if kind is not None:
-                    found.append(FusedClass(path.parent.name, node.name, kind))
-    return tuple(found), defined_in
+                    found[(package, node.name)] = FusedClass(package, node.name, kind)
+    # Derived classes, transitively: a base resolves to its own module's class first, else to
+    # the module that defines that name.
+    changed = True
+    while changed:
+        changed = False
+        for (package, name), names in bases.items():
+            if (package, name) in found:
+                continue
+            for base in names:
+                fused = found.get((package, base)) or found.get((defined_in.get(base, ""), base))
+                if fused is not None:
+                    found[(package, name)] = FusedClass(package, name, fused.kind, base=fused.name)
+                    changed = True
+                    break
+    return tuple(found.values()), defined_in
 
 
 def scan_fused_classes() -> list[FusedClass]:
-    """Every class with fused weights in the installed transformers' modeling files."""
+    """Every class with fused weights in the installed transformers' modeling files, classes
+    deriving from one included."""
     return list(_scan()[0])
+
+
+def built_or_derived(fused: FusedClass, built: set[str], classes: list[FusedClass]) -> bool:
+    """True when a model builds ``fused`` (its name is in ``built``) or a class of ``classes``
+    deriving from it, at any depth."""
+    if fused.name in built:
+        return True
+    return any(
+        other.base == fused.name and other.name != fused.name and built_or_derived(other, built, classes)
+        for other in classes
+    )
 
 
 def _model_packages(model_type: str, config_class: type) -> set[str]:
