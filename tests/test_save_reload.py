@@ -103,7 +103,7 @@ def _expected_failure(support: TypeSupport) -> str | None:
     """Why the table says a checkpoint of this type cannot reload here, or None."""
     if support.reload == RELOAD_NONE:
         return f"table: {reload_cell(support)}"
-    if support.reload == RELOAD_PATCHED and not _preload_here(support):
+    if support.reload_on(_version()) == RELOAD_PATCHED and not _preload_here(support):
         return f"table: {reload_cell(support)}; replace_fused_blocks does not patch it on {_version()}"
     return None
 
@@ -300,7 +300,7 @@ def reloads(tmp_path_factory: pytest.TempPathFactory) -> Reloads:
             entry.key: _load_patched(entry)
             for entry in saved.values()
             if entry.error is None
-            and AVAILABLE[entry.model_type].reload != RELOAD_STOCK
+            and AVAILABLE[entry.model_type].reload_on(_version()) != RELOAD_STOCK
             and _preload_here(AVAILABLE[entry.model_type])
         }
     finally:
@@ -323,9 +323,10 @@ def _assert_reloads(reloads: Reloads, key: str) -> None:
     assert not saved.left_fused, f"{key}: fused blocks left in a model built after replace_fused_blocks"
     assert reloads.stock["__defuser_imported__"] is False, "the stock loader imported defuser"
     stock, patched = reloads.stock.get(key), reloads.patched.get(key)
-    if support.reload == RELOAD_STOCK:
+    way = support.reload_on(_version())  # stock from support.stock_reload_from on
+    if way == RELOAD_STOCK:
         assert _works(stock), f"{key}: the table says stock transformers reloads it, but: {_describe(stock)}"
-    elif support.reload == RELOAD_PATCHED:
+    elif way == RELOAD_PATCHED:
         assert _works(patched), f"{key}: the table says replace_fused_blocks reloads it, but: {_describe(patched)}"
         assert not _works(stock), f"{key}: stock transformers reloads it too: the table should say stock"
     else:

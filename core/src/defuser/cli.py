@@ -195,23 +195,37 @@ def _outputs(model: object, inputs: dict) -> dict:
 
 
 def _plugins(args: argparse.Namespace) -> int:
+    from defuser.engine.generic import GENERIC_PLUGIN_NAME
+    from defuser.fit import generic_takeovers, untested_here
     from defuser.plugins import list_plugins
 
     rows = []
+    untested = []
     for plugin in list_plugins():
         info = plugin.info
         types = ", ".join(t.model_type for t in info.model_types) if info else "-"
+        release = untested_here(info) if plugin.name != GENERIC_PLUGIN_NAME and not plugin.error else None
+        if release is not None:
+            untested.append(plugin)
         rows.append(
             (
                 plugin.name,
                 plugin.distribution or "-",
                 plugin.version or "-",
                 info.transformers if info else "-",
+                ", ".join(info.tested_on) if info and info.tested_on else "-",
                 types or "(decorated experts, dense gate_up_proj)",
-                plugin.error or "ok",
+                plugin.error or ("ok" if release is None else f"ok, untested on {release}"),
             )
         )
-    print(_table(("plugin", "distribution", "version", "transformers", "model types", "status"), rows))
+    print(_table(("plugin", "distribution", "version", "transformers", "tested on", "model types", "status"), rows))
+    for plugin in untested:
+        takeovers = generic_takeovers(plugin.obj)
+        print(f"\n{plugin.name}: untested on transformers {untested_here(plugin.info)}; handled generically there:")
+        for model_type, why in sorted(takeovers.items()):
+            print(f"  {model_type}: {why}")
+        if not takeovers:
+            print("  (none: every type it claims here uses its declarations, self-checked)")
     claimants: dict[str, list[str]] = {}
     for plugin in list_plugins():
         for support in plugin.info.model_types if plugin.info else ():

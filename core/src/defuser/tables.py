@@ -15,6 +15,8 @@ def reload_cell(support: TypeSupport) -> str:
     way = "stock transformers" if support.reload == RELOAD_STOCK else "`replace_fused_blocks`"
     if support.preload_min_transformers and support.reload != RELOAD_STOCK:
         way += f" ({support.preload_min_transformers}+)"
+    if support.stock_reload_from:
+        way += f"; stock transformers too from {support.stock_reload_from}"
     return way
 
 
@@ -34,7 +36,9 @@ def supported_models_markdown() -> str:
         "| reload of a saved defused model | tested on transformers | special handling |",
         "|---|---|---|---|---|---|---|",
     ]
-    entries = []
+    from defuser.engine.generic import GENERIC_PLUGIN_NAME, TESTED_TYPES
+
+    entries = [(support.model_type, GENERIC_PLUGIN_NAME, support) for support in TESTED_TYPES]
     for plugin in list_plugins():
         if plugin.info is None:
             continue
@@ -48,7 +52,8 @@ def supported_models_markdown() -> str:
         )
     rows.append(
         "| any other type with `@use_experts_implementation` experts or a dense `gate_up_proj` Linear "
-        "| generic | - | yes | - | - | layout read from the decorator's flags |"
+        "| generic | yes | yes | - | - | layout read from the decorator's flags; a subclass overriding "
+        "`forward` is refused |"
     )
     return "\n".join(rows)
 
