@@ -4,7 +4,8 @@
 
 Each run builds the model in a fresh subprocess (so peak RSS belongs to that run), converts
 it with ``convert_model`` and prints: model bytes, conversion seconds, conversion time over
-one clone of the expert weights (measured in the same process), peak RSS during conversion
+one clone of the expert weights (measured in the same process), the run-time self-check's own
+time within the conversion (milliseconds and share; ``DEFUSER_VERIFY``), peak RSS during conversion
 (above the interpreter's own, after returning the heap pages construction freed) over model
 bytes, RSS growth during conversion, whether
 per-expert weights share the fused storage.  It then fuses the model back with ``fuse_model``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -108,6 +110,21 @@ def _timed_forward(model, inputs, repeats: int, budget_s: float = 3.0) -> float:
     return (time.perf_counter() - start) / done
 
 
+class _SelfCheckFigures(logging.Handler):
+    """Collects the figures the self-check attaches to its log record (``defuser_selfcheck``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seconds = 0.0
+        self.probes = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        figures = getattr(record, "defuser_selfcheck", None)
+        if figures is not None:
+            self.seconds += figures["seconds"]
+            self.probes += figures["probes"]
+
+
 def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, cleanup_original: bool = False) -> dict:
     """Build, convert (measured), fuse back, then compare fused and defused forwards."""
     import torch
@@ -153,10 +170,16 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
     del candidates, expert_tensors
     _return_free_memory()
     before = _rss()
+    selfcheck = _SelfCheckFigures()
+    defuser_logger = logging.getLogger("defuser")
+    defuser_logger.addHandler(selfcheck)
+    defuser_logger.setLevel(logging.DEBUG)
     with _PeakRss() as peak:
         start = time.perf_counter()
         assert convert_model(model, cleanup_original=cleanup_original)
         convert_seconds = time.perf_counter() - start
+    defuser_logger.removeHandler(selfcheck)
+    defuser_logger.setLevel(logging.NOTSET)
     shares = all(
         p.untyped_storage().data_ptr() in fused_storage
         for name, p in model.named_parameters()
@@ -175,6 +198,10 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
         "convert_s": convert_seconds,
         "clone_s": clone_seconds,
         "convert_over_clone": convert_seconds / clone_seconds,
+        # The self-check's probe, inside the conversion time (one per class and layout).
+        "selfcheck_probes": selfcheck.probes,
+        "selfcheck_ms": selfcheck.seconds * 1e3,
+        "selfcheck_share_of_convert": selfcheck.seconds / convert_seconds,
         # Process memory beyond the interpreter baseline, at its peak during conversion.
         "peak_rss_over_model_bytes": (peak.peak - baseline) / model_bytes,
         "rss_growth_over_model_bytes": (peak.peak - before) / model_bytes,

@@ -369,6 +369,8 @@ class BadInput:
     written: str
     attempt: Callable[[nn.Module], Any]
     names: str | None = None
+    # Makes the fresh model the bad input (before "the model" is recorded), when the call alone does not.
+    prepare: Callable[[nn.Module], None] | None = None
 
 
 class _ExplodingDefuse:
@@ -423,6 +425,47 @@ def _plugin_status(plugin: Any, name: str) -> str:
         return f"skipped, status: {manager.register(plugin, name).error}"
 
 
+def _overriding_forward(model: nn.Module) -> None:
+    """Give the experts a subclass that overrides the decorated forward (as ergo's ErgoExperts
+    does), with no plugin describing it."""
+    base = type(model.model.layers[0].mlp.experts)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return base.forward(self, hidden_states, top_k_index, top_k_weights * 2)
+
+    subclass = type("RescaledExperts", (base,), {"forward": forward})
+    for layer in model.model.layers:
+        layer.mlp.experts.__class__ = subclass
+
+
+def _undescribed_tensor(model: nn.Module) -> None:
+    """Give the experts a buffer the decorator's flags do not name (a quantisation scale)."""
+    for layer in model.model.layers:
+        layer.mlp.experts.register_buffer("gate_up_proj_scale", torch.ones(8))
+
+
+def _swapped_layout() -> Any:
+    from defuser import TypeSupport
+    from defuser.family import Family
+
+    swap = {"Qwen3MoeExperts": {"gate_first": False}}
+    return Family("swapped", [TypeSupport("qwen3_moe")], layout_overrides=swap, priority=10)
+
+
+def _with_verify(value: str, call: Callable[[], Any]) -> Any:
+    import os
+
+    previous = os.environ.get("DEFUSER_VERIFY")
+    os.environ["DEFUSER_VERIFY"] = value
+    try:
+        return call()
+    finally:
+        if previous is None:
+            del os.environ["DEFUSER_VERIFY"]
+        else:
+            os.environ["DEFUSER_VERIFY"] = previous
+
+
 BAD_INPUTS = [
     BadInput('convert_model("model")', lambda model: convert_model("model"), "'model'"),
     BadInput("convert_model(None)", lambda model: convert_model(None), "None"),
@@ -458,7 +501,32 @@ BAD_INPUTS = [
         lambda model: _plugin_status(_NeedsNewerCore(), "newer"),
         "'newer'",
     ),
+    BadInput(
+        "convert_model(model) whose experts subclass overrides the decorated forward (no plugin describes it)",
+        convert_model,
+        "model.layers.0.mlp.experts, model.layers.1.mlp.experts (RescaledExperts",
+        prepare=_overriding_forward,
+    ),
+    BadInput(
+        "convert_model(model) whose experts hold a tensor their decorator's flags do not name",
+        convert_model,
+        "gate_up_proj_scale",
+        prepare=_undescribed_tensor,
+    ),
+    BadInput(
+        "convert_model(model) with a plugin declaring gate and up swapped",
+        lambda model: _with_plugin(_swapped_layout(), "swapped", lambda: convert_model(model)),
+        "model.layers.0.mlp.experts (Qwen3MoeExperts)",
+    ),
+    BadInput(
+        "convert_model(model) with DEFUSER_VERIFY=sometimes",
+        lambda model: _with_verify("sometimes", lambda: convert_model(model)),
+        "'sometimes'",
+    ),
 ]
+
+# Figures a self-check measures: their last digits depend on the machine's kernels.
+_MEASURED = re.compile(r"(differ by )\S+ \(max abs; largest reference magnitude \S+, tolerance \S+")
 
 
 def _state(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
@@ -468,6 +536,8 @@ def _state(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
 def _outcome(bad: BadInput) -> tuple[str, str]:
     """``(what the call gets, whether the model changed)`` for one bad input."""
     model = build_tiny_model("qwen3_moe")
+    if bad.prepare is not None:
+        bad.prepare(model)
     before = _state(model)
     try:
         with _warnings() as warnings:
@@ -476,6 +546,7 @@ def _outcome(bad: BadInput) -> tuple[str, str]:
         got += "".join(f"; warning: {message}" for message in warnings if message.split(": ", 1)[-1] not in got)
     except Exception as error:
         got = f"`{type(error).__name__}`: {error}"
+    got = _MEASURED.sub(r"\1<x> (max abs; largest reference magnitude <y>, tolerance <z>", got)
     after = _state(model)
     unchanged = after.keys() == before.keys() and all(
         after[name][0] == before[name][0] and torch.equal(after[name][1], before[name][1]) for name in after

@@ -73,12 +73,17 @@ def _version() -> Version:
 
 
 def _declared() -> dict[str, TypeSupport]:
-    return {
-        support.model_type: support
+    """Every row of the README table: the plugins' types and those the generic engine alone handles."""
+    from defuser.engine.generic import TESTED_TYPES
+
+    declared = {support.model_type: support for support in TESTED_TYPES}
+    declared.update(
+        (support.model_type, support)
         for plugin in list_plugins()
         if plugin.info is not None
         for support in plugin.info.model_types
-    }
+    )
+    return declared
 
 
 def _unavailable(support: TypeSupport) -> str | None:
@@ -403,6 +408,7 @@ FUSED_LAYOUTS = {
     "phi4_multimodal_audio": "dense halves reversed, with biases",
     "inkling2_text": "interleaved checkpoint tensor, reordered by the stock converter first",
     "jetmoe": "parallel experts, gated in the MLP and not in the attention (MoA)",
+    "ergo": "not gated, transposed, a subclass with a per-expert norm after each route",
     "granitemoeshared": "5.3.0: parallel experts beside a shared MLP fusing the same name",
 }
 

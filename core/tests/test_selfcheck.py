@@ -302,12 +302,27 @@ def test_every_tensor_the_layout_does_not_consume_is_carried_over(generic_only):
     assert all(defused[name] is tensor for name, tensor in kept.items())
 
 
-class _Dropping:
-    """Defuses through the generic engine, then loses a child holding a tensor."""
+class NormedExperts(MadeUpExperts):
+    """A post-expert norm child the decorator's flags (in 5.3.0) cannot name: a plugin declares it."""
+
+    def __init__(self, config, seed: int = 0):
+        super().__init__(config, seed)
+        self.post_expert_norm = nn.LayerNorm(HIDDEN)
+
+
+class _DeclaresTheNormThenDropsIt:
+    """Declares NormedExperts' norm, defuses through the generic engine, then loses the norm."""
 
     @hookimpl
     def defuser_plugin_info(self):
-        return PluginInfo(name="dropping", model_types=(TypeSupport("muse_spark_text"),), priority=10)
+        return PluginInfo(name="dropping")
+
+    @hookimpl
+    def defuser_detect_candidate(self, module, path, model_type):
+        if type(module) is not NormedExperts:
+            return None
+        layout = read_experts_layout(module).with_overrides(has_post_expert_norm=True)
+        return Candidate(path, module, "experts", "dropping", layout, model_type)
 
     @hookimpl
     def defuser_defuse_candidate(self, candidate):
@@ -318,19 +333,21 @@ class _Dropping:
         return replacement
 
 
-def test_a_replacement_that_loses_a_tensor_fails_and_is_rolled_back(monkeypatch):
-    from transformers import CONFIG_MAPPING
-
-    if "muse_spark_text" not in CONFIG_MAPPING:
-        pytest.skip("muse_spark (post-expert norm) needs transformers 5.24 or newer")
-    manager = DefuserPluginManager(autoload=False)
-    monkeypatch.setattr(plugins, "_manager", manager)
-    manager.register(_Dropping(), "dropping")
-    model = build_tiny_model("muse_spark_text")
+def test_a_replacement_that_loses_a_tensor_fails_and_is_rolled_back(defuser_plugin_manager):
+    defuser_plugin_manager.register(_DeclaresTheNormThenDropsIt(), "dropping")
+    model = _Model(NormedExperts(_config()))
     before, classes = _state(model), [type(module) for module in model.modules()]
-    with pytest.raises(ConversionError, match=r"post_expert_norm\.weight .* is not in its replacement"):
+    with pytest.raises(ConversionError) as caught:
         convert_model(model)
+    message = str(caught.value)
+    assert message.startswith("defusing layers.0.mlp.experts (NormedExperts) failed: self-check: ")
+    assert "post_expert_norm.weight (shape (16,)) of the fused module is not in its replacement" in message
     _assert_unchanged(model, before, classes)
+
+
+def test_the_undeclared_norm_is_refused_by_the_generic_engine(generic_only):
+    with pytest.raises(ConversionError, match=r"holds tensors .* \(post_expert_norm\.weight, post_expert_norm\.bias\)"):
+        convert_model(_Model(NormedExperts(_config())))
 
 
 # --- meta device ------------------------------------------------------------------------------
