@@ -288,8 +288,8 @@ def _class_key(candidate: Candidate) -> tuple[Any, ...]:
     return (type(candidate.module), candidate.plugin, candidate.kind, layout)
 
 
-# Classes checked on a tiny CPU model in this process: key -> "" (passed), the reason it was
-# skipped, or the failure (raised again).
+# Classes checked on a tiny CPU model in this process: key -> ("passed" | "skipped" | "failed",
+# detail); a skip is logged once, a failure raised again for every conversion meeting the class.
 _CLASS_CHECKS: dict[tuple[Any, ...], tuple[str, str]] = {}
 _GENERIC_PATH = re.compile(r"\.\d+(?=\.|$)")
 

@@ -77,8 +77,10 @@ def _kind_of(node: ast.ClassDef) -> str | None:
     assignments = _init_assignments(node)
     if any(name == "gate_up_proj" and _call_name(value) == "Linear" for name, value in assignments):
         return "fused_dense_mlp"
-    if "Expert" in node.name and any(_call_name(value) == "Parameter" for _, value in assignments):
-        return "undecorated_experts"
+    # A per-expert norm (ergo's ErgoExpertNorm: one scale row per expert) holds no projections.
+    if "Expert" in node.name and not node.name.endswith("Norm"):
+        if any(_call_name(value) == "Parameter" for _, value in assignments):
+            return "undecorated_experts"
     # A mixture-named class stacking weights in 3D (5.3's *NaiveMoe, say): experts by another name.
     if _MIXTURE_NAME.search(node.name) and any(_is_stacked_parameter(value) for _, value in assignments):
         return "undecorated_experts"
