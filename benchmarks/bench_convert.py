@@ -125,6 +125,22 @@ class _SelfCheckFigures(logging.Handler):
             self.probes += figures["probes"]
 
 
+def _every_expert_probe_seconds(model) -> float:
+    """Seconds of one self-check probe reaching every expert of the model's first fused experts
+    module: the fused forward, the defusion (not installed) and the defused forward."""
+    from defuser.api import find_candidates
+    from defuser.engine.selfcheck import VERIFY_ALL, SelfCheck
+    from defuser.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    candidate = next(c for c in find_candidates(model) if c.kind == "experts")
+    check = SelfCheck(model, manager, VERIFY_ALL)
+    start = time.perf_counter()
+    probe = check.prepare(candidate)
+    check.verify(candidate, probe, manager.defuse(candidate))
+    return time.perf_counter() - start
+
+
 def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, cleanup_original: bool = False) -> dict:
     """Build, convert (measured), fuse back, then compare fused and defused forwards."""
     import torch
@@ -208,11 +224,14 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
         "rss_growth_over_largest_fused_tensor": (peak.peak - before) / largest_fused,
         "shares_fused_storage": shares,
     }
+    # Fused back (exact, tested): what a probe reaching every expert of one module costs
+    # (DEFUSER_VERIFY=all does that for every module; the default probe reaches a spread of them).
+    assert fuse_model(model)
+    conversion["selfcheck_every_expert_ms"] = _every_expert_probe_seconds(model) * 1e3
     if not forward:
         return conversion
 
-    # Forward comparison: fuse back (exact, tested) to time the fused model, then defuse again.
-    assert fuse_model(model)
+    # Forward comparison: time the fused model, then defuse again.
     generator = torch.Generator().manual_seed(1)
     long_inputs = {"input_ids": torch.randint(0, config.vocab_size, (1, 256), generator=generator)}
     short_inputs = {"input_ids": long_inputs["input_ids"][:, :1]}

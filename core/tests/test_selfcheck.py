@@ -20,9 +20,9 @@ from transformers.integrations.moe import use_experts_implementation
 import defuser.plugins as plugins
 from defuser import PluginInfo, TypeSupport, convert_model, hookimpl
 from defuser.api import ConversionError, find_candidates
-from defuser.engine.candidates import Candidate, read_experts_layout
+from defuser.engine.candidates import Candidate, ExpertsLayout, read_experts_layout
 from defuser.engine.experts import DefusedExperts
-from defuser.engine.selfcheck import ENV_VERIFY
+from defuser.engine.selfcheck import ENV_VERIFY, probed_experts
 from defuser.family import Family
 from defuser.plugins import DefuserPluginManager
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
@@ -38,12 +38,12 @@ def _config() -> types.SimpleNamespace:
 class MadeUpExperts(nn.Module):
     """A plain decorated experts class: concatenated gate-up, SwiGLU, an eager routed loop."""
 
-    def __init__(self, config, seed: int = 0):
+    def __init__(self, config, seed: int = 0, experts: int = EXPERTS):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.num_experts = EXPERTS
-        self.gate_up_proj = nn.Parameter(torch.randn(EXPERTS, 2 * WIDTH, HIDDEN, generator=generator))
-        self.down_proj = nn.Parameter(torch.randn(EXPERTS, HIDDEN, WIDTH, generator=generator) * 0.3)
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * WIDTH, HIDDEN, generator=generator))
+        self.down_proj = nn.Parameter(torch.randn(experts, HIDDEN, WIDTH, generator=generator) * 0.3)
         self.act_fn = nn.SiLU()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -348,6 +348,57 @@ def test_a_replacement_that_loses_a_tensor_fails_and_is_rolled_back(defuser_plug
 def test_the_undeclared_norm_is_refused_by_the_generic_engine(generic_only):
     with pytest.raises(ConversionError, match=r"holds tensors .* \(post_expert_norm\.weight, post_expert_norm\.bias\)"):
         convert_model(_Model(NormedExperts(_config())))
+
+
+def test_the_default_probe_reaches_a_spread_of_experts_and_all_reaches_every_one():
+    layout = ExpertsLayout(num_experts=64, identity_experts=2)
+    assert probed_experts(layout, 64, every_expert=False) == [0, 9, 18, 27, 36, 45, 54, 63, 64, 65]
+    assert probed_experts(layout, 64, every_expert=True) == list(range(66))
+    assert probed_experts(ExpertsLayout(num_experts=8), 8, every_expert=False) == list(range(8))
+
+
+class OneOddExpert(MadeUpExperts):
+    """Expert ``odd`` computes twice what its weights say: a fused class treating one expert
+    specially, which a plugin (wrongly) vouches for as plain."""
+
+    odd = 0
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        scale = torch.where(top_k_index == self.odd, 2.0, 1.0)
+        return super().forward(hidden_states, top_k_index, top_k_weights * scale)
+
+
+class _VouchesForOdd:
+    @hookimpl
+    def defuser_plugin_info(self):
+        return PluginInfo(name="vouching")
+
+    @hookimpl
+    def defuser_detect_candidate(self, module, path, model_type):
+        if not isinstance(module, OneOddExpert):
+            return None
+        return Candidate(path, module, "experts", "vouching", read_experts_layout(module), model_type)
+
+
+@pytest.mark.parametrize(
+    ("odd", "mode", "caught"),
+    [(15, "1", True), (0, "1", True), (7, "1", False), (7, "all", True)],
+    ids=["last-expert", "first-expert", "middle-expert-default-misses", "middle-expert-all"],
+)
+def test_which_experts_a_probe_reaches(defuser_plugin_manager, monkeypatch, odd, mode, caught):
+    # 16 experts: the default probe reaches 8 spread from the first to the last (0, 2, 4, 6, 9,
+    # 11, 13, 15); DEFUSER_VERIFY=all reaches every one.  This shows the limit of the default.
+    monkeypatch.setenv(ENV_VERIFY, mode)
+    defuser_plugin_manager.register(_VouchesForOdd(), "vouching")
+    experts = OneOddExpert(_config(), experts=16)
+    experts.odd = odd
+    model = _Model(experts)
+    if caught:
+        with pytest.raises(ConversionError, match=r"self-check .* outputs differ by"):
+            convert_model(model)
+        assert type(model.layers[0].mlp.experts) is OneOddExpert
+    else:
+        assert convert_model(model) is True
 
 
 # --- meta device ------------------------------------------------------------------------------
