@@ -218,7 +218,7 @@ def test_defuser_plugins_says_untested_and_what_is_handled_generically(defuser_p
     defuser_plugin_manager.register(Family("older", [TypeSupport("qwen3_moe")], tested_on=["4.0.0"]), "older")
     stale = _stale_family(["4.0.0"])
     stale.info = PluginInfo(name="stale", model_types=(TypeSupport("olmoe"),), tested_on=("4.0.0",))
-    stale.experts_classes = {"OlmoeExperts": {}}
+    stale.experts_classes = {"OlmoeExperts": {}, "OlmoeRenamedAwayExperts": {}}
     defuser_plugin_manager.register(stale, "stale")
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
@@ -228,4 +228,5 @@ def test_defuser_plugins_says_untested_and_what_is_handled_generically(defuser_p
     assert f"older: untested on transformers {INSTALLED}; handled generically there:" in out
     assert "  qwen3_moe: decorated experts, read from their flags (no declaration)" in out
     assert "  olmoe: OlmoeExperts decorated now: its flags replace the declaration" in out
+    assert "  declared, but not in this transformers: OlmoeRenamedAwayExperts" in out
     assert "current: untested" not in out

@@ -196,7 +196,7 @@ def _outputs(model: object, inputs: dict) -> dict:
 
 def _plugins(args: argparse.Namespace) -> int:
     from defuser.engine.generic import GENERIC_PLUGIN_NAME
-    from defuser.fit import generic_takeovers, untested_here
+    from defuser.fit import absent_declarations, generic_takeovers, untested_here
     from defuser.plugins import list_plugins
 
     rows = []
@@ -226,6 +226,9 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"  {model_type}: {why}")
         if not takeovers:
             print("  (none: every type it claims here uses its declarations, self-checked)")
+        absent = absent_declarations(plugin.obj)
+        if absent:
+            print(f"  declared, but not in this transformers: {', '.join(absent)}")
     claimants: dict[str, list[str]] = {}
     for plugin in list_plugins():
         for support in plugin.info.model_types if plugin.info else ():

@@ -5,7 +5,8 @@ other release it still runs, and what it declares is checked against that releas
 declares as undecorated experts that the release decorates, or one the release no longer
 has, is handled by the generic engine instead (self-checked); a model type it claims without
 any declaration for its classes is read from the decorator's flags, as the generic engine
-would.  :func:`generic_takeovers` says, per claimed model type, which of these applies.
+would.  :func:`generic_takeovers` says, per claimed model type, which of these applies, and
+:func:`absent_declarations` names declared classes the release no longer has.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from defuser.compat import transformers_version
 from defuser.plugin_info import PluginInfo
 
-__all__ = ["generic_takeovers", "untested_here"]
+__all__ = ["absent_declarations", "generic_takeovers", "untested_here"]
 
 
 def untested_here(info: PluginInfo | None) -> str | None:
@@ -37,6 +38,20 @@ def _classes_of(model_type: str) -> dict[str, type]:
             if isinstance(value, type) and value.__module__ == name:
                 classes.setdefault(attribute, value)
     return classes
+
+
+def absent_declarations(plugin: Any) -> list[str]:
+    """Class names ``plugin`` (a :class:`defuser.family.Family`) declares that no modeling module
+    of its model types defines in the installed transformers (renamed or removed)."""
+    from defuser.family import Family
+
+    if not isinstance(plugin, Family):
+        return []
+    defined: set[str] = set()
+    for support in plugin.info.model_types:
+        defined |= set(_classes_of(support.model_type))
+    declared = [*plugin.experts_classes, *plugin.layout_overrides, *plugin.dense_classes, *plugin.parallel_classes]
+    return sorted(name for name in set(declared) if name not in defined)
 
 
 def generic_takeovers(plugin: Any) -> dict[str, str]:

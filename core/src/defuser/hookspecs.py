@@ -62,7 +62,10 @@ def defuser_detect_candidate(module: nn.Module, path: str, model_type: str | Non
     and ``model_type`` the ``config.model_type`` of the closest enclosing pretrained model
     (a thinker, talker or text sub-model has its own).  Return a
     :class:`defuser.engine.candidates.Candidate` that names this plugin, or ``None`` when the
-    module is not yours.  Stops at first non-None result.
+    module is not yours; a candidate whose ``refusal`` says why marks a fused module that must
+    not be defused (``convert_model`` then raises before changing anything).  When the plugin
+    that owns the model type raises, its declaration is taken not to fit the installed
+    transformers and the generic engine is asked instead.  Stops at first non-None result.
     """
 
 
