@@ -1,6 +1,7 @@
 """The census: every model type of the installed transformers that carries fused experts or a
-fused ``gate_up_proj`` is defused with equal outputs, by a plugin or by the generic engine,
-and fused back by ``fuse_model`` to the very same classes and tensors.
+fused ``gate_up_proj`` is defused with equal outputs and every tensor but the fused ones kept,
+by a plugin or by the generic engine, has its README table row, and is fused back by
+``fuse_model`` to the very same classes and tensors.
 
 The list is not frozen: :mod:`defuser_testkit.census` scans transformers' sources at test
 time, so a fused class that transformers adds or renames fails here, by name, until a plugin
@@ -17,6 +18,7 @@ from torch import nn
 
 from defuser import convert_model, fuse_model
 from defuser.api import find_candidates
+from defuser.engine.selfcheck import consumed_names
 from defuser.plugins import get_plugin_manager
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 from defuser_testkit.census import built_or_derived, fused_model_types, scan_fused_classes
@@ -35,6 +37,11 @@ def _still_fused(module: nn.Module) -> bool:
     stacked = any(t.ndim >= 3 for t in module.parameters(recurse=False))
     flattened = "Expert" in type(module).__name__ and any(True for _ in module.parameters(recurse=False))
     return stacked or flattened or isinstance(module._modules.get("gate_up_proj"), nn.Linear)
+
+
+def _tensor_names(model: nn.Module) -> set[str]:
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return names | {name for name, _ in model.named_buffers(remove_duplicate=False)}
 
 
 @functools.cache
@@ -68,7 +75,15 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
     reference = tiny_forward(model, inputs)
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     classes = [type(module) for module in model.modules()]
+    consumed = {f"{c.path}.{name}" for c in candidates for name in consumed_names(c)}
+    kept = {name for name in _tensor_names(model) if name not in consumed}
     assert convert_model(model) is True
+    # Every tensor but the fused ones the layouts consume is still there, same name, same values.
+    lost = sorted(kept - _tensor_names(model))
+    assert not lost, f"{model_type}: tensors lost in conversion: {lost[:5]}"
+    converted = model.state_dict()
+    changed = [name for name in kept & original.keys() if not torch.equal(converted[name], original[name])]
+    assert not changed, f"{model_type}: tensors changed in conversion: {changed[:5]}"
     left = [f"{path} ({type(m).__name__})" for path, m in model.named_modules() if _still_fused(m)]
     left = [entry for entry in left if entry.split(" (")[1][:-1] in names]
     assert not left, f"{model_type}: still fused after conversion: {left}"
@@ -86,6 +101,18 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
     assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
     assert convert_model(model) is True
     assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
+    # The README table says what is supported: every type defused here has its row.
+    assert f"| `{model_type}` |" in _table(), (
+        f"{model_type}: defused, but not in the README table (declare it in its plugin, or in "
+        "defuser.engine.generic.TESTED_TYPES when the generic engine alone handles it)"
+    )
+
+
+@functools.cache
+def _table() -> str:
+    from defuser.tables import supported_models_markdown
+
+    return supported_models_markdown()
 
 
 def test_every_fused_class_is_built_by_some_model_type() -> None:
