@@ -196,7 +196,7 @@ def _outputs(model: object, inputs: dict) -> dict:
 
 def _plugins(args: argparse.Namespace) -> int:
     from defuser.engine.generic import GENERIC_PLUGIN_NAME
-    from defuser.fit import absent_declarations, generic_takeovers, untested_here
+    from defuser.fit import absent_declarations, claimed_here, generic_takeovers, untested_here
     from defuser.plugins import list_plugins
 
     rows = []
@@ -220,8 +220,11 @@ def _plugins(args: argparse.Namespace) -> int:
         )
     print(_table(("plugin", "distribution", "version", "transformers", "tested on", "model types", "status"), rows))
     for plugin in untested:
-        takeovers = generic_takeovers(plugin.obj)
         print(f"\n{plugin.name}: untested on transformers {untested_here(plugin.info)}; handled generically there:")
+        if not claimed_here(plugin.info):
+            print("  (nothing: none of its model types exists in this transformers)")
+            continue
+        takeovers = generic_takeovers(plugin.obj)
         for model_type, why in sorted(takeovers.items()):
             print(f"  {model_type}: {why}")
         if not takeovers:

@@ -17,7 +17,7 @@ from typing import Any
 from defuser.compat import transformers_version
 from defuser.plugin_info import PluginInfo
 
-__all__ = ["absent_declarations", "generic_takeovers", "untested_here"]
+__all__ = ["absent_declarations", "claimed_here", "generic_takeovers", "untested_here"]
 
 
 def untested_here(info: PluginInfo | None) -> str | None:
@@ -26,6 +26,15 @@ def untested_here(info: PluginInfo | None) -> str | None:
     if info is None or installed is None or info.tested_with(installed):
         return None
     return str(installed)
+
+
+def claimed_here(info: PluginInfo | None) -> list[str]:
+    """The model types ``info`` claims that exist in the installed transformers."""
+    from transformers import CONFIG_MAPPING
+
+    return [
+        support.model_type for support in (info.model_types if info else ()) if support.model_type in CONFIG_MAPPING
+    ]
 
 
 def _classes_of(model_type: str) -> dict[str, type]:
