@@ -220,6 +220,8 @@ def test_defuser_plugins_says_untested_and_what_is_handled_generically(defuser_p
     stale.info = PluginInfo(name="stale", model_types=(TypeSupport("olmoe"),), tested_on=("4.0.0",))
     stale.experts_classes = {"OlmoeExperts": {}, "OlmoeRenamedAwayExperts": {}}
     defuser_plugin_manager.register(stale, "stale")
+    absent = Family("elsewhere", [TypeSupport("no_such_moe")], tested_on=["4.0.0"])
+    defuser_plugin_manager.register(absent, "elsewhere")
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(("-", " "))}
@@ -230,3 +232,4 @@ def test_defuser_plugins_says_untested_and_what_is_handled_generically(defuser_p
     assert "  olmoe: OlmoeExperts decorated now: its flags replace the declaration" in out
     assert "  declared, but not in this transformers: OlmoeRenamedAwayExperts" in out
     assert "current: untested" not in out
+    assert "elsewhere: untested on" in out and "(nothing: none of its model types exists in this transformers)" in out
