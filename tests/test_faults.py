@@ -200,11 +200,11 @@ def test_running_out_of_memory_inside_the_engine_mid_module(manager, monkeypatch
     real_linear_from = experts_module.linear_from
     calls = {"count": 0}
 
-    def fails_on_the_second_module(weight, bias, requires_grad):
+    def fails_on_the_second_module(weight, bias, *requires_grad):
         calls["count"] += 1
         if calls["count"] == 8 * 3 + 6:  # 8 experts x 3 Linears, then the 6th of the second module
             raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 64.00 MiB")
-        return real_linear_from(weight, bias, requires_grad)
+        return real_linear_from(weight, bias, *requires_grad)
 
     monkeypatch.setattr(experts_module, "linear_from", fails_on_the_second_module)
     model = build_tiny_model("qwen3_moe")
@@ -261,7 +261,7 @@ def test_a_failure_after_a_fused_weight_was_released_rebuilds_it_equal(monkeypat
     strides = {name: tensor.stride() for name, tensor in fused.named_parameters()}
     grads = {name: tensor.requires_grad for name, tensor in fused.named_parameters()}
 
-    def out_of_memory(weight, bias, requires_grad):
+    def out_of_memory(weight, bias, *requires_grad):
         assert fused._parameters["gate_up_proj"] is None, "released before the Linears are built"
         raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 64.00 MiB")
 
