@@ -13,6 +13,7 @@ from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
 from defuser.engine.experts import register_experts_implementation
+from defuser.engine.hooks import module_hooks
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
 from defuser.engine.transaction import releasing_consumed, snapshot_module
@@ -93,6 +94,16 @@ def convert_model(
     them.  Returns True when something was defused; False (model untouched) for a model with
     nothing to defuse, an unsupported model type, or transformers older than 5.3.0.  A module
     whose defusion fails is left as it was and :class:`ConversionError` names its path.
+
+    Each per-expert weight keeps the ``requires_grad`` of the fused tensor it comes from.
+    Forward, forward pre- and full backward hooks registered on a replaced module follow its
+    replacement (which shares its hook dictionaries, so their handles still remove them);
+    hooks that cannot follow (on a fused ``gate_up_proj`` Linear, on a fused tensor,
+    state-dict hooks) make that module's conversion fail, naming them.  The per-expert
+    weights are new ``nn.Parameter`` objects: an optimizer created before the conversion
+    still holds the fused parameters and never updates the per-expert ones (zero-copy
+    layouts share storage, so changes written into a fused parameter show through; copy
+    layouts share nothing).  Create optimizers after converting.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -159,11 +170,13 @@ def _defuse_one(
     as it was (a fused weight released mid-way with ``cleanup_original`` comes back rebuilt
     from its copy, equal) and :class:`ConversionError` names its path."""
     saved = snapshot_module(candidate.module, shared)
+    hooks = module_hooks(candidate.module, candidate.path)
     release = releasing_consumed(saved) if cleanup_original else contextlib.nullcontext()
     try:
         # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
         with release, dispatched_conversion(model, candidate, cleanup_original) as placement:
             replacement = manager.defuse(candidate)
+            hooks.follow(replacement)  # the fused module's forward and backward hooks, or an error
             placement.place(replacement)
         return replacement
     except BaseException as error:
