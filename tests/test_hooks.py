@@ -242,3 +242,22 @@ def test_hooks_that_cannot_follow_are_refused_by_name(register, named):
     assert model.model.layers[0].mlp.experts is experts
     _assert_unchanged(experts, state)
 
+
+def test_fuse_model_leaves_a_module_with_hooks_on_a_per_expert_linear(caplog):
+    model = build_tiny_model("qwen3_moe")
+    inputs = tiny_inputs(model)
+    assert convert_model(model)
+    defused = model.model.layers[0].mlp.experts
+    calls = []
+
+    def calibrate(module, args, output):
+        calls.append(output.shape)
+
+    defused[2].down_proj.register_forward_hook(calibrate)
+    with caplog.at_level(logging.WARNING, logger="defuser"):
+        assert fuse_model(model)  # layer 1 fuses
+    assert "model.layers.0.mlp.experts.2.down_proj has forward hooks" in caplog.text and "calibrate" in caplog.text
+    assert model.model.layers[0].mlp.experts is defused
+    assert type(model.model.layers[1].mlp.experts).__name__ == "Qwen3MoeExperts"
+    tiny_forward(model, inputs)
+    assert calls

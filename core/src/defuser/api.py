@@ -277,12 +277,17 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     when the weights are still laid out as the fused tensor, otherwise one new tensor per
     projection); split dense MLPs get their fused ``gate_up_proj`` back.  Outputs are
     unchanged and ``convert_model`` can defuse the result again.  ``filter`` takes the same
-    rules as in ``convert_model``.  A module whose projections are no longer plain
-    ``nn.Linear`` (quantized, wrapped) is left as it is and named in a warning.  Returns True
-    when something was fused.
+    rules as in ``convert_model``.  Each fused tensor keeps the ``requires_grad`` of the
+    weights it joins, and hooks registered on a defused module follow its fused form.  Under
+    accelerate offload the fused tensors are written to the offload store (the per-expert
+    entries leave it) and the fused module gets hooks of its own.  A module that cannot be
+    fused exactly (projections no longer plain ``nn.Linear``, joined weights that differ in
+    ``requires_grad``, hooks on a per-expert module) is left as it is and named in a warning;
+    one whose fusion fails otherwise is put back as it was and ``FusionError`` names it.
+    Returns True when something was fused.
     """
-    from defuser.engine.dense import join_dense_mlp
-    from defuser.engine.fuse import NotFusable, fuse_dense_mlp, fuse_experts, fuse_parallel
+    from defuser.engine.fuse import NotFusable
+    from defuser.engine.fuse_back import fuse_back
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -291,19 +296,10 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
         try:
-            if kind == "dense":
-                join_dense_mlp(module, fuse_dense_mlp(module, path))
-                replacement = module
-            elif kind == "parallel":
-                replacement = fuse_parallel(module, module.layout, path)
-            else:
-                replacement = fuse_experts(module, path)
+            replacement = fuse_back(model, path, module, kind)
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue
-        if replacement is not module:
-            for parent, name in parents_of(model, module):
-                parent._modules[name] = replacement
         fused_count += 1
         logger.debug("fused %s back into %s", path, type(replacement).__name__)
     if fused_count:

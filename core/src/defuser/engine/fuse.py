@@ -41,10 +41,22 @@ def fused_names(layout: ExpertsLayout) -> list[str]:
     return names
 
 
+# What accelerate's ``add_hook_to_module`` puts on a dispatched module: its hook, and a
+# ``forward`` (and the saved original) bound to that module object.
+_DISPATCH_STATE = ("_hf_hook", "_old_forward", "forward")
+
+
 def skeleton_of(module: nn.Module, dropped: list[str]) -> nn.Module:
     """A shallow copy of ``module`` without the tensors named in ``dropped`` (dotted names reach
-    into children, which are shallow-copied the same way).  It holds no weight bytes of them."""
+    into children, which are shallow-copied the same way).  It holds no weight bytes of them.
+
+    A copy of a module dispatched by accelerate leaves its hook behind: the hooked ``forward``
+    is bound to ``module`` and would run it, not the copy (fusing a dispatched model back
+    gives the fused module hooks of its own, see :mod:`defuser.engine.offload`)."""
     skeleton = copy.copy(module)  # nn.Module copies its __dict__ shallowly
+    if "_hf_hook" in skeleton.__dict__:
+        for name in _DISPATCH_STATE:
+            skeleton.__dict__.pop(name, None)
     skeleton.__dict__["_parameters"] = dict(module._parameters)
     skeleton.__dict__["_buffers"] = dict(module._buffers)
     skeleton.__dict__["_modules"] = dict(module._modules)
