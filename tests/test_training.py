@@ -172,3 +172,13 @@ def test_an_optimizer_created_after_conversion_steps_like_the_fused_model(model_
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_convert_model_and_the_readme_say_to_create_optimizers_after_converting():
+    from pathlib import Path
+
+    docstring = " ".join(convert_model.__doc__.split())
+    assert "an optimizer created before the conversion still holds the fused parameters" in docstring
+    assert "Create optimizers after converting." in docstring
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "**create optimizers after `convert_model`**" in readme
