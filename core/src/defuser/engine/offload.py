@@ -19,7 +19,10 @@ the fused module sat, as if accelerate had dispatched the defused model:
    the store too (and their own files in the offload folder are deleted).
 
 Any failure puts the store back as it was (entries and files written are removed); the
-caller restores the module from its snapshot.  Modules on a device need nothing special:
+caller restores the module from its snapshot.  Fusing back (:mod:`defuser.engine.fuse_back`)
+takes the same steps with the defused module as the candidate and the fused module as its
+replacement: stale fused entries under the same names are replaced (their own files set
+aside until the writes are committed) and the per-expert entries are dropped.  Modules on a device need nothing special:
 their per-expert tensors are views or copies made on the fused tensor's own device.
 """
 
