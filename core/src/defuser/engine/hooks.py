@@ -113,17 +113,19 @@ class ModuleHooks:
     def follow(self, replacement: nn.Module, advice: str = _CONVERSION_ADVICE) -> None:
         """Give ``replacement`` the root's hooks, or raise :class:`HookError` (changing
         nothing) when some hook cannot follow it; ``advice`` ends its message."""
-        kept_modules = {id(module) for module in replacement.modules()}
-        kept_tensors = {id(tensor) for module in replacement.modules() for tensor in _direct_tensors(module)}
-        problems = []
-        for path, module in self.modules:
-            if module is self.root:
-                problems += [f"{path} has {kind}" for kind in self._refused_on_root(replacement is not module)]
-            elif id(module) not in kept_modules and (hooks := _hooks_of(module)):
-                problems.append(f"{path} has {', '.join(hooks)} and is not part of what replaces it")
-        for path, tensor in self.tensors:
-            if id(tensor) not in kept_tensors and (hooks := _tensor_hooks(tensor)):
-                problems.append(f"{path} has gradient hooks {', '.join(hooks)} and is not part of what replaces it")
+        problems = [f"{self.path} has {kind}" for kind in self._refused_on_root(replacement is not self.root)]
+        # Hooks below the root are rare: the replacement's tree is walked only when there are some.
+        hooked_modules = [(path, module, hooks) for path, module in self.modules[1:] if (hooks := _hooks_of(module))]
+        hooked_tensors = [(path, tensor, hooks) for path, tensor in self.tensors if (hooks := _tensor_hooks(tensor))]
+        if hooked_modules or hooked_tensors:
+            kept_modules = {id(module) for module in replacement.modules()}
+            kept_tensors = {id(tensor) for module in replacement.modules() for tensor in _direct_tensors(module)}
+            for path, module, hooks in hooked_modules:
+                if id(module) not in kept_modules and module is not self.root:
+                    problems.append(f"{path} has {', '.join(hooks)} and is not part of what replaces it")
+            for path, tensor, hooks in hooked_tensors:
+                if id(tensor) not in kept_tensors:
+                    problems.append(f"{path} has gradient hooks {', '.join(hooks)} and is not part of what replaces it")
         if replacement is not self.root:
             problems += self._conflicts(replacement)
         if problems:
