@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import defuser.plugins as plugins
-from defuser import PluginInfo, convert_model, hookimpl, replace_fused_blocks
+from defuser import PluginInfo, convert_model, fuse_model, hookimpl, replace_fused_blocks
 from defuser.api import ConversionError, find_candidates
 from defuser.engine.dense import split_dense_mlp
 from defuser.engine.experts import DefusedExperts
@@ -200,11 +200,11 @@ def test_running_out_of_memory_inside_the_engine_mid_module(manager, monkeypatch
     real_linear_from = experts_module.linear_from
     calls = {"count": 0}
 
-    def fails_on_the_second_module(weight, bias, requires_grad):
+    def fails_on_the_second_module(weight, bias, *requires_grad):
         calls["count"] += 1
         if calls["count"] == 8 * 3 + 6:  # 8 experts x 3 Linears, then the 6th of the second module
             raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 64.00 MiB")
-        return real_linear_from(weight, bias, requires_grad)
+        return real_linear_from(weight, bias, *requires_grad)
 
     monkeypatch.setattr(experts_module, "linear_from", fails_on_the_second_module)
     model = build_tiny_model("qwen3_moe")
@@ -261,7 +261,7 @@ def test_a_failure_after_a_fused_weight_was_released_rebuilds_it_equal(monkeypat
     strides = {name: tensor.stride() for name, tensor in fused.named_parameters()}
     grads = {name: tensor.requires_grad for name, tensor in fused.named_parameters()}
 
-    def out_of_memory(weight, bias, requires_grad):
+    def out_of_memory(weight, bias, *requires_grad):
         assert fused._parameters["gate_up_proj"] is None, "released before the Linears are built"
         raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 64.00 MiB")
 
@@ -464,6 +464,94 @@ def _with_verify(value: str, call: Callable[[], Any]) -> Any:
             del os.environ["DEFUSER_VERIFY"]
         else:
             os.environ["DEFUSER_VERIFY"] = previous
+# --- hooks, training state and offload (issue 17) ------------------------------------------
+
+
+def _user_hook(name: str, result: Any = None) -> Callable[..., Any]:
+    """A hook function named as a user's would be (the table must read the same whichever
+    way this file is run)."""
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        return result
+
+    hook.__qualname__ = hook.__name__ = name
+    hook.__module__ = "user"
+    return hook
+
+
+def _experts0(model: nn.Module) -> nn.Module:
+    return model.model.layers[0].mlp.experts
+
+
+def _convert_with_forward_hooks(model: nn.Module) -> str:
+    calls: list[str] = []
+    _experts0(model).register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
+    _experts0(model).register_forward_hook(lambda module, args, output: calls.append(type(module).__name__))
+    result = convert_model(model)
+    tiny_forward(model, tiny_inputs(model))
+    return f"returns `{result!r}`; both hooks then run on the replacement: {', '.join(calls)}"
+
+
+def _convert_with_hook_on_dense_gate_up() -> Any:
+    model = build_tiny_model("phi3")
+    model.model.layers[0].mlp.gate_up_proj.register_forward_hook(_user_hook("capture_activations"))
+    return convert_model(model)
+
+
+def _convert_with_frozen_down(model: nn.Module) -> str:
+    _experts0(model).down_proj.requires_grad_(False)
+    result = convert_model(model)
+    flags = {
+        projection: sorted({getattr(expert, projection).weight.requires_grad for expert in _experts0(model)})
+        for projection in ("gate_proj", "up_proj", "down_proj")
+    }
+    return f"returns `{result!r}`; per-expert requires_grad of layer 0: {flags}"
+
+
+def _fuse_with(change: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    def attempt(model: nn.Module) -> Any:
+        convert_model(model)
+        change(_experts0(model))
+        return fuse_model(model)
+
+    return attempt
+
+
+def _convert_with_an_optimizer_made_before(model: nn.Module) -> str:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = convert_model(model)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    per_expert = [p for name, p in model.named_parameters() if ".experts." in name]
+    known = sum(id(p) in held for p in per_expert)
+    return (
+        f"returns `{result!r}`; the optimizer holds {known} of the {len(per_expert)} per-expert parameters "
+        "(it keeps the fused ones): create optimizers after converting"
+    )
+
+
+def _fuse_offloaded_after_cleanup() -> str:
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model("gpt_oss")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        device_map = {f"model.{name}": "cpu" for name, _ in model.model.named_children() if name != "layers"}
+        device_map.update({"model.layers.0": "cpu", "model.layers.1": "disk", "lm_head": "cpu"})
+        loaded = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=f"{folder}/offload")
+        convert_model(loaded, cleanup_original=True)
+        result = fuse_model(loaded)
+        same = torch.equal(tiny_forward(loaded, inputs), reference)
+        loaded.save_pretrained(f"{folder}/saved")
+        reloaded = AutoModelForCausalLM.from_pretrained(f"{folder}/saved")
+        saved_same = torch.equal(tiny_forward(reloaded, inputs), reference)
+    return (
+        f"returns `{result!r}`; the fused tensors are rebuilt into the offload store: forward equal to before: "
+        f"{same}, saved and reloaded equal: {saved_same}"
+    )
 
 
 BAD_INPUTS = [
@@ -523,6 +611,44 @@ BAD_INPUTS = [
         lambda model: _with_verify("sometimes", lambda: convert_model(model)),
         "'sometimes'",
     ),
+    BadInput(
+        "convert_model(model) with a forward hook and a forward pre-hook on model.layers.0.mlp.experts",
+        _convert_with_forward_hooks,
+    ),
+    BadInput(
+        "convert_model(phi3_model) with a forward hook on model.layers.0.mlp.gate_up_proj (split in two)",
+        lambda model: _convert_with_hook_on_dense_gate_up(),
+        "model.layers.0.mlp.gate_up_proj has forward hooks (user.capture_activations)",
+    ),
+    BadInput(
+        "convert_model(model) with experts.gate_up_proj.register_hook(...) (a gradient hook on a fused tensor)",
+        lambda model: (_experts0(model).gate_up_proj.register_hook(_user_hook("clip_grad")), convert_model(model)),
+        "model.layers.0.mlp.experts.gate_up_proj has gradient hooks register_hook (user.clip_grad)",
+    ),
+    BadInput(
+        "convert_model(model) with a state-dict hook on model.layers.0.mlp.experts",
+        lambda model: (_experts0(model).register_state_dict_post_hook(_user_hook("rename_keys")), convert_model(model)),
+        "model.layers.0.mlp.experts has state-dict hooks (user.rename_keys)",
+    ),
+    BadInput(
+        "convert_model(model) with experts.register_backward_hook(...) (old-style, not full)",
+        lambda model: (_experts0(model).register_backward_hook(_user_hook("log_grad")), convert_model(model)),
+        "register_backward_hook hooks (user.log_grad)",
+    ),
+    BadInput("convert_model(model) after experts.down_proj.requires_grad_(False)", _convert_with_frozen_down),
+    BadInput(
+        "fuse_model(model) after one expert's up_proj.weight.requires_grad_(False)",
+        _fuse_with(lambda experts: experts[3].up_proj.weight.requires_grad_(False)),
+    ),
+    BadInput(
+        "fuse_model(model) with a forward hook on a per-expert Linear",
+        _fuse_with(lambda experts: experts[2].down_proj.register_forward_hook(_user_hook("calibrate"))),
+    ),
+    BadInput(
+        "fuse_model(gpt_oss_model) with layer 1 offloaded to disk, converted with cleanup_original=True",
+        lambda model: _fuse_offloaded_after_cleanup(),
+    ),
+    BadInput("convert_model(model) with an optimizer created before", _convert_with_an_optimizer_made_before),
 ]
 
 # Figures a self-check measures: their last digits depend on the machine's kernels.

@@ -13,6 +13,7 @@ from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
 from defuser.engine.experts import register_experts_implementation
+from defuser.engine.hooks import module_hooks
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
 from defuser.engine.selfcheck import SelfCheck
@@ -118,6 +119,15 @@ def convert_model(
     :class:`ConversionError` before anything changes; each replacement must keep every tensor
     its layout does not consume; and the first module of each class is probed against its
     fused original (``DEFUSER_VERIFY=0`` turns that off, ``DEFUSER_VERIFY=all`` probes all).
+    Each per-expert weight keeps the ``requires_grad`` of the fused tensor it comes from.
+    Forward, forward pre- and full backward hooks registered on a replaced module follow its
+    replacement (which shares its hook dictionaries, so their handles still remove them);
+    hooks that cannot follow (on a fused ``gate_up_proj`` Linear, on a fused tensor,
+    state-dict hooks) make that module's conversion fail, naming them.  The per-expert
+    weights are new ``nn.Parameter`` objects: an optimizer created before the conversion
+    still holds the fused parameters and never updates the per-expert ones (zero-copy
+    layouts share storage, so changes written into a fused parameter show through; copy
+    layouts share nothing).  Create optimizers after converting.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -220,12 +230,14 @@ def _defuse_one(
     put back as it was (a fused weight released mid-way with ``cleanup_original`` comes back
     rebuilt from its copy, equal) and :class:`ConversionError` names its path."""
     saved = snapshot_module(candidate.module, shared)
+    hooks = module_hooks(candidate.module, candidate.path)
     release = releasing_consumed(saved) if cleanup_original else contextlib.nullcontext()
     try:
         probe = check.prepare(candidate) if check is not None else None
         # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
         with release, dispatched_conversion(model, candidate, cleanup_original) as placement:
             replacement = manager.defuse(candidate)
+            hooks.follow(replacement)  # the fused module's forward and backward hooks, or an error
             placement.place(replacement)
             if check is not None and probe is not None:
                 check.verify(candidate, probe, replacement)
@@ -330,12 +342,17 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     when the weights are still laid out as the fused tensor, otherwise one new tensor per
     projection); split dense MLPs get their fused ``gate_up_proj`` back.  Outputs are
     unchanged and ``convert_model`` can defuse the result again.  ``filter`` takes the same
-    rules as in ``convert_model``.  A module whose projections are no longer plain
-    ``nn.Linear`` (quantized, wrapped) is left as it is and named in a warning.  Returns True
-    when something was fused.
+    rules as in ``convert_model``.  Each fused tensor keeps the ``requires_grad`` of the
+    weights it joins, and hooks registered on a defused module follow its fused form.  Under
+    accelerate offload the fused tensors are written to the offload store (the per-expert
+    entries leave it) and the fused module gets hooks of its own.  A module that cannot be
+    fused exactly (projections no longer plain ``nn.Linear``, joined weights that differ in
+    ``requires_grad``, hooks on a per-expert module) is left as it is and named in a warning;
+    one whose fusion fails otherwise is put back as it was and ``FusionError`` names it.
+    Returns True when something was fused.
     """
-    from defuser.engine.dense import join_dense_mlp
-    from defuser.engine.fuse import NotFusable, fuse_dense_mlp, fuse_experts, fuse_parallel
+    from defuser.engine.fuse import NotFusable
+    from defuser.engine.fuse_back import fuse_back
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -344,19 +361,10 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
         try:
-            if kind == "dense":
-                join_dense_mlp(module, fuse_dense_mlp(module, path))
-                replacement = module
-            elif kind == "parallel":
-                replacement = fuse_parallel(module, module.layout, path)
-            else:
-                replacement = fuse_experts(module, path)
+            replacement = fuse_back(model, path, module, kind)
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue
-        if replacement is not module:
-            for parent, name in parents_of(model, module):
-                parent._modules[name] = replacement
         fused_count += 1
         logger.debug("fused %s back into %s", path, type(replacement).__name__)
     if fused_count:

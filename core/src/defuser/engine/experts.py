@@ -154,7 +154,9 @@ def _attribute_path(module: Any, path: str) -> Any:
     return module
 
 
-def _empty_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+def _empty_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_requires_grad: bool
+) -> nn.Linear:
     """A new Linear shaped like ``weight``, built under the caller's device context (pre-load)."""
     out_features, in_features = weight.shape
     return nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
@@ -220,10 +222,10 @@ class DefusedExperts(nn.Module):
             weights = expert_weights(stacked, index)
             build = linear_from if materialize else _empty_linear
             gate_proj = (
-                build(weights.gate, weights.gate_bias, tensors.requires_grad) if weights.gate is not None else None
+                build(weights.gate, weights.gate_bias, *tensors.grads_of("gate")) if weights.gate is not None else None
             )
-            up_proj = build(weights.up, weights.up_bias, tensors.requires_grad)
-            down_proj = build(weights.down, weights.down_bias, tensors.requires_grad)
+            up_proj = build(weights.up, weights.up_bias, *tensors.grads_of("up"))
+            down_proj = build(weights.down, weights.down_bias, *tensors.grads_of("down"))
             self._modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
 
     def __getattr__(self, name: str) -> Any:

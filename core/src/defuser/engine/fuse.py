@@ -41,10 +41,22 @@ def fused_names(layout: ExpertsLayout) -> list[str]:
     return names
 
 
+# What accelerate's ``add_hook_to_module`` puts on a dispatched module: its hook, and a
+# ``forward`` (and the saved original) bound to that module object.
+_DISPATCH_STATE = ("_hf_hook", "_old_forward", "forward")
+
+
 def skeleton_of(module: nn.Module, dropped: list[str]) -> nn.Module:
     """A shallow copy of ``module`` without the tensors named in ``dropped`` (dotted names reach
-    into children, which are shallow-copied the same way).  It holds no weight bytes of them."""
+    into children, which are shallow-copied the same way).  It holds no weight bytes of them.
+
+    A copy of a module dispatched by accelerate leaves its hook behind: the hooked ``forward``
+    is bound to ``module`` and would run it, not the copy (fusing a dispatched model back
+    gives the fused module hooks of its own, see :mod:`defuser.engine.offload`)."""
     skeleton = copy.copy(module)  # nn.Module copies its __dict__ shallowly
+    if "_hf_hook" in skeleton.__dict__:
+        for name in _DISPATCH_STATE:
+            skeleton.__dict__.pop(name, None)
     skeleton.__dict__["_parameters"] = dict(module._parameters)
     skeleton.__dict__["_buffers"] = dict(module._buffers)
     skeleton.__dict__["_modules"] = dict(module._modules)
@@ -236,12 +248,44 @@ def fuse_experts(defused: nn.Module, path: str) -> nn.Module:
         expected = shapes.get(name)
         if expected is not None and tuple(tensor.shape) != tuple(expected):
             raise NotFusable(f"{path}: rebuilt {name} has shape {tuple(tensor.shape)}, the fused module had {expected}")
-    requires_grad = experts[0].down_proj.weight.requires_grad
+    grads = {name: _experts_grad(layout, name, experts, path) for name in tensors}
     fused = skeleton_of(skeleton, [])
     fused.train(defused.training)
     for name, tensor in tensors.items():
-        _set_tensor(fused, name, tensor, requires_grad)
+        _set_tensor(fused, name, tensor, grads[name])
     return fused
+
+
+def _shared_grad(parts: list[tuple[str, torch.Tensor]], fused_name: str) -> bool:
+    """The ``requires_grad`` every tensor joined into one fused parameter has in common."""
+    flags = {tensor.requires_grad for _, tensor in parts}
+    if len(flags) > 1:
+        frozen = [where for where, tensor in parts if not tensor.requires_grad]
+        trained = [where for where, tensor in parts if tensor.requires_grad]
+        raise NotFusable(
+            f"{fused_name} would join tensors that differ in requires_grad ({frozen[0]} False, {trained[0]} True): "
+            "one fused parameter holds one flag"
+        )
+    return flags.pop() if flags else False
+
+
+def _experts_grad(layout: ExpertsLayout, name: str, experts: list[nn.Module], path: str) -> bool:
+    """``requires_grad`` of the fused tensor ``name``, from the per-expert tensors it joins."""
+    bias = name.endswith("_bias")
+    fused_name = name.removesuffix("_bias") if bias else name
+    if fused_name == layout.down_name:
+        projections = ["down_proj"]
+    elif layout.separate_gate_up:
+        projections = ["up_proj"] if fused_name == layout.up_name else ["gate_proj"]
+    else:
+        projections = ["gate_proj", "up_proj"] if layout.has_gate else ["up_proj"]
+    attribute = "bias" if bias else "weight"
+    parts = [
+        (f"{path}.{index}.{projection}.{attribute}", getattr(getattr(expert, projection), attribute))
+        for index, expert in enumerate(experts)
+        for projection in projections
+    ]
+    return _shared_grad(parts, f"{path}.{name}")
 
 
 def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.Module:
@@ -250,18 +294,23 @@ def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.M
     if skeleton is None:
         raise NotFusable(f"{path} ({type(defused).__name__}) keeps no record of its fused form")
     weights = []
+    parts: list[tuple[str, torch.Tensor]] = []
     for index, expert in enumerate(defused):
         where = f"{path}.{index}"
         if isinstance(expert, nn.Linear):
-            weights.append(_plain_linear(expert, where).weight.detach())
+            weight = _plain_linear(expert, where).weight
+            parts.append((f"{where}.weight", weight))
+            weights.append(weight.detach())
         else:
-            gate = _plain_linear(getattr(expert, "gate_proj", None), f"{where}.gate_proj").weight.detach()
-            up = _plain_linear(getattr(expert, "up_proj", None), f"{where}.up_proj").weight.detach()
-            weights.append(join_gate_up(gate, up, layout, dim=0))
+            gate = _plain_linear(getattr(expert, "gate_proj", None), f"{where}.gate_proj").weight
+            up = _plain_linear(getattr(expert, "up_proj", None), f"{where}.up_proj").weight
+            parts += [(f"{where}.gate_proj.weight", gate), (f"{where}.up_proj.weight", up)]
+            weights.append(join_gate_up(gate.detach(), up.detach(), layout, dim=0))
+    requires_grad = _shared_grad(parts, f"{path}.{layout.weight_name}")
     stacked = orient(torch.stack(weights), layout.transposed).contiguous()
     fused = skeleton_of(skeleton, [])
     fused.train(defused.training)
-    _set_tensor(fused, layout.weight_name, stacked, weights[0].requires_grad if weights else False)
+    _set_tensor(fused, layout.weight_name, stacked, requires_grad)
     return fused
 
 
@@ -280,10 +329,18 @@ def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
     first, second = (gate, up) if joined.layout.gate_first else (up, gate)
     linear = skeleton_of(joined.fused_skeleton, [])
     weight = _adjacent_or_cat(first.weight.detach(), second.weight.detach())
-    linear._parameters["weight"] = nn.Parameter(weight, requires_grad=gate.weight.requires_grad)
+    weight_grad = _shared_grad(
+        [(f"{path}.gate_proj.weight", gate.weight), (f"{path}.up_proj.weight", up.weight)],
+        f"{path}.{joined.layout.fused_name}.weight",
+    )
+    linear._parameters["weight"] = nn.Parameter(weight, requires_grad=weight_grad)
     if first.bias is not None:
         bias = _adjacent_or_cat(first.bias.detach(), second.bias.detach())
-        linear._parameters["bias"] = nn.Parameter(bias, requires_grad=gate.bias.requires_grad)
+        bias_grad = _shared_grad(
+            [(f"{path}.gate_proj.bias", gate.bias), (f"{path}.up_proj.bias", up.bias)],
+            f"{path}.{joined.layout.fused_name}.bias",
+        )
+        linear._parameters["bias"] = nn.Parameter(bias, requires_grad=bias_grad)
     linear.train(mlp.training)
     return linear
 

@@ -8,7 +8,7 @@ projection of a module, on the tensor's own device.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,7 +42,18 @@ class FusedTensors:
     second: torch.Tensor | None = None  # up, when gate and up are separate tensors
     first_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
-    requires_grad: bool = False
+    # requires_grad of each fused tensor, by field name: every per-expert weight takes the
+    # flag of the fused tensor it comes from.
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+    def grads_of(self, projection: str) -> tuple[bool, bool]:
+        """``(weight, bias)`` requires_grad of per-expert ``projection`` ("gate", "up", "down")."""
+        if projection == "down":
+            weight, bias = "down", "down_bias"
+        else:
+            separate_up = projection == "up" and "second" in self.requires_grad
+            weight, bias = ("second" if separate_up else "first"), "first_bias"
+        return self.requires_grad.get(weight, False), self.requires_grad.get(bias, False)
 
 
 @dataclass(frozen=True)
@@ -66,17 +77,15 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor:
 
 def fused_tensors(module: nn.Module, layout: ExpertsLayout) -> FusedTensors:
     """Collect ``module``'s fused tensors named by ``layout``."""
-    first_name = layout.first_name
-    second = _tensor(module, layout.up_name).detach() if layout.separate_gate_up else None
-    first = _tensor(module, first_name)
-    bias = (lambda name: _tensor(module, f"{name}_bias").detach()) if layout.has_bias else (lambda name: None)
+    names = {"first": layout.first_name, "down": layout.down_name}
+    if layout.separate_gate_up:
+        names["second"] = layout.up_name
+    if layout.has_bias:
+        names.update(first_bias=f"{layout.first_name}_bias", down_bias=f"{layout.down_name}_bias")
+    found = {role: _tensor(module, name) for role, name in names.items()}
     return FusedTensors(
-        first=first.detach(),
-        down=_tensor(module, layout.down_name).detach(),
-        second=second,
-        first_bias=bias(first_name),
-        down_bias=bias(layout.down_name),
-        requires_grad=first.requires_grad,
+        **{role: tensor.detach() for role, tensor in found.items()},
+        requires_grad={role: tensor.requires_grad for role, tensor in found.items()},
     )
 
 
@@ -137,8 +146,11 @@ def blank_module(cls: type[nn.Module]) -> nn.Module:
     return module
 
 
-def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
-    """Wrap existing tensors (views included) in an ``nn.Linear`` without allocating anything."""
+def linear_from(
+    weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_requires_grad: bool | None = None
+) -> nn.Linear:
+    """Wrap existing tensors (views included) in an ``nn.Linear`` without allocating anything;
+    the bias takes ``requires_grad`` unless ``bias_requires_grad`` says otherwise."""
     out_features, in_features = weight.shape
     # nn.Linear.__init__ would create and initialise throwaway tensors (even on meta); at
     # hundreds of experts per layer that dominates a zero-copy conversion, so set the same
@@ -147,7 +159,9 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: 
     state = layer.__dict__
     state["in_features"], state["out_features"] = in_features, out_features
     state["_parameters"]["weight"] = nn.Parameter(weight, requires_grad=requires_grad)
-    state["_parameters"]["bias"] = None if bias is None else nn.Parameter(bias, requires_grad=requires_grad)
+    if bias_requires_grad is None:
+        bias_requires_grad = requires_grad
+    state["_parameters"]["bias"] = None if bias is None else nn.Parameter(bias, requires_grad=bias_requires_grad)
     return layer
 
 

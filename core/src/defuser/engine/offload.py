@@ -19,7 +19,10 @@ the fused module sat, as if accelerate had dispatched the defused model:
    the store too (and their own files in the offload folder are deleted).
 
 Any failure puts the store back as it was (entries and files written are removed); the
-caller restores the module from its snapshot.  Modules on a device need nothing special:
+caller restores the module from its snapshot.  Fusing back (:mod:`defuser.engine.fuse_back`)
+takes the same steps with the defused module as the candidate and the fused module as its
+replacement: stale fused entries under the same names are replaced (their own files set
+aside until the writes are committed) and the per-expert entries are dropped.  Modules on a device need nothing special:
 their per-expert tensors are views or copies made on the fused tensor's own device.
 """
 
@@ -130,18 +133,36 @@ class _Owner:
         return prefix[: -len(self.path) - 1]
 
 
+@dataclass
+class _Previous:
+    """An entry that a write replaced: what the store held under ``key``, to put back on failure."""
+
+    store: Any
+    key: str
+    value: Any = None  # the in-memory tensor, if any
+    info: dict[str, Any] | None = None  # the loader's index entry, if any
+    listed: bool = False  # in the loader's all_keys
+    own_file: str | None = None  # the file that held only this entry ...
+    set_aside: str | None = None  # ... moved here until the write is committed
+
+
 class _StoreWrites:
     """Entries written to offload stores, undone on failure."""
 
     def __init__(self) -> None:
         self.added: list[tuple[Any, str, str | None]] = []  # (store, key, file written)
+        self.replaced: list[_Previous] = []
 
-    def write(self, store: Any, key: str, tensor: torch.Tensor, like_key: str | None) -> None:
-        """Put ``tensor`` into ``store`` under ``key``; ``like_key`` (a fused entry) says where."""
+    def write(self, store: Any, key: str, tensor: torch.Tensor, like_key: str | None, replace: bool = False) -> None:
+        """Put ``tensor`` into ``store`` under ``key``; ``like_key`` (a fused entry) says where.
+        An entry already under ``key`` is an error, or with ``replace`` set aside (its own file
+        too) until :meth:`commit` removes it or :meth:`rollback` puts it back."""
         from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
         if _holds(store, key):
-            raise OffloadError(f"the offload store already holds {key!r}")
+            if not replace:
+                raise OffloadError(f"the offload store already holds {key!r}")
+            self._set_aside(store, key)
         tensor = tensor.detach()
         if isinstance(store, OffloadedWeightsLoader):
             # Next to the fused entry: in the loader's memory, or in its offload folder.
@@ -167,16 +188,51 @@ class _StoreWrites:
             return
         raise OffloadError(f"cannot write defused weights into an offload store of type {type(store).__name__}")
 
+    def _set_aside(self, store: Any, key: str) -> None:
+        from accelerate.utils import OffloadedWeightsLoader
+
+        if isinstance(store, OffloadedWeightsLoader):
+            previous = _Previous(store, key, store.state_dict.get(key), store.index.get(key), key in store.all_keys)
+            if previous.info is not None and store.save_folder is not None:
+                previous.own_file = _own_file(str(store.save_folder), key, previous.info)
+            if previous.own_file is not None:
+                # offload_weight writes ``<key>.dat``, possibly this very file: keep it apart.
+                previous.set_aside = f"{previous.own_file}.defuser-previous"
+                os.replace(previous.own_file, previous.set_aside)
+        elif isinstance(store, MutableMapping):
+            previous = _Previous(store, key, store[key])
+        else:
+            raise OffloadError(f"cannot replace {key!r} in an offload store of type {type(store).__name__}")
+        self.replaced.append(previous)
+        _forget(store, key)
+
     def rollback(self) -> None:
-        """Remove every entry and file written."""
+        """Remove every entry and file written, and put back every entry replaced."""
+        from accelerate.utils import OffloadedWeightsLoader
+
         for store, key, path in reversed(self.added):
             _forget(store, key)
             if path is not None and os.path.isfile(path):
                 os.remove(path)
         self.added.clear()
+        for previous in reversed(self.replaced):
+            store, key = previous.store, previous.key
+            if previous.set_aside is not None:
+                os.replace(previous.set_aside, previous.own_file)
+            if not isinstance(store, OffloadedWeightsLoader):
+                store[key] = previous.value
+                continue
+            if previous.value is not None:
+                store.state_dict[key] = previous.value
+            if previous.info is not None:
+                store.index[key] = previous.info
+            if previous.listed:
+                store.all_keys.append(key)
+        self.replaced.clear()
 
     def commit(self) -> None:
-        """Record disk entries in ``index.json`` where the offload folder keeps one."""
+        """Record disk entries in ``index.json`` where the offload folder keeps one; remove
+        the files of replaced entries that no entry uses any more."""
         from accelerate.utils import save_offload_index
 
         by_folder: dict[str, dict[str, Any]] = {}
@@ -185,6 +241,16 @@ class _StoreWrites:
                 by_folder.setdefault(store.save_folder, {})[key] = store.index[key]
         for folder, entries in by_folder.items():
             save_offload_index(entries, folder)
+        stale: dict[str, list[str]] = {}  # replaced disk entries now held in memory
+        for previous in self.replaced:
+            if previous.set_aside is not None:
+                os.remove(previous.set_aside)
+            folder = getattr(previous.store, "save_folder", None)
+            if previous.info is not None and folder is not None and previous.key not in by_folder.get(folder, {}):
+                stale.setdefault(str(folder), []).append(previous.key)
+        for folder, keys in stale.items():
+            _remove_from_index_file(folder, keys)
+        self.replaced.clear()
 
 
 def _holds(store: Any, key: str) -> bool:
@@ -231,14 +297,21 @@ def _drop_entries(store: Any, keys: list[str]) -> None:
         path = _own_file(str(folder), key, info)
         if path is not None:
             os.remove(path)
-    index_file = os.path.join(folder, "index.json") if removed else None
-    if index_file is not None and os.path.isfile(index_file):
-        with open(index_file, encoding="utf-8") as handle:
-            index = json.load(handle)
-        for key in removed:
-            index.pop(key, None)
-        with open(index_file, "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=2)
+    if removed:
+        _remove_from_index_file(str(folder), removed)
+
+
+def _remove_from_index_file(folder: str, keys: list[str]) -> None:
+    """Remove ``keys`` from the ``index.json`` of the offload ``folder``, where it keeps one."""
+    index_file = os.path.join(folder, "index.json")
+    if not os.path.isfile(index_file):
+        return
+    with open(index_file, encoding="utf-8") as handle:
+        index = json.load(handle)
+    for key in keys:
+        index.pop(key, None)
+    with open(index_file, "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2)
 
 
 @dataclass
@@ -252,6 +325,9 @@ class Placement:
     loaded: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor, Any, str]] = field(default_factory=list)
     writes: _StoreWrites = field(default_factory=_StoreWrites)
     consumed: list[tuple[Any, str]] = field(default_factory=list)
+    # Entries already under a new tensor's name are replaced (fusing back: the fused entries
+    # a conversion without cleanup_original left behind hold the weights before any edit).
+    replace_entries: bool = False
     # The candidate's tree before defusion: module ids, and (module id, name) -> tensor id.
     modules_before: set[int] = field(default_factory=set)
     tensors_before: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -295,7 +371,7 @@ class Placement:
                     continue
                 if tensor.device.type == "meta":
                     raise OffloadError(f"{_join(self.candidate.path, path, name)} has no value to offload")
-                self.writes.write(source.store, prefix + _join(path, name), tensor, like_key)
+                self.writes.write(source.store, prefix + _join(path, name), tensor, like_key, self.replace_entries)
                 moved.append((module, name, tensor))
         for module, name, tensor in moved:
             _set_tensor(module, name, _as_meta(tensor))
@@ -434,16 +510,18 @@ def _load(placement: Placement) -> None:
 
 @contextmanager
 def dispatched_conversion(
-    model: nn.Module | None, candidate: Candidate, cleanup_original: bool = False
+    model: nn.Module | None, candidate: Candidate, cleanup_original: bool = False, replace_entries: bool = False
 ) -> Iterator[Placement]:
     """Around the defusion of ``candidate`` in a model dispatched with accelerate: load its
     offloaded tensors, and (through :meth:`Placement.place`) store and hook the new ones.
+    Fusing back runs through here too, with the defused module as ``candidate`` and the
+    fused module as its replacement (``replace_entries``: stale fused entries are replaced).
 
     A no-op for modules without accelerate hooks.  On failure every store write is undone and
     the fused tensors are back on ``meta``; the caller restores the module itself.
     """
     owners, hooked = _find_owners(model, candidate)
-    placement = Placement(candidate, owners, active=hooked)
+    placement = Placement(candidate, owners, active=hooked, replace_entries=replace_entries)
     if not hooked:
         yield placement
         return
