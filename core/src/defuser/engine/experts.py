@@ -23,6 +23,7 @@ from torch import nn
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout, resolve_tensor
 from defuser.engine.compiled import grouped_experts_forward
 from defuser.engine.fuse import fused_names, skeleton_of
+from defuser.engine.inplace import in_place_relayout
 from defuser.engine.layout import (
     Consumed,
     blank_module,
@@ -217,7 +218,12 @@ class DefusedExperts(nn.Module):
         if layout.has_post_expert_norm:
             self.post_expert_norm = fused.post_expert_norm
         tensors = fused_tensors(fused, layout)
-        stacked = stacked_expert_weights(tensors, layout, _releasing(fused, layout) if materialize else None)
+        stacked = stacked_expert_weights(
+            tensors,
+            layout,
+            _releasing(fused, layout) if materialize else None,
+            in_place_relayout(fused, layout) if materialize else None,
+        )
         for index in range(layout.num_experts):
             weights = expert_weights(stacked, index)
             build = linear_from if materialize else _empty_linear
