@@ -186,7 +186,7 @@ def stacked_expert_weights(
         if relayout is None:
             return None
         deinterleave = split and not layout.is_concatenated
-        stacked = relayout(role, getattr(tensors, role), lambda block: _linear_order(block, transposed, deinterleave))
+        stacked = relayout(role, getattr(tensors, role), transposed, deinterleave)
         if stacked is None:
             return None
         setattr(tensors, role, None)
@@ -244,16 +244,6 @@ def _is_view_layout(view: torch.Tensor, split: bool, layout: ExpertsLayout) -> b
     """True when the per-expert weights of ``view`` (``[E, out, in]``) are views as they are."""
     dense = view.stride(-1) == 1 and view.stride(-2) == view.shape[-1]
     return dense and (not split or layout.is_concatenated)
-
-
-def _linear_order(block: torch.Tensor, transposed: bool, deinterleave: bool) -> torch.Tensor:
-    """One expert's block of a fused tensor as the view that reads it in ``nn.Linear`` order:
-    ``[out, in]`` (``[2, out/2, in]`` with interleaved gate and up rows separated); a bias
-    block ``[out]`` (``[2, out/2]``)."""
-    view = orient(block, transposed) if block.ndim == 2 else block
-    if deinterleave:
-        view = view.unflatten(0, (view.shape[0] // 2, 2)).movedim(1, 0)
-    return view
 
 
 def expert_weights(stacked: ExpertWeights, index: int) -> ExpertWeights:
