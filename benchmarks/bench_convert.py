@@ -173,13 +173,17 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
     expert_tensors = [p for c in candidates for p in c.module.parameters(recurse=False)]
     expert_bytes = sum(t.numel() * t.element_size() for t in expert_tensors)
     largest_fused = max(t.numel() * t.element_size() for t in expert_tensors)
-    clone_times = []
+    clone_times, clone_cpu_times = [], []
     for _ in range(3):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         clones = [t.detach().clone() for t in expert_tensors]
         clone_times.append(time.perf_counter() - start)
+        clone_cpu_times.append(time.process_time() - start_cpu)
         del clones
     clone_seconds = statistics.median(clone_times)
+    clone_cpu_seconds = statistics.median(clone_cpu_times)
+    # One expert's block of the largest fused tensor: what in-place relayout buffers.
+    expert_block = largest_fused // candidates[0].layout.num_experts
     fused_storage = {t.untyped_storage().data_ptr() for t in expert_tensors}
     # Nothing here may keep the fused modules alive during conversion: the library releases
     # each one once it is replaced, and that is part of what is measured.
@@ -191,11 +195,16 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
     defuser_logger.addHandler(selfcheck)
     defuser_logger.setLevel(logging.DEBUG)
     with _PeakRss() as peak:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         assert convert_model(model, cleanup_original=cleanup_original)
         convert_seconds = time.perf_counter() - start
+<<<<<<< HEAD
     defuser_logger.removeHandler(selfcheck)
     defuser_logger.setLevel(logging.NOTSET)
+=======
+        # Process CPU time (all threads, the sampler's too): less sensitive to other load.
+        convert_cpu_seconds = time.process_time() - start_cpu
+>>>>>>> wt/speed
     shares = all(
         p.untyped_storage().data_ptr() in fused_storage
         for name, p in model.named_parameters()
@@ -214,14 +223,23 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
         "convert_s": convert_seconds,
         "clone_s": clone_seconds,
         "convert_over_clone": convert_seconds / clone_seconds,
+<<<<<<< HEAD
         # The self-check's probe, inside the conversion time (one per class and layout).
         "selfcheck_probes": selfcheck.probes,
         "selfcheck_ms": selfcheck.seconds * 1e3,
         "selfcheck_share_of_convert": selfcheck.seconds / convert_seconds,
+=======
+        "convert_cpu_s": convert_cpu_seconds,
+        "clone_cpu_s": clone_cpu_seconds,
+        "convert_over_clone_cpu": convert_cpu_seconds / clone_cpu_seconds,
+>>>>>>> wt/speed
         # Process memory beyond the interpreter baseline, at its peak during conversion.
         "peak_rss_over_model_bytes": (peak.peak - baseline) / model_bytes,
         "rss_growth_over_model_bytes": (peak.peak - before) / model_bytes,
         "rss_growth_over_largest_fused_tensor": (peak.peak - before) / largest_fused,
+        "expert_block_bytes": expert_block,
+        "rss_growth_bytes": peak.peak - before,
+        "rss_growth_over_expert_block": (peak.peak - before) / expert_block,
         "shares_fused_storage": shares,
     }
     # Fused back (exact, tested): what a probe reaching every expert of one module costs
@@ -298,6 +316,10 @@ def main() -> None:
     summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "runs": len(results)}
     summary["cleanup_original"] = args.cleanup_original
     summary.update({k: statistics.median(r[k] for r in results) for k in keys})
+    # The spread of the figures the targets are set on: [min, max] over the runs.
+    for key in ("convert_over_clone", "convert_over_clone_cpu", "rss_growth_over_expert_block", "ratio_256", "ratio_1"):
+        if key in keys:
+            summary[f"{key}_range"] = [min(r[key] for r in results), max(r[key] for r in results)]
     summary["shares_fused_storage"] = all(r["shares_fused_storage"] for r in results)
     summary["model_bytes"] = results[0]["model_bytes"]
     summary["largest_fused_tensor_bytes"] = results[0]["largest_fused_tensor_bytes"]

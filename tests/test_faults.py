@@ -227,7 +227,16 @@ def test_running_out_of_memory_inside_the_engine_mid_module(manager, monkeypatch
     assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
 
 
-def test_cleanup_original_releases_each_copied_fused_weight_before_the_next_copy(monkeypatch):
+@pytest.fixture
+def copy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused tensors cannot be re-laid out in place (as when torch cannot tell who else holds
+    their storage): cleanup_original copies and releases them instead."""
+    import defuser.engine.inplace as inplace_module
+
+    monkeypatch.setattr(inplace_module, "_storage_references", lambda tensor: None)
+
+
+def test_cleanup_original_releases_each_copied_fused_weight_before_the_next_copy(monkeypatch, copy_path):
     """gpt-oss copies (transposed, interleaved): with cleanup_original the fused gate-up is
     gone before the down projection is copied, so one fused tensor's copy exists at a time."""
     import defuser.engine.layout as layout_module
@@ -250,7 +259,7 @@ def test_cleanup_original_releases_each_copied_fused_weight_before_the_next_copy
     assert (tiny_forward(model, inputs) - reference).abs().max().item() <= ATOL
 
 
-def test_a_failure_after_a_fused_weight_was_released_rebuilds_it_equal(monkeypatch):
+def test_a_failure_after_a_fused_weight_was_released_rebuilds_it_equal(monkeypatch, copy_path):
     import defuser.engine.experts as experts_module
 
     model = build_tiny_model("gpt_oss")

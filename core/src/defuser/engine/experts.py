@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout, resolve_tensor
+from defuser.engine.compiled import grouped_experts_forward
 from defuser.engine.fuse import fused_names, skeleton_of
+from defuser.engine.inplace import in_place_relayout
 from defuser.engine.layout import (
     Consumed,
     blank_module,
@@ -38,6 +40,7 @@ __all__ = [
     "DefusedExperts",
     "ExpertMLP",
     "GateActivation",
+    "combine_in_expert_order",
     "copy_plain_attributes",
     "defused_class_for",
     "expert_major_forward",
@@ -217,7 +220,12 @@ class DefusedExperts(nn.Module):
         if layout.has_post_expert_norm:
             self.post_expert_norm = fused.post_expert_norm
         tensors = fused_tensors(fused, layout)
-        stacked = stacked_expert_weights(tensors, layout, _releasing(fused, layout) if materialize else None)
+        stacked = stacked_expert_weights(
+            tensors,
+            layout,
+            _releasing(fused, layout) if materialize else None,
+            in_place_relayout(fused, layout) if materialize else None,
+        )
         for index in range(layout.num_experts):
             weights = expert_weights(stacked, index)
             build = linear_from if materialize else _empty_linear
@@ -295,6 +303,11 @@ def per_expert_forward(
     """
     if not isinstance(module, DefusedExperts):
         return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+    if torch.compiler.is_compiling():
+        # No host read while compiling: the grouped dispatch as custom ops (plain experts).
+        grouped = grouped_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+        if grouped is not None:
+            return grouped
     shape = hidden_states.shape
     hidden_states = hidden_states.reshape(-1, shape[-1])
     top_k = top_k_index.shape[-1]
@@ -325,6 +338,21 @@ def per_expert_forward(
         start = end
     if sorted_outputs is None:
         return torch.zeros_like(hidden_states).reshape(shape)
+    return combine_in_expert_order(sorted_outputs, order, top_k_index, top_k_weights, hidden_states.dtype).reshape(
+        shape
+    )
+
+
+def combine_in_expert_order(
+    sorted_outputs: torch.Tensor,
+    order: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Each token's weighted expert outputs (``sorted_outputs``, rows in ``order``, the stable
+    sort of the flat routing indices), summed per token in increasing expert order: ``[T, H]``."""
+    top_k = top_k_index.shape[-1]
     weighted = sorted_outputs * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)
     # Each token's contributions are added in increasing expert order, in the model's dtype,
     # as transformers' eager loop adds them: the result matches it bit for bit in bfloat16
@@ -337,13 +365,13 @@ def per_expert_forward(
     )
     slots = torch.arange(choices.shape[0], device=rank.device).unsqueeze(1) * top_k + rank
     destination = slots.reshape(-1).index_select(0, order)
-    ordered = torch.empty_like(weighted, dtype=hidden_states.dtype)
-    ordered.index_copy_(0, destination, weighted.to(hidden_states.dtype))
+    ordered = torch.empty_like(weighted, dtype=dtype)
+    ordered.index_copy_(0, destination, weighted.to(dtype))
     ordered = ordered.view(-1, top_k, ordered.shape[-1])
     combined = ordered[:, 0]
     for slot in range(1, top_k):
         combined = combined + ordered[:, slot]
-    return combined.reshape(shape)
+    return combined
 
 
 def expert_major_forward(module: DefusedExperts, hidden_states: torch.Tensor) -> torch.Tensor:

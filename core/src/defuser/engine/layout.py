@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, ParallelLayout, resolve_tensor
+
+if TYPE_CHECKING:
+    from defuser.engine.inplace import Relayout
 
 __all__ = [
     "Consumed",
@@ -175,21 +179,44 @@ Consumed = Callable[[str, Callable[[], torch.Tensor]], None]
 
 
 def stacked_expert_weights(
-    tensors: FusedTensors, layout: ExpertsLayout, consumed: Consumed | None = None
+    tensors: FusedTensors,
+    layout: ExpertsLayout,
+    consumed: Consumed | None = None,
+    relayout: Relayout | None = None,
 ) -> ExpertWeights:
     """All experts' weights stacked ``[E, out, in]`` (biases ``[E, out]``) in ``nn.Linear``
     orientation: views of the fused storage where the layout allows, else one copy per
     projection of the whole module (transposed or interleaved layouts), the largest first.
     After each copy, ``consumed`` (when given) is told, so the caller may release the fused
-    tensor before the next copy is made."""
+    tensor before the next copy is made.  ``relayout`` (when given) is offered each tensor that
+    needs a copy first: where it re-lays the tensor out in its own storage, the weights are
+    views of that instead (see :mod:`defuser.engine.inplace`)."""
     experts = layout.num_experts
 
     def stack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view(experts, -1, tensor.shape[-1]) if layout.flattened else tensor
 
+    def relaid(role: str, transposed: bool, split: bool) -> tuple[torch.Tensor, ...] | None:
+        if relayout is None:
+            return None
+        deinterleave = split and not layout.is_concatenated
+        stacked = relayout(role, getattr(tensors, role), transposed, deinterleave)
+        if stacked is None:
+            return None
+        setattr(tensors, role, None)
+        if deinterleave:  # [E, 2, I, ...]: the even rows first
+            return (stacked[:, 0], stacked[:, 1]) if layout.gate_first else (stacked[:, 1], stacked[:, 0])
+        return split_gate_up(stacked, layout, dim=1) if split else (stacked,)
+
     def take(role: str, transposed: bool, split: bool) -> tuple[torch.Tensor, ...]:
         fused = getattr(tensors, role)
         view = orient(stack(fused), transposed)[:experts]
+        if not _is_view_layout(view, split, layout):
+            del view  # in place needs the engine's own references on the storage only
+            in_place = relaid(role, transposed, split)
+            if in_place is not None:
+                return in_place
+            view = orient(stack(fused), transposed)[:experts]
         result = split_gate_up(view, layout, dim=-2) if split else (dense_per_expert(view),)
         copied = not any(_shares_storage(part, fused) for part in result)
         if consumed is None or not copied or layout.flattened or fused.shape[0] != experts:
@@ -220,8 +247,17 @@ def stacked_expert_weights(
         return ExpertWeights(None, up, down, None, first_bias, down_bias)
     gate, up = take("first", layout.is_transposed, split=True)
     (down,) = take("down", layout.transposed_down, split=False)
-    gate_bias, up_bias = split_gate_up(first_bias, layout, dim=-1) if first_bias is not None else (None, None)
+    gate_bias, up_bias = None, None
+    if first_bias is not None:
+        in_place = None if layout.is_concatenated else relaid("first_bias", False, split=True)
+        gate_bias, up_bias = in_place or split_gate_up(first_bias, layout, dim=-1)
     return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
+
+
+def _is_view_layout(view: torch.Tensor, split: bool, layout: ExpertsLayout) -> bool:
+    """True when the per-expert weights of ``view`` (``[E, out, in]``) are views as they are."""
+    dense = view.stride(-1) == 1 and view.stride(-2) == view.shape[-1]
+    return dense and (not split or layout.is_concatenated)
 
 
 def expert_weights(stacked: ExpertWeights, index: int) -> ExpertWeights:

@@ -18,6 +18,7 @@ from torch import nn
 from defuser.engine.candidates import ParallelLayout
 from defuser.engine.experts import copy_plain_attributes
 from defuser.engine.fuse import skeleton_of
+from defuser.engine.inplace import relayout_parameter
 from defuser.engine.layout import dense_per_expert, linear_from, orient, split_gate_up
 
 __all__ = ["DefusedParallelExperts", "GateUpPair", "parallel_weight"]
@@ -58,7 +59,13 @@ class DefusedParallelExperts(nn.Module):
         self.num_experts = weight.shape[0]
         gated = bool(layout.gated_paths) and re.search(layout.gated_paths, path) is not None
         grad = weight.requires_grad
-        stacked = dense_per_expert(orient(weight.detach(), layout.transposed))
+        detached = weight.detach()
+        # With cleanup_original a transposed stack is re-laid out in its own storage if it may.
+        stacked = None
+        if layout.transposed:
+            stacked = relayout_parameter(fused, layout.weight_name, detached, self.num_experts, transposed=True)
+        if stacked is None:
+            stacked = dense_per_expert(orient(detached, layout.transposed))
         halves = split_gate_up(stacked, layout) if gated else None
         for index in range(self.num_experts):
             if halves is not None:
