@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
+from defuser.engine.distributed import DistributedPlanError, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
@@ -21,6 +22,7 @@ from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
 __all__ = [
     "ConversionError",
+    "DistributedPlanError",
     "convert_model",
     "defused_blocks",
     "find_candidates",
@@ -92,7 +94,10 @@ def convert_model(
     tensors from the replaced modules so their memory can be freed where nothing else holds
     them.  Returns True when something was defused; False (model untouched) for a model with
     nothing to defuse, an unsupported model type, or transformers older than 5.3.0.  A module
-    whose defusion fails is left as it was and :class:`ConversionError` names its path.
+    whose defusion fails is left as it was and :class:`ConversionError` names its path.  On a
+    model that transformers' distributed loading sharded (``tp_plan``, ``distributed_config``),
+    a module whose sharding defuser cannot keep exact raises :class:`DistributedPlanError`,
+    naming the module and the plan, before anything changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -111,6 +116,8 @@ def convert_model(
     if not selected:
         logger.info("nothing to defuse in %s", type(model).__name__)
         return False
+    # Under a distributed plan: anything defuser cannot convert exactly is refused before any change.
+    refuse_unsupported(model, selected)
     manager = get_plugin_manager()
     count = len(selected)
     shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
