@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
-from defuser.engine.distributed import DistributedPlanError, refuse_unsupported
+from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
+from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.engine.transaction import releasing_consumed, snapshot_module
 from defuser.filtering import compile_filter
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
@@ -117,7 +118,7 @@ def convert_model(
         logger.info("nothing to defuse in %s", type(model).__name__)
         return False
     # Under a distributed plan: anything defuser cannot convert exactly is refused before any change.
-    refuse_unsupported(model, selected)
+    shardings = refuse_unsupported(model, selected)
     manager = get_plugin_manager()
     count = len(selected)
     shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
@@ -128,7 +129,8 @@ def convert_model(
     with tqdm(total=count, desc="defusing", unit="module", disable=None, leave=False) as progress:
         while selected:
             candidate = selected.pop()
-            replacement = _defuse_one(manager, candidate, model, cleanup_original, shared)
+            sharding = shardings.get(id(candidate.module))
+            replacement = _defuse_one(manager, candidate, model, cleanup_original, shared, sharding)
             _install(model, candidate, replacement)
             if cleanup_original and replacement is not candidate.module:
                 _drop_fused_tensors(candidate.module)
@@ -160,8 +162,10 @@ def _defuse_one(
     model: nn.Module | None = None,
     cleanup_original: bool = False,
     shared: frozenset[int] = frozenset(),
+    sharding: ModuleSharding | None = None,
 ) -> nn.Module:
-    """The replacement for one candidate; on any failure (a plugin raising mid-way, out of
+    """The replacement for one candidate (shard by shard when ``sharding`` says transformers'
+    distributed loading sharded it); on any failure (a plugin raising mid-way, out of
     memory) the fused module (and, under accelerate offload, its offload store) is put back
     as it was (a fused weight released mid-way with ``cleanup_original`` comes back rebuilt
     from its copy, equal) and :class:`ConversionError` names its path."""
@@ -170,7 +174,10 @@ def _defuse_one(
     try:
         # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
         with release, dispatched_conversion(model, candidate, cleanup_original) as placement:
-            replacement = manager.defuse(candidate)
+            if sharding is None:
+                replacement = manager.defuse(candidate)
+            else:
+                replacement = defuse_sharded(manager, candidate, sharding, model)
             placement.place(replacement)
         return replacement
     except BaseException as error:
@@ -285,7 +292,9 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
         try:
-            if kind == "dense":
+            if is_sharded_defused(module):  # back to the fused form sharded as transformers shards it
+                replacement = fuse_sharded(module, path)
+            elif kind == "dense":
                 join_dense_mlp(module, fuse_dense_mlp(module, path))
                 replacement = module
             elif kind == "parallel":
