@@ -17,6 +17,7 @@ with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,11 +64,16 @@ class Case:
     model_type: str
     plan: str
     action: str  # "convert": load fused, then convert_model; "replace": replace_fused_blocks, then load
-    expect: str = "ok"  # or the name of the error it must raise
+    expect: str = "ok"  # "ok", "refused" (DistributedPlanError before any change) or an error type
+    # How many ranks share the experts: their tensors on a rank are that part of the full model's.
+    expert_shards: int = 1
+    checkpoint: str = ""  # "" for the type's own checkpoint, "fused" for one saved with fused experts
+    fuse: bool = False  # fuse_model afterwards: the same outputs, sharded as transformers shards it
+    save: bool = False  # save_pretrained from every rank: a full checkpoint for one process
 
     @property
     def id(self) -> str:
-        return f"{self.model_type}-{self.plan}-{self.action}"
+        return "-".join(part for part in (self.model_type, self.checkpoint, self.plan, self.action) if part)
 
 
 def _cases() -> list[Case]:
@@ -75,20 +81,29 @@ def _cases() -> list[Case]:
         return [
             Case(model_type, "tp_auto", action, expect)
             for model_type in ("qwen3_moe", "mixtral", *DENSE)
-            for action, expect in (("replace", "ok"), ("convert", "DistributedPlanError"))
+            for action, expect in (("replace", "ok"), ("convert", "refused"))
         ]
     cases = []
     for model_type in MOE:
+        # transformers 5.25's tensor-parallel plan leaves the experts replicated.
         cases += [Case(model_type, "tp", "convert"), Case(model_type, "tp", "replace")]
         for plan in ("tp_ep", "fsdp_ep"):
-            cases += [Case(model_type, plan, "convert", "DistributedPlanError"), Case(model_type, plan, "replace")]
-        if model_type != "gpt_oss":  # interleaved gate-up: no plan shards it by columns
             cases += [
-                Case(model_type, "tp_experts", "convert", "DistributedPlanError"),
-                Case(model_type, "tp_experts_style", "replace"),
+                Case(model_type, plan, action, expert_shards=2, fuse=True, save=True)
+                for action in ("convert", "replace")
             ]
+        if model_type == "gpt_oss":  # interleaved gate-up rows: no plan shards them by columns
+            continue
+        cases += [
+            Case(model_type, "tp_experts_524", action, expert_shards=2, fuse=True, save=True)
+            for action in ("convert", "replace")
+        ]
+        # The experts' style alone on defused experts that are not sharded: nothing to sum.
+        cases.append(Case(model_type, "tp_experts_style", "replace"))
+    # A fused checkpoint cannot reach per-expert weights sharded by columns through transformers' loader.
+    cases.append(Case("qwen3_moe", "tp_experts_524", "replace", "RuntimeError", checkpoint="fused"))
     for model_type in DENSE:
-        cases += [Case(model_type, "tp", "convert", "DistributedPlanError"), Case(model_type, "tp", "replace")]
+        cases += [Case(model_type, "tp", "convert", fuse=True, save=True), Case(model_type, "tp", "replace", save=True)]
     return cases
 
 
@@ -103,6 +118,19 @@ def _loopback_interface() -> str | None:
     return None
 
 
+def _kill_launch(process: subprocess.Popen, out: Path) -> None:
+    """End the launcher's process group and every rank it started that still runs (each rank has
+    its own session; a pid counts only while its command line names this launch's folder)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    for path in out.glob("pid*"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(path.read_text())
+            if str(out) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     """Tiny checkpoints, their single-process logits, and every rank's results of one launch."""
@@ -113,7 +141,10 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, d
     spec_cases = []
     for model_type in dict.fromkeys(case.model_type for case in CASES):
         checkpoint = root / model_type
-        build_tiny_model(model_type).save_pretrained(checkpoint)
+        model = build_tiny_model(model_type)
+        model.save_pretrained(checkpoint)
+        # The same weights with the experts as transformers holds them in memory (fused keys).
+        model.save_pretrained(root / f"{model_type}-fused", save_original_format=False)
         # The reference: the checkpoint as stock transformers loads it on one process.
         reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
         with torch.no_grad():
@@ -123,14 +154,18 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, d
                 {
                     "id": case.id,
                     "model_type": model_type,
-                    "checkpoint": str(checkpoint),
+                    "checkpoint": str(root / "-".join(filter(None, (model_type, case.checkpoint)))),
                     "reference": str(root / f"{model_type}.pt"),
                     "plan": case.plan,
                     "action": case.action,
+                    "fuse": case.fuse,
+                    "save": str(root / "saved" / case.id) if case.save else "",
                 }
             )
     spec = root / "spec.json"
-    spec.write_text(json.dumps({"cases": spec_cases, "input_ids": input_ids.tolist()}))
+    # Each rank stops itself a little before the launch's bound, with a traceback of where it was.
+    budget = LAUNCH_TIMEOUT_S - 30
+    spec.write_text(json.dumps({"cases": spec_cases, "input_ids": input_ids.tolist(), "seconds": budget}))
     out = root / "results"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -160,11 +195,14 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, d
     try:
         log, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill_launch(process, out)
         log, _ = process.communicate()
         done = {path.name: sorted(json.loads(path.read_text())) for path in out.glob("rank*.json")}
         pytest.fail(f"the 2-rank launch ran past {LAUNCH_TIMEOUT_S} s; cases finished: {done}\n{log[-6000:]}")
-    results = {}
+    finally:
+        if process.poll() is None:
+            _kill_launch(process, out)
+    results: dict[Any, Any] = {"root": root}
     for rank in range(2):
         path = out / f"rank{rank}.json"
         if not path.exists():
@@ -173,26 +211,92 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, d
     return results
 
 
+def _full_expert_bytes(model_type: str) -> int:
+    """Bytes of the experts' tensors of the whole single-process model."""
+    model = build_tiny_model(model_type)
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for name, module in model.named_modules()
+        if name.endswith("experts")
+        for tensor in module.parameters()
+    )
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_two_ranks_match_one_process(case: Case, distributed_results: dict[int, dict[str, Any]]) -> None:
-    """Every rank's logits equal the single-process model's, or the case raises the clear error it must."""
-    for rank, results in distributed_results.items():
-        result = results.get(case.id)
+def test_two_ranks_match_one_process(case: Case, distributed_results: dict[Any, Any]) -> None:
+    """Every rank's logits equal the single-process model's, each rank holds its share of the
+    experts and no more, or the case fails with the clear error it must."""
+    full = _full_expert_bytes(case.model_type) if case.model_type in MOE else 0
+    for rank in range(2):
+        result = distributed_results[rank].get(case.id)
         assert result is not None, f"rank {rank} did not run {case.id}"
-        if case.expect == "ok":
-            assert result["outcome"] == "ok", (
-                f"rank {rank}: {result.get('type')}: {result.get('message')}\n{result.get('traceback')}"
-            )
-            assert result["max_diff"] <= ATOL, f"rank {rank}: logits differ by {result['max_diff']}"
-            if case.action == "convert":
-                assert result["converted"] is True
-        else:
-            assert result["outcome"] == "refused", f"rank {rank}: {case.id} should raise {case.expect}: {result}"
-            assert result["type"] == case.expect, f"rank {rank}: {result['type']}: {result['message']}"
+        details = f"rank {rank}: {result.get('type')}: {result.get('message')}\n{result.get('traceback')}"
+        if case.expect not in ("ok", "refused"):
+            assert result["outcome"] == "error" and result["type"] == case.expect, details
+            # transformers raises after its loading report, whose conversion entry carries defuser's reason.
+            assert "checkpoint holds" in result["log"] and "per-expert checkpoint" in result["log"], result["log"]
+            continue
+        assert result["outcome"] == case.expect, details
+        assert result["max_diff"] <= ATOL, f"rank {rank}: logits differ by {result['max_diff']}"
+        if case.expect == "refused":
             # The refusal names the module and the plan, and nothing changed: same tensors, same outputs.
             assert "mlp" in result["message"] and ("plan" in result["message"] or "style" in result["message"])
             assert result["after"] == result["before"]
-            assert result["max_diff"] <= ATOL, f"rank {rank}: logits differ by {result['max_diff']} after a refusal"
+            continue
+        if case.action == "convert":
+            assert result["converted"] is True
+        after = result["after"]
+        if case.model_type in MOE:
+            assert all("Defused" in name for name in after["classes"]), after["classes"]
+            # Per-rank expert memory is this rank's share: the shard, views of it where the layout allows.
+            assert after["tensor_bytes"] == full // case.expert_shards, f"rank {rank}: {after} of {full} bytes"
+            if case.action == "convert":  # and no storage beyond it (transformers' loader may keep more)
+                assert after["bytes"] == full // case.expert_shards, f"rank {rank}: {after} of {full} bytes"
+            if case.plan in ("tp_ep", "fsdp_ep"):
+                assert set(after["held"]) == {8 // case.expert_shards}, after["held"]
+            if case.action == "convert":
+                assert after["bytes"] <= result["before"]["bytes"]
+        if case.fuse:
+            assert result["fused"] is True
+            assert result["fused_max_diff"] <= ATOL, (
+                f"rank {rank}: fused back, logits differ by {result['fused_max_diff']}"
+            )
+            if case.model_type in MOE:
+                fused = result["after_fuse"]
+                assert not any("Defused" in name for name in fused["classes"]), fused["classes"]
+                assert fused["tensor_bytes"] == full // case.expert_shards
+                # Sharded exactly as transformers shards the fused model.
+                stock = distributed_results[rank][dataclasses.replace(case, action="convert").id]["before"]
+                assert fused["placements"] == stock["placements"]
+
+
+SAVED = [case for case in CASES if case.save]
+
+
+@pytest.mark.parametrize("case", SAVED, ids=[case.id for case in SAVED])
+def test_saved_checkpoint_reloads_on_one_process(case: Case, distributed_results: dict[Any, Any]) -> None:
+    """``save_pretrained`` on every rank gathers a full checkpoint that one process loads, as the
+    README's reload column says for the type, with the single-process outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from defuser import defused_blocks
+    from defuser.plugin_info import RELOAD_PATCHED
+    from defuser.plugins import list_plugins
+
+    assert distributed_results[0][case.id]["outcome"] == "ok"
+    saved = distributed_results["root"] / "saved" / case.id
+    support = next(
+        found
+        for plugin in list_plugins()
+        if plugin.info is not None and (found := plugin.info.support_for(case.model_type)) is not None
+    )
+    patched = defused_blocks(case.model_type) if support.reload == RELOAD_PATCHED else contextlib.nullcontext()
+    with patched:
+        model = AutoModelForCausalLM.from_pretrained(saved).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))).logits
+    reference = torch.load(distributed_results["root"] / f"{case.model_type}.pt")
+    assert (logits - reference).abs().max().item() <= ATOL
 
 
 def test_legacy_release_skips_with_reason() -> None:

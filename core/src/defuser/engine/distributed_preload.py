@@ -24,7 +24,9 @@ Both are installed while ``replace_fused_blocks`` patches some model type and un
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import weakref
 from typing import Any
 
 from torch import nn
@@ -33,10 +35,15 @@ from defuser.engine.distributed import legacy_api, wildcard_path
 
 __all__ = [
     "StyleOverrides",
+    "expert_parallel_holdable",
+    "held_target",
+    "hold_for_expert_parallel",
     "install_distributed_preload",
+    "refuse_presliced_fused",
     "restore_distributed_preload",
     "rewrite_plans",
     "sync_distributed_preload",
+    "tensor_parallel_shardable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,7 +53,9 @@ _lock = threading.RLock()
 
 def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(experts, dense)``: wildcard path -> layout of the defused experts modules and of the
-    split dense MLPs of ``model`` (paths relative to it)."""
+    split dense MLPs of ``model`` (paths relative to it).  Each defused experts module is told
+    its path and its model (the outermost one wins: its ``post_init`` runs last), which the
+    expert-parallel stand-in needs before the weights load."""
     from defuser.engine.dense import JoinedGateUp
     from defuser.engine.experts import DefusedExperts
 
@@ -55,6 +64,8 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     for path, module in model.named_modules():
         if isinstance(module, DefusedExperts):
             experts.setdefault(wildcard_path(path), module.layout)
+            module.__dict__["_defuser_path"] = path
+            module.__dict__["_defuser_root"] = weakref.ref(model)
             continue
         joined = next((value for value in vars(module).values() if isinstance(value, JoinedGateUp)), None)
         if joined is not None:
@@ -62,8 +73,41 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return experts, dense
 
 
+def tensor_parallel_shardable(layout: Any) -> str | None:
+    """None when defuser shards per-expert Linears of ``layout`` exactly under a tensor-parallel
+    plan (gate/up by columns, down by rows), else why not."""
+    if layout.contract != "routed" or layout.identity_experts or layout.has_post_expert_norm:
+        return "its forward contract, identity experts or per-expert norm"
+    if layout.flattened or layout.separate_gate_up or layout.is_transposed or layout.transposed_down:
+        return "its flattened, separate or transposed fused tensors"
+    if layout.has_gate and not layout.is_concatenated:
+        return "its interleaved gate/up rows"
+    if layout.has_bias:
+        return "its biases"
+    if layout.gate_style != "default":
+        return "its own gate function, which may read the full intermediate size"
+    return None
+
+
+def _per_expert_tp_entries(path: str, layout: Any, plan: dict[str, str]) -> dict[str, str] | None:
+    """The per-expert entries standing for transformers' tensor-parallel entries of fused experts
+    at ``path`` (``packed_colwise``/``colwise`` gate-up, ``rowwise`` down, ``moe_tp_experts``), or
+    None when ``plan`` does not shard them that way or the layout cannot be sharded exactly."""
+    first = "packed_colwise" if layout.has_gate else "colwise"
+    entries = (plan.get(f"{path}.{layout.first_name}"), plan.get(f"{path}.{layout.down_name}"), plan.get(path))
+    if entries != (first, "rowwise", "moe_tp_experts"):
+        return None
+    reason = tensor_parallel_shardable(layout)
+    if reason is not None:
+        logger.info("%s: experts left replicated under the tensor-parallel plan because of %s", path, reason)
+        return None
+    projections = ["up_proj", "down_proj"] + (["gate_proj"] if layout.has_gate else [])
+    # Parameter entries only: the Linears get no per-expert hooks, the experts module sums once.
+    return {f"{path}.*.{name}.weight": "rowwise" if name == "down_proj" else "colwise" for name in projections}
+
+
 def rewrite_plans(model: nn.Module) -> dict[str, str]:
-    """Drop from ``model``'s tensor- and expert-parallel plans the entries that name a fused
+    """Rewrite the entries of ``model``'s tensor- and expert-parallel plans that name a fused
     structure its defused blocks replaced (see the module docstring); returns what was dropped."""
     from defuser.engine.fuse import fused_names
 
@@ -72,7 +116,11 @@ def rewrite_plans(model: nn.Module) -> dict[str, str]:
         return {}
     legacy = legacy_api()
     dropped_keys: set[str] = set()
+    added: dict[str, str] = {}
+    tp_plan = getattr(model, "_tp_plan", None)
     for path, layout in experts.items():
+        if not legacy and isinstance(tp_plan, dict):
+            added.update(_per_expert_tp_entries(path, layout, tp_plan) or {})
         dropped_keys.update(f"{path}.{name}" for name in fused_names(layout))
         if legacy:
             dropped_keys.add(path)
@@ -91,11 +139,14 @@ def rewrite_plans(model: nn.Module) -> dict[str, str]:
             legacy_router = legacy and style == "ep_router" and key.rpartition(".")[0] in block_paths
             if key in dropped_keys or legacy_router:
                 dropped[key] = plan.pop(key)
+    if added:
+        tp_plan.update(added)
     if dropped:
         logger.info(
-            "%s: parallel-plan entries for fused blocks that defused blocks replaced, left out: %s",
+            "%s: parallel-plan entries for fused blocks that defused blocks replaced: %s dropped%s",
             type(model).__name__,
             ", ".join(f"{key}: {style}" for key, style in sorted(dropped.items())),
+            f"; {', '.join(f'{key}: {style}' for key, style in sorted(added.items()))} added" if added else "",
         )
     return dropped
 
@@ -120,22 +171,30 @@ def _is_defused_experts(module: nn.Module) -> bool:
 
 
 class _ExpertsStyle:
-    """Stands in the registry for a stock experts style: defused experts go to defuser, other
-    modules to the stock style (every other attribute is the stock style's)."""
+    """Stands in the registry for the stock experts style ``name``: defused experts go to defuser,
+    other modules to the stock style (every other attribute is the stock style's)."""
 
-    def __init__(self, stock: Any):
+    def __init__(self, name: str, stock: Any):
+        self.name = name
         self.wrapped = stock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
 
     # transformers 5.24+: module styles install a forward.
-    def install_forward(self, module: nn.Module, mesh: Any, *args: Any, **kwargs: Any) -> nn.Module:
-        if _is_defused_experts(module):
-            from defuser.engine.sharded import install_experts_tp_forward
+    def install_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        if not _is_defused_experts(module):
+            return self.wrapped.install_forward(module, *args, **kwargs)
+        # TP styles take (module, mesh, ...); the EP dispatch style takes ep_mesh= and tp_mesh= by keyword.
+        mesh = args[0] if args else kwargs.get("mesh", kwargs.get("ep_mesh"))
+        if self.name == "ep_dispatch_experts":
+            hold_for_expert_parallel(module, mesh, kwargs.get("tp_mesh"), kwargs.get("ep_implementation", "auto"))
+            return self.wrapped.install_forward(module, *args, **kwargs)
+        from defuser.engine.sharded import install_experts_tp_forward
+        from defuser.engine.sharded_convert import record_tensor_parallel
 
-            return install_experts_tp_forward(module, mesh)
-        return self.wrapped.install_forward(module, mesh, *args, **kwargs)
+        record_tensor_parallel(module, mesh)
+        return install_experts_tp_forward(module, mesh, module.__dict__.get("_defuser_path", ""))
 
     # transformers 5.3: module styles attach forward hooks.
     def prepare_module_tp(self, module: nn.Module, device_mesh: Any, **kwargs: Any) -> Any:
@@ -145,11 +204,114 @@ class _ExpertsStyle:
         return self.wrapped.prepare_module_tp(module, device_mesh, **kwargs)
 
 
+def expert_parallel_holdable(layout: Any) -> str | None:
+    """None when defused experts of ``layout`` can hold a slice of the experts exactly, else why not."""
+    if layout.contract != "routed" or layout.identity_experts:
+        return "its forward contract or identity experts (their indices clash with the other ranks' marker)"
+    if layout.flattened or layout.has_post_expert_norm:
+        return "its flattened storage or per-expert norm"
+    return None
+
+
+# Path of a defused experts module holding a slice of the experts -> its first expert, for the
+# split of fused checkpoint tensors (see held_target).
+_held_first: dict[str, int] = {}
+_SPLIT_TARGET = re.compile(r"^(?P<path>.+)\.0\.(?P<rest>(?:gate_proj|up_proj|down_proj)\.(?:weight|bias))$")
+
+
+def held_target(key: str) -> str:
+    """The key a fused checkpoint tensor of a module holding a slice of the experts loads through.
+
+    A fused tensor is split by a converter that transformers only runs when its target (expert
+    0's first tensor) is a key of the model; a rank holding experts 4..7 has no expert 0, so the
+    target becomes its first expert's."""
+    if not _held_first:
+        return key
+    match = _SPLIT_TARGET.match(key)
+    if match is None:
+        return key
+    path = match["path"]
+    for held_path, first in _held_first.items():
+        if held_path == path or held_path.endswith(f".{path}") or path.endswith(f".{held_path}"):
+            return f"{path}.{first}.{match['rest']}"
+    return key
+
+
+def refuse_presliced_fused(module: nn.Module, path: str, pieces: dict[str, Any]) -> None:
+    """Raise when a fused checkpoint tensor reaches defused experts whose per-expert tensors are
+    sharded DTensors: transformers' loader then hands over only the slice that the first
+    per-expert tensor's placement selects (a block of experts, not a slice of each), from which
+    the others cannot be built."""
+    from defuser.engine.distributed import is_dtensor
+    from defuser.engine.sharded import expert_parameters
+
+    for projection, _, tensor_name, tensor in expert_parameters(module):
+        if not is_dtensor(tensor):
+            continue
+        mesh = tensor.device_mesh
+        if any(placement.is_shard() and mesh.size(dim) > 1 for dim, placement in enumerate(tensor.placements)):
+            names = ", ".join(sorted(pieces))
+            raise ValueError(
+                f"{path}: the checkpoint holds {names} fused, and its per-expert weights ({projection}.{tensor_name}, "
+                f"{tuple(tensor.placements)}) are sharded by the plan, so transformers hands over only a block of "
+                "experts of it. Load a per-expert checkpoint instead (`defuser convert SRC DST` writes one, or "
+                "save the model defused), or load the fused model and call convert_model"
+            )
+
+
+def hold_for_expert_parallel(module: nn.Module, ep_mesh: Any, tp_mesh: Any, ep_implementation: str) -> nn.Module:
+    """Make defused experts built before load hold only this rank's experts under an expert-parallel
+    plan (before the weights load, so only those are read), and arrange loading and saving."""
+    from torch.distributed.tensor import Shard
+
+    from defuser.engine.distributed import DistributedPlanError
+    from defuser.engine.fuse import fused_names
+    from defuser.engine.sharded import hold_experts
+    from defuser.engine.sharded_convert import ShardedExperts
+    from defuser.engine.sharded_save import gather_held_experts_on_save
+
+    path = module.__dict__.get("_defuser_path", type(module).__name__)
+    reason = expert_parallel_holdable(module.layout)
+    if reason is not None:
+        raise DistributedPlanError(f"{path}: defused experts cannot be split by expert because of {reason}")
+    total, size = module.num_experts, ep_mesh.size()
+    if total % size:
+        raise DistributedPlanError(f"{path}: {total} experts do not split evenly over {size} expert-parallel ranks")
+    count = total // size
+    first = ep_mesh.get_local_rank() * count
+    names = fused_names(module.layout)
+    shapes = {name: tuple(shape) for name, shape in (module.__dict__.get("_fused_tensor_shapes") or {}).items()}
+    hold_experts(module, first, count)
+    module.__dict__["_is_expert_parallel"] = True
+    module.__dict__["_defuser_sharded"] = ShardedExperts(
+        "expert",
+        ep_mesh,
+        dict.fromkeys(names, (Shard(0),)),
+        shapes,
+        ep_mesh,
+        tp_mesh=tp_mesh,
+        ep_implementation=ep_implementation or "auto",
+    )
+    _held_first[path] = first
+    root_ref = module.__dict__.get("_defuser_root")
+    root = root_ref() if root_ref is not None else None
+    if root is not None:
+        # Checkpoint keys of the experts other ranks hold are expected here, not unexpected.
+        held = "|".join(str(number) for number in range(first, first + count))
+        pattern = re.escape(wildcard_path(path)).replace(r"\*", r"\d+")
+        ignored = getattr(root, "_keys_to_ignore_on_load_unexpected", None)
+        ignored = set(ignored or ())
+        ignored.add(rf"^{pattern}\.(?!(?:{held})\.)\d+\.")
+        root._keys_to_ignore_on_load_unexpected = ignored
+        gather_held_experts_on_save(root)
+    return module
+
+
 class StyleOverrides:
     """The stand-ins :class:`_ExpertsStyle` put in transformers' style registry, and their undo."""
 
     # Styles a plan puts on an experts module itself.
-    NAMES = ("moe_tp_experts",)
+    NAMES = ("moe_tp_experts", "ep_dispatch_experts")
 
     def __init__(self) -> None:
         self.installed: dict[str, Any] = {}  # name -> the registry's local entry before (None: none)
@@ -167,7 +329,7 @@ class StyleOverrides:
             if isinstance(current, _ExpertsStyle):
                 continue
             self.installed[name] = local.get(name) if isinstance(local, dict) else None
-            registry[name] = _ExpertsStyle(current)
+            registry[name] = _ExpertsStyle(name, current)
 
     def restore(self) -> None:
         """Give the registry back its stock entries."""
