@@ -76,6 +76,14 @@ class Case:
         return "-".join(part for part in (self.model_type, self.checkpoint, self.plan, self.action) if part)
 
 
+def _default_tp_expert_shards(model_type: str) -> int:
+    """2 when the release's own tensor-parallel plan for ``model_type`` shards the experts (5.24), else 1."""
+    from transformers import AutoConfig
+
+    plan = type(AutoConfig.for_model(model_type)).base_model_tp_plan or {}
+    return 2 if plan.get("layers.*.mlp.experts") == "moe_tp_experts" else 1
+
+
 def _cases() -> list[Case]:
     if not MODERN:
         return [
@@ -85,8 +93,9 @@ def _cases() -> list[Case]:
         ]
     cases = []
     for model_type in MOE:
-        # transformers 5.25's tensor-parallel plan leaves the experts replicated.
-        cases += [Case(model_type, "tp", "convert"), Case(model_type, "tp", "replace")]
+        # transformers 5.25's tensor-parallel plan leaves the experts replicated; 5.24's shards them.
+        shards = _default_tp_expert_shards(model_type)
+        cases += [Case(model_type, "tp", action, expert_shards=shards) for action in ("convert", "replace")]
         for plan in ("tp_ep", "fsdp_ep"):
             cases += [
                 Case(model_type, plan, action, expert_shards=2, fuse=True, save=True)
@@ -98,8 +107,8 @@ def _cases() -> list[Case]:
             Case(model_type, "tp_experts_524", action, expert_shards=2, fuse=True, save=True)
             for action in ("convert", "replace")
         ]
-        # The experts' style alone on defused experts that are not sharded: nothing to sum.
-        cases.append(Case(model_type, "tp_experts_style", "replace"))
+        # The experts' style alone on defused experts (not sharded unless the release's plan shards them).
+        cases.append(Case(model_type, "tp_experts_style", "replace", expert_shards=shards))
     # A fused checkpoint cannot reach per-expert weights sharded by columns through transformers' loader.
     cases.append(Case("qwen3_moe", "tp_experts_524", "replace", "RuntimeError", checkpoint="fused"))
     for model_type in DENSE:
