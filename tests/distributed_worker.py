@@ -74,6 +74,7 @@ def _distributed_kwargs(plan: str) -> dict[str, Any]:
         ),
         "tp_ep": lambda: DistributedConfig(tp_size=2, ep_size=2),
         "fsdp_ep": lambda: DistributedConfig(fsdp_size=2, ep_size=2),
+        "fsdp": lambda: DistributedConfig(fsdp_size=2),
     }
     return {"distributed_config": configs[plan]()}
 

@@ -1,6 +1,6 @@
 """Distributed models: 2 CPU ranks (gloo, loopback only) against the single-process outputs.
 
-Tiny checkpoints of qwen3_moe, mixtral, gpt_oss (MoE) and phi3 (a dense fused gate-up MLP)
+Tiny checkpoints of qwen3_moe, mixtral, gpt_oss (MoE), phi3 and glm4 (dense fused gate-up MLPs)
 are loaded with transformers' distributed support: tensor parallel (``tp_size=2``; and, for
 the experts, transformers 5.24's plan that shards the fused tensors), tensor + expert
 parallel (``tp_size=2, ep_size=2``) and FSDP + expert parallel (``fsdp_size=2, ep_size=2``).
@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ ATOL = 1e-5
 LAUNCH_TIMEOUT_S = 420
 
 MOE = ("qwen3_moe", "mixtral", "gpt_oss")
-DENSE = ("phi3",)
+DENSE = ("phi3", "glm4")
 
 
 def _has_distributed_config() -> bool:
@@ -87,9 +88,12 @@ def _default_tp_expert_shards(model_type: str) -> int:
 def _cases() -> list[Case]:
     if not MODERN:
         return [
-            Case(model_type, "tp_auto", action, expect)
+            case
             for model_type in ("qwen3_moe", "mixtral", *DENSE)
-            for action, expect in (("replace", "ok"), ("convert", "refused"))
+            for case in (
+                Case(model_type, "tp_auto", "replace", save=True),
+                Case(model_type, "tp_auto", "convert", "refused"),
+            )
         ]
     cases = []
     for model_type in MOE:
@@ -109,6 +113,8 @@ def _cases() -> list[Case]:
         ]
         # The experts' style alone on defused experts (not sharded unless the release's plan shards them).
         cases.append(Case(model_type, "tp_experts_style", "replace", expert_shards=shards))
+    # FSDP alone shards every layer: converting is refused, building defused lets FSDP shard the Linears.
+    cases += [Case("qwen3_moe", "fsdp", "convert", "refused"), Case("qwen3_moe", "fsdp", "replace", expert_shards=2)]
     # A fused checkpoint cannot reach per-expert weights sharded by columns through transformers' loader.
     cases.append(Case("qwen3_moe", "tp_experts_524", "replace", "RuntimeError", checkpoint="fused"))
     for model_type in DENSE:
@@ -279,10 +285,10 @@ def test_two_ranks_match_one_process(case: Case, distributed_results: dict[Any, 
                 assert fused["placements"] == stock["placements"]
 
 
-SAVED = [case for case in CASES if case.save]
+SAVED = [pytest.param(case, id=case.id) for case in CASES if case.save]
 
 
-@pytest.mark.parametrize("case", SAVED, ids=[case.id for case in SAVED])
+@pytest.mark.parametrize("case", SAVED)
 def test_saved_checkpoint_reloads_on_one_process(case: Case, distributed_results: dict[Any, Any]) -> None:
     """``save_pretrained`` on every rank gathers a full checkpoint that one process loads, as the
     README's reload column says for the type, with the single-process outputs."""
@@ -315,3 +321,42 @@ def test_legacy_release_skips_with_reason() -> None:
     import transformers
 
     pytest.skip(LEGACY_REASON.format(version=transformers.__version__))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_readme_distributed_commands_print_what_the_readme_shows(tmp_path: Path) -> None:
+    """The README's "Distributed" commands run as written (this environment's binaries, a port
+    the OS picked instead of 29500) and print its text, logit differences masked and checked."""
+    if not MODERN:
+        import transformers
+
+        pytest.skip(LEGACY_REASON.format(version=transformers.__version__))
+    readme = (WORKER.parents[1] / "README.md").read_text()
+    section = readme.split("## Distributed\n", 1)[1].split("\n## ", 1)[0]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", "").splitlines()
+    shown = section.split("```text\n", 1)[1].split("```", 1)[0].strip("\n")
+    binaries = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    output = ""
+    for command in commands[1:]:  # the first creates .venv, which this environment stands for
+        command = command.replace(".venv/bin/", f"{binaries}/").replace(
+            "--master_port 29500", f"--master_port {_free_port()}"
+        )
+        command = command.replace(
+            "scripts/distributed_demo.py", str(WORKER.parents[1] / "scripts" / "distributed_demo.py")
+        )
+        result = subprocess.run(
+            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        output = result.stdout
+    printed = "\n".join(line for line in output.splitlines() if line.startswith("rank "))
+    figures = [float(figure) for figure in re.findall(r"\d\.\d{3}e[+-]\d{2}", printed)]
+    assert len(figures) == 6 and all(figure <= ATOL for figure in figures), printed
+    mask = re.compile(r"\d\.\d{3}e[+-]\d{2}")
+    assert mask.sub("<figure>", printed) == mask.sub("<figure>", shown)

@@ -222,7 +222,7 @@ class ModuleSharding:
         if self.legacy_plan:
             parts.append(f"tensor-parallel plan {self.legacy_plan!r} (transformers 5.3 hooks)")
         if self.fsdp is not None:
-            parts.append(f"managed by FSDP at {self.fsdp or 'the model root'!r}")
+            parts.append(f"managed by FSDP (fsdp_plan) at {self.fsdp or 'the model root'!r}")
         for name, (dims, placements, local) in self.placements.items():
             shown = ", ".join(str(placement) for placement in placements)
             parts.append(f"{name}: [{shown}] on mesh {dims}, local shape {local}")
