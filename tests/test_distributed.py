@@ -343,16 +343,16 @@ def test_readme_distributed_commands_print_what_the_readme_shows(tmp_path: Path)
     binaries = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     output = ""
-    for command in commands[1:]:  # the first creates .venv, which this environment stands for
-        command = command.replace(".venv/bin/", f"{binaries}/").replace(
-            "--master_port 29500", f"--master_port {_free_port()}"
-        )
-        command = command.replace(
-            "scripts/distributed_demo.py", str(WORKER.parents[1] / "scripts" / "distributed_demo.py")
-        )
-        result = subprocess.run(
-            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
-        )
+    demo = str(WORKER.parents[1] / "scripts" / "distributed_demo.py")
+    for template in commands[1:]:  # the first creates .venv, which this environment stands for
+        template = template.replace(".venv/bin/", f"{binaries}/").replace("scripts/distributed_demo.py", demo)
+        for _attempt in range(3):  # a port found free may be taken before torchrun binds it: try another
+            command = template.replace("--master_port 29500", f"--master_port {_free_port()}")
+            result = subprocess.run(
+                command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+            )
+            if "address already in use" not in (result.stdout + result.stderr).lower():
+                break
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output = result.stdout
     printed = "\n".join(line for line in output.splitlines() if line.startswith("rank "))

@@ -325,7 +325,8 @@ def _resolve(module: nn.Module, name: str) -> Any:
 
 
 # Decides, per kind of candidate, whether a sharded state can be converted; registered by the
-# modules that convert it (defuser.engine.sharded), so this one stays free of conversions.
+# module that converts it (defuser.engine.sharded_convert), so this one stays free of
+# conversions.  A kind nothing registered for is refused.
 _SUPPORT: dict[str, Callable[[Any, ModuleSharding], str | None]] = {}
 
 

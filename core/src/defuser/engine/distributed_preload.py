@@ -39,6 +39,7 @@ __all__ = [
     "held_target",
     "hold_for_expert_parallel",
     "install_distributed_preload",
+    "model_of",
     "refuse_presliced_fused",
     "restore_distributed_preload",
     "rewrite_plans",
@@ -65,12 +66,22 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(module, DefusedExperts):
             experts.setdefault(wildcard_path(path), module.layout)
             module.__dict__["_defuser_path"] = path
-            module.__dict__["_defuser_root"] = weakref.ref(model)
+            _models[module] = weakref.ref(model)
             continue
         joined = next((value for value in vars(module).values() if isinstance(value, JoinedGateUp)), None)
         if joined is not None:
             dense.setdefault(wildcard_path(path), joined.layout)
     return experts, dense
+
+
+# Defused experts built before load -> their (outermost) model, known from its post_init.
+_models: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def model_of(module: nn.Module) -> nn.Module | None:
+    """The model a defused experts module was built in (before load), while both exist."""
+    found = _models.get(module)
+    return found() if found is not None else None
 
 
 def tensor_parallel_shardable(layout: Any) -> str | None:
@@ -213,9 +224,9 @@ def expert_parallel_holdable(layout: Any) -> str | None:
     return None
 
 
-# Path of a defused experts module holding a slice of the experts -> its first expert, for the
-# split of fused checkpoint tensors (see held_target).
-_held_first: dict[str, int] = {}
+# Path of a defused experts module holding a slice of the experts -> its first expert and the
+# module (an entry lapses with it), for the split of fused checkpoint tensors (see held_target).
+_held_first: dict[str, tuple[int, weakref.ref]] = {}
 _SPLIT_TARGET = re.compile(r"^(?P<path>.+)\.0\.(?P<rest>(?:gate_proj|up_proj|down_proj)\.(?:weight|bias))$")
 
 
@@ -231,8 +242,10 @@ def held_target(key: str) -> str:
     if match is None:
         return key
     path = match["path"]
-    for held_path, first in _held_first.items():
-        if held_path == path or held_path.endswith(f".{path}") or path.endswith(f".{held_path}"):
+    for held_path, (first, module) in list(_held_first.items()):
+        if module() is None:
+            del _held_first[held_path]
+        elif held_path == path or held_path.endswith(f".{path}") or path.endswith(f".{held_path}"):
             return f"{path}.{first}.{match['rest']}"
     return key
 
@@ -292,9 +305,8 @@ def hold_for_expert_parallel(module: nn.Module, ep_mesh: Any, tp_mesh: Any, ep_i
         tp_mesh=tp_mesh,
         ep_implementation=ep_implementation or "auto",
     )
-    _held_first[path] = first
-    root_ref = module.__dict__.get("_defuser_root")
-    root = root_ref() if root_ref is not None else None
+    _held_first[path] = (first, weakref.ref(module))
+    root = model_of(module)
     if root is not None:
         # Checkpoint keys of the experts other ranks hold are expected here, not unexpected.
         held = "|".join(str(number) for number in range(first, first + count))
@@ -383,5 +395,6 @@ def restore_distributed_preload() -> None:
     with _lock:
         _overrides.restore()
         if _post_init_original is not None:
-            PreTrainedModel.post_init = _post_init_original
+            if PreTrainedModel.__dict__.get("post_init") is _post_init_rewriting_plans:
+                PreTrainedModel.post_init = _post_init_original
             _post_init_original = None

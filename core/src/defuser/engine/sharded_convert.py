@@ -83,12 +83,6 @@ def _placements(sharding: ModuleSharding, name: str) -> tuple[Any, ...] | None:
     return None if entry is None else entry[1]
 
 
-def _mesh_size(tensor: Any, dim: str) -> int:
-    mesh = tensor.device_mesh
-    names = list(mesh.mesh_dim_names or ())
-    return mesh.size(names.index(dim)) if dim in names else -1
-
-
 def _experts_support(candidate: Candidate, sharding: ModuleSharding) -> str | None:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -107,6 +101,9 @@ def _experts_support(candidate: Candidate, sharding: ModuleSharding) -> str | No
         return "flattened experts storage is not converted under a plan"
     names = _fused_names(layout)
     module = candidate.module
+    unknown = sorted(set(sharding.placements) - set(names))
+    if unknown:
+        return f"it holds sharded tensors defuser does not read ({', '.join(unknown)})"
     if sharding.style == "ep_dispatch_experts":
         implementation = sharding.closure.get("implementation")
         if implementation is None or not hasattr(implementation, "tp_mesh"):
@@ -124,14 +121,11 @@ def _experts_support(candidate: Candidate, sharding: ModuleSharding) -> str | No
             return f"its tensors belong to the FSDP unit at {sharding.fsdp!r}, not to the experts module"
         return None
     if sharding.style == "moe_tp_experts" and sharding.fsdp is None:
-        if layout.is_transposed or layout.transposed_down or layout.separate_gate_up:
-            return "transposed or separate gate/up experts tensors are not sharded column-wise by defuser"
-        if layout.has_gate and not layout.is_concatenated:
-            return "interleaved gate/up rows cannot be sharded column-wise"
-        if layout.has_bias:
-            return "sharded experts biases are not converted under a tensor-parallel plan"
-        if layout.gate_style != "default":
-            return "the family's own gate function may read the full intermediate size; not run on slices"
+        from defuser.engine.distributed_preload import tensor_parallel_shardable
+
+        reason = tensor_parallel_shardable(layout)
+        if reason is not None:
+            return f"defuser does not slice experts by columns exactly with {reason}"
         expected = {
             layout.first_name: (_StridedShard(1, split_factor=2),) if layout.has_gate else (Shard(1),),
             layout.down_name: (Shard(2),),
@@ -270,6 +264,17 @@ def defuse_sharded(manager: Any, candidate: Candidate, sharding: ModuleSharding,
         if failure is not None:
             raise failure
         raise DistributedPlanError(f"{candidate.path}: another rank could not defuse it, so it stays fused here too")
+    if logger.isEnabledFor(logging.INFO) and candidate.kind == "experts":
+        from defuser.engine.sharded import local_expert_bytes
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        logger.info(
+            "rank %d: %s defused shard by shard (%s), %d bytes of per-expert tensors here",
+            rank,
+            candidate.path,
+            sharding.style or next(iter(sharding.child_styles.values()), "sharded"),
+            local_expert_bytes(replacement),
+        )
     return replacement
 
 
@@ -551,8 +556,9 @@ def fuse_sharded(module: nn.Module, path: str) -> nn.Module:
         fused.__dict__["_is_expert_parallel"] = True
         if record.fsdp is None and _is_fsdp(module):
             # Built defused before load: FSDP wrapped it after the expert-parallel split.
-            root_ref = module.__dict__.get("_defuser_root")
-            root = root_ref() if root_ref is not None else None
+            from defuser.engine.distributed_preload import model_of
+
+            root = model_of(module)
             if root is None:
                 raise DistributedPlanError(
                     f"{path}: FSDP-managed experts without their model: cannot wrap the fused form"
