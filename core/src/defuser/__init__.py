@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistributedPlanError",
     "PluginInfo",
     "TypeSupport",
     "__version__",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DistributedPlanError": "defuser.api",
     "convert_model": "defuser.api",
     "fuse_model": "defuser.api",
     "replace_fused_blocks": "defuser.api",
@@ -41,7 +43,14 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from defuser.api import convert_model, defused_blocks, fuse_model, replace_fused_blocks, restore_fused_blocks
+    from defuser.api import (
+        DistributedPlanError,
+        convert_model,
+        defused_blocks,
+        fuse_model,
+        replace_fused_blocks,
+        restore_fused_blocks,
+    )
     from defuser.hookspecs import hookimpl
     from defuser.plugin_info import PluginInfo, TypeSupport
 

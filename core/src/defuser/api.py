@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
+from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
 from defuser.engine.offload import dispatched_conversion
@@ -19,11 +20,13 @@ from defuser.engine.preload import apply_preload_plan, is_patched, restore_prelo
 from defuser.engine.selfcheck import SelfCheck
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
+from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.filtering import compile_filter
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
 __all__ = [
     "ConversionError",
+    "DistributedPlanError",
     "convert_model",
     "defused_blocks",
     "find_candidates",
@@ -127,7 +130,10 @@ def convert_model(
     weights are new ``nn.Parameter`` objects: an optimizer created before the conversion
     still holds the fused parameters and never updates the per-expert ones (zero-copy
     layouts share storage, so changes written into a fused parameter show through; copy
-    layouts share nothing).  Create optimizers after converting.
+    layouts share nothing).  Create optimizers after converting.  On a model that
+    transformers' distributed loading sharded (``tp_plan``, ``distributed_config``), a module
+    whose sharding defuser cannot keep exact raises :class:`DistributedPlanError`, naming the
+    module and the plan, before anything changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -151,12 +157,14 @@ def convert_model(
     refused = [candidate for candidate in selected if candidate.refusal]
     if refused:
         raise _refusal_error(refused)
+    # Under a distributed plan: anything defuser cannot convert exactly is refused before any change.
+    shardings = refuse_unsupported(model, selected)
     count = len(selected)
     shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
     # The first module of each class and layout is defused and self-checked before any other,
     # and installed only once all of them passed: a failed check leaves the model as it was.
     first = check.first_modules(selected)
-    held = _defuse_held(manager, first, model, cleanup_original, shared, check)
+    held = _defuse_held(manager, first, model, cleanup_original, shared, check, shardings)
     # The rest are consumed one by one so that, once a module is replaced, nothing here keeps
     # the fused module (and copies made from it) alive: peak memory stays at the model plus
     # one module's new tensors.
@@ -168,7 +176,8 @@ def convert_model(
                 candidate, replacement = held.pop()
             else:
                 candidate = selected.pop()
-                replacement, _ = _defuse_one(manager, candidate, model, cleanup_original, shared, check)
+                sharding = shardings.get(id(candidate.module))
+                replacement, _ = _defuse_one(manager, candidate, model, cleanup_original, shared, check, sharding)
             _install(model, candidate, replacement)
             if cleanup_original and replacement is not candidate.module:
                 _drop_fused_tensors(candidate.module)
@@ -202,13 +211,15 @@ def _defuse_held(
     cleanup_original: bool,
     shared: frozenset[int],
     check: SelfCheck,
+    shardings: dict[int, ModuleSharding],
 ) -> list[tuple[Candidate, nn.Module]]:
     """Defuse ``candidates`` without installing them, in reverse order (ready to pop); when one
     fails, every one defused before is put back as it was too."""
     done: list[tuple[Candidate, nn.Module, ModuleSnapshot]] = []
     try:
         for candidate in candidates:
-            done.append((candidate, *_defuse_one(manager, candidate, model, cleanup_original, shared, check)))
+            sharding = shardings.get(id(candidate.module))
+            done.append((candidate, *_defuse_one(manager, candidate, model, cleanup_original, shared, check, sharding)))
     except BaseException:
         for _, _, saved in reversed(done):
             saved.restore()
@@ -223,20 +234,26 @@ def _defuse_one(
     cleanup_original: bool = False,
     shared: frozenset[int] = frozenset(),
     check: SelfCheck | None = None,
+    sharding: ModuleSharding | None = None,
 ) -> tuple[nn.Module, ModuleSnapshot]:
-    """The replacement for one candidate (self-checked, see :mod:`defuser.engine.selfcheck`) and
-    the snapshot that undoes it; on any failure (a plugin raising mid-way, out of memory, a
-    failed self-check) the fused module (and, under accelerate offload, its offload store) is
-    put back as it was (a fused weight released mid-way with ``cleanup_original`` comes back
-    rebuilt from its copy, equal) and :class:`ConversionError` names its path."""
+    """The replacement for one candidate (self-checked, see :mod:`defuser.engine.selfcheck`;
+    shard by shard when ``sharding`` says transformers' distributed loading sharded it) and the
+    snapshot that undoes it; on any failure (a plugin raising mid-way, out of memory, a failed
+    self-check) the fused module (and, under accelerate offload, its offload store) is put back
+    as it was (a fused weight released mid-way with ``cleanup_original`` comes back rebuilt
+    from its copy, equal) and :class:`ConversionError` names its path."""
     saved = snapshot_module(candidate.module, shared)
     hooks = module_hooks(candidate.module, candidate.path)
     release = releasing_consumed(saved) if cleanup_original else contextlib.nullcontext()
     try:
-        probe = check.prepare(candidate) if check is not None else None
+        # A sharded module's forward talks to the other ranks: the distributed tests check those.
+        probe = check.prepare(candidate) if check is not None and sharding is None else None
         # Under accelerate dispatch, new tensors go where the fused ones were (device or offload store).
         with release, dispatched_conversion(model, candidate, cleanup_original) as placement:
-            replacement = manager.defuse(candidate)
+            if sharding is None:
+                replacement = manager.defuse(candidate)
+            else:
+                replacement = defuse_sharded(manager, candidate, sharding, model)
             hooks.follow(replacement)  # the fused module's forward and backward hooks, or an error
             placement.place(replacement)
             if check is not None and probe is not None:
@@ -361,7 +378,10 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
         try:
-            replacement = fuse_back(model, path, module, kind)
+            if is_sharded_defused(module):  # back to the fused form sharded as transformers shards it
+                replacement = fuse_sharded(module, path)
+            else:
+                replacement = fuse_back(model, path, module, kind)
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue

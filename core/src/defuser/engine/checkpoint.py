@@ -54,9 +54,15 @@ def _first_tensor(input_dict: dict[str, Any]) -> torch.Tensor:
 
 def _owner(model: nn.Module | None, layer_name: str | None, suffix: str) -> tuple[str, nn.Module | None]:
     """The path of the module holding ``suffix`` in ``layer_name``, and the module (None when absent)."""
-    if layer_name is None or not layer_name.endswith(suffix):
+    if layer_name is None:
         return "", None
-    path = layer_name[: -len(suffix)].rstrip(".")
+    if layer_name.endswith(suffix):
+        path = layer_name[: -len(suffix)].rstrip(".")
+    elif suffix.startswith("0.") and (held := re.fullmatch(rf"(.*)\.\d+\.{re.escape(suffix[2:])}", layer_name)):
+        # Experts held in part (expert parallel) are reached through their first expert's key.
+        path = held[1]
+    else:
+        return "", None
     if model is None:
         return path, None
     # The key may still carry (or lack) the base model's prefix when a head model loads a
@@ -115,9 +121,14 @@ class SplitFusedExperts(ConversionOps):
             pieces = {self.inputs[key]: _first_tensor({key: value}) for key, value in input_dict.items()}
         else:
             pieces = {self.tensor_name: _first_tensor(input_dict)}
+        from defuser.engine.distributed_preload import refuse_presliced_fused
+
+        refuse_presliced_fused(module, path, pieces)
+        # Under expert parallel a module holds experts first_expert .. first_expert + num_experts - 1.
+        first = module.__dict__.get("first_expert", 0)
         result = {}
         for name, tensor in pieces.items():
-            result.update(self.split(tensor, module.layout, path, _fused_shape(module, name), name))
+            result.update(self.split(tensor, module.layout, path, _fused_shape(module, name), name, first))
         return result
 
     def split(
@@ -127,9 +138,10 @@ class SplitFusedExperts(ConversionOps):
         path: str,
         expected: tuple[int, ...] | None = None,
         tensor_name: str | None = None,
+        first: int = 0,
     ) -> dict[str, torch.Tensor]:
         """Per-expert tensors named ``{path}.{i}.{proj}.{weight|bias}`` from one fused ``tensor``
-        (``tensor_name``, default the op's own)."""
+        (``tensor_name``, default the op's own), for experts ``first .. first + layout.num_experts - 1``."""
         tensor_name = tensor_name or self.tensor_name
         is_bias = tensor_name.endswith("_bias")
         name = tensor_name.removesuffix("_bias") if is_bias else tensor_name
@@ -138,7 +150,7 @@ class SplitFusedExperts(ConversionOps):
             raise ValueError(f"{tensor_name!r} is not a tensor of the layout {layout}")
         experts = layout.num_experts
         if is_bias:
-            stacked = tensor.reshape(-1, tensor.shape[-1])[:experts]
+            stacked = tensor.reshape(-1, tensor.shape[-1])[first : first + experts]
             halves = split_gate_up(stacked, layout, dim=-1) if len(projections) == 2 else (stacked,)
             suffix = "bias"
         else:
@@ -147,13 +159,13 @@ class SplitFusedExperts(ConversionOps):
                 tensor = tensor.transpose(-1, -2)  # the checkpoint holds the other orientation
             if layout.flattened:
                 tensor = tensor.reshape(experts, -1, tensor.shape[-1])
-            stacked = orient(tensor, transposed)[:experts]
+            stacked = orient(tensor, transposed)[first : first + experts]
             halves = split_gate_up(stacked, layout, dim=-2) if len(projections) == 2 else (stacked,)
             suffix = "weight"
         result = {}
         for index in range(experts):
             for projection, half in zip(projections, halves, strict=True):
-                result[f"{path}.{index}.{projection}.{suffix}"] = half[index].clone()
+                result[f"{path}.{first + index}.{projection}.{suffix}"] = half[index].clone()
         return result
 
     @staticmethod
@@ -258,6 +270,13 @@ class SplitFusedParallel(ConversionOps):
 class _LoadOnlyConverter(WeightConverter):
     """A converter whose reverse (used by ``save_pretrained``) leaves keys alone: the defused
     per-expert keys are what a defused model saves."""
+
+    def rename_source_key(self, source_key: str) -> tuple[str, str | None]:
+        from defuser.engine.distributed_preload import held_target
+
+        renamed, pattern = super().rename_source_key(source_key)
+        # A rank holding a slice of the experts has no expert 0 to load a fused tensor through.
+        return (held_target(renamed), pattern) if pattern is not None else (renamed, pattern)
 
     def reverse_transform(self) -> WeightRenaming:
         return WeightRenaming(source_patterns=_NEVER, target_patterns="unused")

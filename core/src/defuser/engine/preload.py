@@ -375,8 +375,12 @@ def _declared_targets(fields: dict[str, Any]) -> dict[str, str]:
 
 
 def _install() -> None:
+    from defuser.engine.distributed_preload import sync_distributed_preload
+
     _install_classes()
     _install_ties()
+    # Parallel plans of models built while patched must match their defused blocks.
+    sync_distributed_preload(active=bool(_active))
     roots = {root for active in _active.values() if active.parallel for root in active.parallel.roots}
     install_post_init(roots, _parallel_layouts)
 
