@@ -180,11 +180,11 @@ def test_a_failure_after_the_relayout_puts_the_original_bytes_back(monkeypatch):
     real_linear_from = experts_module.linear_from
     built = [0]
 
-    def fails_in_the_second_module(weight, bias, requires_grad):
+    def fails_in_the_second_module(weight, bias, requires_grad, bias_requires_grad=None):
         built[0] += 1
         if built[0] == 8 * 3 + 5:  # the 5th Linear of layer 1: its tensors are already re-laid out
             raise OUT_OF_MEMORY("out of memory after the relayout")
-        return real_linear_from(weight, bias, requires_grad)
+        return real_linear_from(weight, bias, requires_grad, bias_requires_grad)
 
     monkeypatch.setattr(experts_module, "linear_from", fails_in_the_second_module)
     with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.experts"):

@@ -9,12 +9,14 @@ port) equals the plain forward, biases included.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from defuser import DistributedPlanError, convert_model
 from defuser.engine import distributed_preload
@@ -120,7 +122,8 @@ def test_fused_tensor_splits_into_the_held_experts_only(model_type: str) -> None
 
 
 def test_fused_tensor_of_a_held_slice_loads_through_its_first_expert(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(distributed_preload, "_held_first", {"model.layers.0.mlp.experts": 4})
+    held = nn.Module()  # an entry lapses with its module: this one lives through the test
+    monkeypatch.setattr(distributed_preload, "_held_first", {"model.layers.0.mlp.experts": (4, weakref.ref(held))})
     assert (
         held_target("model.layers.0.mlp.experts.0.gate_proj.weight") == "model.layers.0.mlp.experts.4.gate_proj.weight"
     )
