@@ -251,13 +251,10 @@ def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.M
         raise NotFusable(f"{path} ({type(defused).__name__}) keeps no record of its fused form")
     weights = []
     for index, expert in enumerate(defused):
-        where = f"{path}.{index}"
-        if isinstance(expert, nn.Linear):
-            weights.append(_plain_linear(expert, where).weight.detach())
-        else:
-            gate = _plain_linear(getattr(expert, "gate_proj", None), f"{where}.gate_proj").weight.detach()
-            up = _plain_linear(getattr(expert, "up_proj", None), f"{where}.up_proj").weight.detach()
-            weights.append(join_gate_up(gate, up, layout, dim=0))
+        linear = _plain_linear(getattr(expert, "linear", None), f"{path}.{index}.linear")
+        if linear.bias is not None:
+            raise NotFusable(f"{path}.{index}.linear has a bias; the stacked weight has none")
+        weights.append(linear.weight.detach())
     stacked = orient(torch.stack(weights), layout.transposed).contiguous()
     fused = skeleton_of(skeleton, [])
     fused.train(defused.training)
@@ -268,17 +265,17 @@ def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.M
 def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
     """The fused gate-up Linear of a split dense MLP, rebuilt from its ``gate_proj`` and
     ``up_proj`` (install it with :func:`defuser.engine.dense.join_dense_mlp`)."""
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout, split_dense_skeleton
 
-    joined = next((value for value in vars(mlp).values() if isinstance(value, JoinedGateUp)), None)
-    if joined is None or joined.fused_skeleton is None:
+    layout, skeleton = split_dense_layout(mlp), split_dense_skeleton(mlp)
+    if layout is None or skeleton is None:
         raise NotFusable(f"{path} ({type(mlp).__name__}) keeps no record of its fused gate-up Linear")
     gate = _plain_linear(mlp._modules.get("gate_proj"), f"{path}.gate_proj")
     up = _plain_linear(mlp._modules.get("up_proj"), f"{path}.up_proj")
     if (gate.bias is None) != (up.bias is None):
         raise NotFusable(f"{path}: only one of gate_proj and up_proj has a bias")
-    first, second = (gate, up) if joined.layout.gate_first else (up, gate)
-    linear = skeleton_of(joined.fused_skeleton, [])
+    first, second = (gate, up) if layout.gate_first else (up, gate)
+    linear = skeleton_of(skeleton, [])
     weight = _adjacent_or_cat(first.weight.detach(), second.weight.detach())
     linear._parameters["weight"] = nn.Parameter(weight, requires_grad=gate.weight.requires_grad)
     if first.bias is not None:

@@ -1,9 +1,11 @@
 """Core's own plugin: the generic engine, asked last for every hook.
 
 It detects any experts module that ``@use_experts_implementation`` decorated, from the flags
-the decorator records, and any dense MLP whose ``gate_up_proj`` is one ``nn.Linear``, and
-defuses them, so a family transformers adds tomorrow is handled without a plugin.  Plugins
-declare what differs (undecorated experts, reversed halves, parallel experts).
+the decorator records, and defuses it, so a family transformers adds tomorrow is handled
+without a plugin.  A dense MLP whose ``gate_up_proj`` is one ``nn.Linear`` is left as it is
+(it is already a plain Linear; quantizers and tools that follow ModelCloud's Defuser expect it
+there) unless a plugin declares its class in ``dense_classes``.  Plugins declare what differs
+(undecorated experts, split dense MLPs, parallel experts); this engine defuses what they detect.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class GenericEngine:
         return PluginInfo(
             name=GENERIC_PLUGIN_NAME,
             priority=-1000,
-            description="experts decorated with @use_experts_implementation; dense gate_up_proj Linears",
+            description="experts decorated with @use_experts_implementation",
         )
 
     @hookimpl(trylast=True)
@@ -64,9 +66,6 @@ class GenericEngine:
         layout = read_experts_layout(module)
         if layout is not None:
             return Candidate(path, module, "experts", GENERIC_PLUGIN_NAME, layout, model_type, generic=True)
-        dense = dense_layout_of(module)
-        if dense is not None:
-            return Candidate(path, module, "dense", GENERIC_PLUGIN_NAME, dense, model_type, generic=True)
         return None
 
     @hookimpl(trylast=True)
