@@ -11,12 +11,13 @@ from tqdm.auto import tqdm
 
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
-from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
+from defuser.engine.detect import iter_typed_modules, layer_index, parents_of, root_model_type
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
 from defuser.engine.transaction import releasing_consumed, snapshot_module
 from defuser.filtering import compile_filter
+from defuser.modeling.replace_modules import remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
 __all__ = [
@@ -62,11 +63,25 @@ def find_candidates(model: nn.Module) -> list[Candidate]:
     return found
 
 
-def _install(model: nn.Module, candidate: Candidate, replacement: nn.Module) -> None:
-    if replacement is candidate.module:
+def _install(model: nn.Module, old: nn.Module, replacement: nn.Module) -> None:
+    """Put ``replacement`` wherever ``old`` sits in ``model``; when ``old`` is ``model`` itself
+    (a bare experts module converted on its own), ``model`` becomes ``replacement`` in place."""
+    if replacement is old:
         return
-    for parent, name in parents_of(model, candidate.module):
+    if old is model:
+        _become(model, replacement)
+        return
+    for parent, name in parents_of(model, old):
         parent._modules[name] = replacement
+
+
+def _become(target: nn.Module, source: nn.Module) -> None:
+    """Make the object ``target`` the module ``source`` (class and state), so a caller's
+    reference to the root sees the replacement; ``source`` is not used afterwards."""
+    state = dict(source.__dict__)
+    target.__dict__.clear()
+    target.__dict__.update(state)
+    target.__class__ = type(source)
 
 
 def _drop_fused_tensors(module: nn.Module) -> None:
@@ -110,6 +125,7 @@ def convert_model(
             selected.append(candidate)
     if not selected:
         logger.info("nothing to defuse in %s", type(model).__name__)
+        _patch_model(model)
         return False
     manager = get_plugin_manager()
     count = len(selected)
@@ -122,9 +138,12 @@ def convert_model(
         while selected:
             candidate = selected.pop()
             replacement = _defuse_one(manager, candidate, model, cleanup_original, shared)
-            _install(model, candidate, replacement)
-            if cleanup_original and replacement is not candidate.module:
-                _drop_fused_tensors(candidate.module)
+            if replacement is not candidate.module and candidate.module is not model:
+                if cleanup_original:
+                    _drop_fused_tensors(candidate.module)
+                else:  # materialize_model (Defuser's name) releases them later
+                    remember_original(candidate.module, _fused_tensor_names(candidate))
+            _install(model, candidate.module, replacement)
             logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
             del candidate, replacement
             progress.update()
@@ -133,7 +152,31 @@ def convert_model(
     from defuser.engine.checkpoint import attach_save_mapping
 
     attach_save_mapping(model)
+    _patch_model(model)
     return True
+
+
+def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
+    """The (dotted) names of the fused tensors a replaced candidate still holds."""
+    from defuser.engine.candidates import ExpertsLayout, ParallelLayout
+    from defuser.engine.fuse import fused_names
+
+    if isinstance(candidate.layout, ExpertsLayout):
+        return tuple(fused_names(candidate.layout))
+    if isinstance(candidate.layout, ParallelLayout):
+        return (candidate.layout.weight_name,)
+    return ()
+
+
+def _patch_model(model: nn.Module) -> None:
+    """The runtime patches the owner plugin of ``model``'s type gives it (Qwen3-Omni-MoE's text
+    ``forward``); they do not count as defusing anything."""
+    model_type = root_model_type(model)
+    if model_type is None:
+        return
+    patched = get_plugin_manager().patch_model(model, model_type)
+    if patched:
+        logger.info("patched %s (%s): %s", type(model).__name__, model_type, ", ".join(patched))
 
 
 def _shared_parameter_ids(model: nn.Module) -> frozenset[int]:
@@ -241,7 +284,7 @@ def defused_blocks(*model_types: str) -> Iterator[bool]:
 
 
 def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
@@ -251,7 +294,7 @@ def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             found.append((path, module, "experts"))
         elif isinstance(module, DefusedParallelExperts):
             found.append((path, module, "parallel"))
-        elif any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
+        elif split_dense_layout(module) is not None:
             found.append((path, module, "dense"))
     return found
 
@@ -288,9 +331,7 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue
-        if replacement is not module:
-            for parent, name in parents_of(model, module):
-                parent._modules[name] = replacement
+        _install(model, module, replacement)
         fused_count += 1
         logger.debug("fused %s back into %s", path, type(replacement).__name__)
     if fused_count:
