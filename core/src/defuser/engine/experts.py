@@ -174,8 +174,12 @@ def _empty_linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad
     return nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
 
 
-class DefusedExperts(nn.Module):
-    """Per-expert replacement of a fused experts module; see the module docstring."""
+class DefusedExperts(nn.ModuleList):
+    """Per-expert replacement of a fused experts module; see the module docstring.
+
+    A ``ModuleList`` of its experts (``isinstance(experts, nn.ModuleList)`` is how auto-round and
+    llm-compressor recognise experts that are already linear), with the fused module's forward.
+    """
 
     fused_class: ClassVar[type[nn.Module] | None] = None
     layout_overrides: ClassVar[dict[str, Any]] = {}

@@ -41,7 +41,7 @@ def parallel_weight(module: nn.Module, layout: ParallelLayout) -> torch.Tensor |
     return weight if getattr(weight, "ndim", 0) == 3 else None
 
 
-class DefusedParallelExperts(nn.Module):
+class DefusedParallelExperts(nn.ModuleList):
     """Per-expert form of a parallel-experts module; ``experts[i]`` is expert ``i``."""
 
     def __init__(self, fused: nn.Module, layout: ParallelLayout, path: str = ""):
