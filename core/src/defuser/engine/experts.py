@@ -263,6 +263,10 @@ class DefusedExperts(nn.ModuleList):
 
     # -- sequence behaviour ---------------------------------------------------------------
 
+    # nn.Module's repr: ModuleList's would list the routed experts only and drop the rest
+    # (identity experts, a post-expert norm) and the extra_repr.
+    __repr__ = nn.Module.__repr__
+
     def __len__(self) -> int:
         return self.num_experts
 

@@ -59,6 +59,9 @@ class DefusedParallelExperts(nn.ModuleList):
         for index in range(self.num_experts):
             self._modules[str(index)] = ParallelExpert(linear_from(stacked[index], None, grad))
 
+    # nn.Module's repr (with the extra_repr), not ModuleList's.
+    __repr__ = nn.Module.__repr__
+
     def __len__(self) -> int:
         return self.num_experts
 
