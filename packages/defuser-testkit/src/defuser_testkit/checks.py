@@ -266,15 +266,18 @@ def assert_preload_loads_both_layouts(
     if extra_checkpoints is not None:
         checkpoints.update(extra_checkpoints(stock, tmp_path))
     stock_class = type(stock)
+    stock_candidates = find_candidates(stock)
     with preload_patched(model_type):
         built = factory()
         assert find_candidates(built) == [], "direct construction still built fused blocks"
+        assert_no_fused_names(built, stock_candidates)
         for name, folder in checkpoints.items():
             loaded = stock_class.from_pretrained(folder).eval()
             assert find_candidates(loaded) == [], f"{name} checkpoint: fused blocks after patched load"
             assert any(isinstance(m, DefusedExperts) for m in loaded.modules()) or any(
-                n.endswith("gate_proj") for n, _ in loaded.named_modules()
+                n.endswith(("gate_proj", ".linear")) for n, _ in loaded.named_modules()
             )
+            assert_no_fused_names(loaded, stock_candidates)
             difference = (model_output(loaded, inputs) - reference).abs().max().item()
             assert difference <= atol, f"{name} checkpoint: outputs differ by {difference}"
     after = factory()
