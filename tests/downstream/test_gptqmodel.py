@@ -26,13 +26,14 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_gptqmodel_quantizes_every_expert_projection_on_the_cpu(model_type, tiny_checkpoint, monkeypatch):
+def test_gptqmodel_quantizes_every_expert_projection_on_the_cpu(model_type, tiny_checkpoint, monkeypatch, tmp_path):
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.looper import stage_layer
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     import defuser
 
+    monkeypatch.chdir(tmp_path)  # GPTQModel writes its quantization logs under ./logs
     calls: dict[str, int] = {"replace_fused_blocks": 0, "convert_model": 0, "materialize_model": 0}
 
     def counting(name, function):
