@@ -109,6 +109,36 @@ def census(session: nox.Session, transformers: str) -> None:
     session.run("pytest", "tests/test_census.py", *session.posargs, env=OFFLINE)
 
 
+# Downstream tools, each in its own session (and virtualenv) with defuser installed in place of
+# ModelCloud's Defuser: the umbrella distribution is installed with them, so their
+# ``defuser>=0.0.28`` requirement is met by this checkout, and torch stays pinned.
+DOWNSTREAM = {
+    "gptqmodel": (("gptqmodel==7.6.0",), ("tests/downstream/test_gptqmodel.py", "tests/test_gptqmodel_paths.py")),
+    "autoround": (("auto-round==0.16.1",), ("tests/downstream/test_autoround.py",)),
+    "torchao": (("torchao==0.18.0",), ("tests/downstream/test_torchao.py",)),
+    "peft": (("peft==0.21.2",), ("tests/downstream/test_peft.py", "tests/downstream/test_activation_capture.py")),
+}
+
+
+def _make_downstream_session(name: str) -> None:
+    requirements, tests = DOWNSTREAM[name]
+
+    def downstream(session: nox.Session) -> None:
+        plugins = [f"plugins/{family}" for family in FAMILIES]
+        _install_stack(session, _RELEASES["newest"], CORE, TESTKIT, *plugins, "packages/defuser", extra=requirements)
+        # GPTQModel refuses fewer than 2 CPU workers for its loader pool (a 2-core machine gets 1).
+        env = {**OFFLINE, "GPTQMODEL_CPU_WORKERS": "2"}
+        session.run("pytest", "-p", "no:randomly", *tests, *session.posargs, env=env)
+
+    downstream.__doc__ = f"End-to-end test with {', '.join(requirements)} on tiny models (CPU, newest transformers)."
+    downstream.__name__ = name
+    nox.session(name=name, tags=["downstream"])(downstream)
+
+
+for _tool in DOWNSTREAM:
+    _make_downstream_session(_tool)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """Lint the whole repository with ruff (configuration in ruff.toml)."""

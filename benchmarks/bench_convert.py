@@ -198,13 +198,10 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
         start, start_cpu = time.perf_counter(), time.process_time()
         assert convert_model(model, cleanup_original=cleanup_original)
         convert_seconds = time.perf_counter() - start
-<<<<<<< HEAD
-    defuser_logger.removeHandler(selfcheck)
-    defuser_logger.setLevel(logging.NOTSET)
-=======
         # Process CPU time (all threads, the sampler's too): less sensitive to other load.
         convert_cpu_seconds = time.process_time() - start_cpu
->>>>>>> wt/speed
+    defuser_logger.removeHandler(selfcheck)
+    defuser_logger.setLevel(logging.NOTSET)
     shares = all(
         p.untyped_storage().data_ptr() in fused_storage
         for name, p in model.named_parameters()
@@ -223,16 +220,13 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
         "convert_s": convert_seconds,
         "clone_s": clone_seconds,
         "convert_over_clone": convert_seconds / clone_seconds,
-<<<<<<< HEAD
         # The self-check's probe, inside the conversion time (one per class and layout).
         "selfcheck_probes": selfcheck.probes,
         "selfcheck_ms": selfcheck.seconds * 1e3,
         "selfcheck_share_of_convert": selfcheck.seconds / convert_seconds,
-=======
         "convert_cpu_s": convert_cpu_seconds,
         "clone_cpu_s": clone_cpu_seconds,
         "convert_over_clone_cpu": convert_cpu_seconds / clone_cpu_seconds,
->>>>>>> wt/speed
         # Process memory beyond the interpreter baseline, at its peak during conversion.
         "peak_rss_over_model_bytes": (peak.peak - baseline) / model_bytes,
         "rss_growth_over_model_bytes": (peak.peak - before) / model_bytes,

@@ -18,10 +18,13 @@ from torch import nn
 
 from defuser import convert_model, fuse_model
 from defuser.api import find_candidates
+from defuser.engine.dense import split_dense_layout
 from defuser.engine.selfcheck import consumed_names
+from defuser.plugin_info import DENSE_KEPT, DENSE_SPLIT
 from defuser.plugins import get_plugin_manager
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 from defuser_testkit.census import built_or_derived, fused_model_types, scan_fused_classes
+from defuser_testkit.checks import assert_no_fused_names
 
 ATOL = 1e-5
 CLASSES = scan_fused_classes()
@@ -30,6 +33,13 @@ TYPES = fused_model_types(CLASSES)
 
 def _fused_paths(model: nn.Module, names: set[str]) -> list[str]:
     return [path for path, module in model.named_modules() if type(module).__name__ in names]
+
+
+def _split_dense_classes() -> set[str]:
+    """Dense MLP classes some plugin declares split (every other fused gate-up Linear is kept)."""
+    manager = get_plugin_manager()
+    manager.ensure_loaded()
+    return {name for plugin in manager.plugins.values() for name in getattr(plugin.obj, "dense_classes", None) or {}}
 
 
 def _still_fused(module: nn.Module) -> bool:
@@ -61,6 +71,21 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
     fused = _fused_paths(model, names)
     if not fused:
         pytest.skip(f"{model_type}: shares a package with fused classes but its model holds none")
+    # A fused dense gate-up Linear is split only where a plugin declares its class; elsewhere it
+    # stays the one nn.Linear it is (ModelCloud's Defuser and GPTQModel expect it there).
+    dense_names = {fused.name for fused in TYPES[model_type] if fused.kind == "fused_dense_mlp"}
+    split_names = _split_dense_classes()
+    kept = [path for path in fused if type(model.get_submodule(path)).__name__ in dense_names - split_names]
+    split = [path for path in fused if type(model.get_submodule(path)).__name__ in dense_names & split_names]
+    _check_dense_claim(model_type, model, fused, dense_names, split_names)
+    fused = [path for path in fused if path not in kept]
+    names -= dense_names - split_names
+    if not fused:
+        assert convert_model(model) is False, (
+            f"{model_type}: converted although only kept dense MLPs hold fused weights"
+        )
+        assert all(isinstance(model.get_submodule(path).gate_up_proj, nn.Linear) for path in kept)
+        return
     candidates = find_candidates(model)
     covered = [c.path for c in candidates]
     unclaimed = [
@@ -87,6 +112,12 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
     left = [f"{path} ({type(m).__name__})" for path, m in model.named_modules() if _still_fused(m)]
     left = [entry for entry in left if entry.split(" (")[1][:-1] in names]
     assert not left, f"{model_type}: still fused after conversion: {left}"
+    # Defused means defused: no fused name answers on what replaced each candidate.
+    assert_no_fused_names(model, candidates)
+    for path in kept:
+        assert isinstance(model.get_submodule(path)._modules.get("gate_up_proj"), nn.Linear), f"{path} was split"
+    for path in split:
+        assert split_dense_layout(model.get_submodule(path)) is not None, f"{path} was not split"
     difference = (tiny_forward(model, inputs) - reference).abs().max().item()
     assert difference <= ATOL, f"{model_type}: outputs differ by {difference}"
 
@@ -115,6 +146,23 @@ def _table() -> str:
     return supported_models_markdown()
 
 
+def _check_dense_claim(
+    model_type: str, model: nn.Module, fused: list[str], dense_names: set[str], split_names: set[str]
+) -> None:
+    """The README's dense column (``TypeSupport.dense``) says what happens to this type's dense
+    MLPs with a fused gate-up Linear (split or kept) where the tiny model holds one.  (A tiny
+    model may leave out a part, such as dots3_note's audio tower, that a claim covers.)"""
+    manager = get_plugin_manager()
+    owner = manager.owner_of(model_type)
+    support = manager.plugins[owner].info.support_for(model_type) if owner else None
+    classes = {type(model.get_submodule(path)).__name__ for path in fused} & dense_names
+    if not classes:
+        return
+    expected = DENSE_SPLIT if classes & split_names else DENSE_KEPT
+    claimed = support.dense if support is not None else DENSE_KEPT
+    assert claimed == expected, f"{model_type}: TypeSupport.dense is {claimed!r}, the model says {expected!r}"
+
+
 def test_every_fused_class_is_built_by_some_model_type() -> None:
     """A fused class that no tiny model contains would escape the census: name it."""
     seen: set[str] = set()
@@ -139,7 +187,6 @@ GENERIC_ONLY = [
     "inkling2_text",  # softcapped SwiGLU module in float32
     "aria_text",  # transposed
     "openai_privacy_filter",  # transposed, biased, clamped GLU
-    "phi3",  # dense gate_up_proj Linear
 ]
 
 
@@ -151,8 +198,7 @@ def test_generic_engine_alone(model_type: str, defuser_plugin_manager, caplog: p
         pytest.skip(f"model type {model_type!r} does not exist in this transformers")
     model = build_tiny_model(model_type)
     decorated = [m for m in model.modules() if isinstance(getattr(m, "has_gate", None), bool)]
-    dense = [m for m in model.modules() if isinstance(m._modules.get("gate_up_proj"), nn.Linear)]
-    if not decorated and not dense:
+    if not decorated:
         pytest.skip(f"{model_type}: experts not decorated in this transformers (a plugin declares them)")
     inputs = tiny_inputs(model)
     reference = tiny_forward(model, inputs)

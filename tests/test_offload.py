@@ -100,8 +100,9 @@ def _fused_names(model: torch.nn.Module) -> list[str]:
 def test_from_pretrained_cpu_and_disk(model_type, saved, tmp_path):
     folder, inputs, reference, defused_state = saved(model_type)
     offload_folder = tmp_path / "offload"
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map=_device_map(build_tiny_model(model_type)),
-                                                 offload_folder=str(offload_folder))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map=_device_map(build_tiny_model(model_type)), offload_folder=str(offload_folder)
+    )
     on_cpu = model.model.layers[0].mlp
     fused_on_cpu = {name: tensor for name, tensor in on_cpu.named_parameters() if "gate_up_proj" in name}
     assert fused_on_cpu and all(tensor.device.type == "cpu" for tensor in fused_on_cpu.values())
@@ -134,8 +135,9 @@ def test_from_pretrained_cpu_and_disk(model_type, saved, tmp_path):
 
 def test_views_stay_views_on_the_device(saved, tmp_path):
     folder, inputs, reference, _ = saved("qwen3_moe")
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map=_device_map(build_tiny_model("qwen3_moe")),
-                                                 offload_folder=str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map=_device_map(build_tiny_model("qwen3_moe")), offload_folder=str(tmp_path)
+    )
     fused = model.model.layers[0].mlp.experts.gate_up_proj
     start, size = fused.untyped_storage().data_ptr(), fused.untyped_storage().nbytes()
 
@@ -150,8 +152,9 @@ def test_views_stay_views_on_the_device(saved, tmp_path):
 def test_cleanup_then_save_keeps_every_expert(saved, tmp_path):
     folder, inputs, reference, _ = saved("qwen3_moe")
     offload_folder = tmp_path / "offload"
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map=_device_map(build_tiny_model("qwen3_moe")),
-                                                 offload_folder=str(offload_folder))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map=_device_map(build_tiny_model("qwen3_moe")), offload_folder=str(offload_folder)
+    )
     resaved = offload_folder / f"{OFFLOADED}.mlp.experts.gate_up_proj.safetensors"
     assert resaved.is_file()  # transformers wrote the fused tensor it built while loading
 
@@ -259,8 +262,9 @@ def test_ram_and_disk_offload_in_one_store(tmp_path):
 def test_failure_leaves_module_and_store_as_they_were(saved, tmp_path, monkeypatch):
     folder, inputs, reference, _ = saved("qwen3_moe")
     offload_folder = tmp_path / "offload"
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map=_device_map(build_tiny_model("qwen3_moe")),
-                                                 offload_folder=str(offload_folder))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map=_device_map(build_tiny_model("qwen3_moe")), offload_folder=str(offload_folder)
+    )
     fused = model.model.layers[1].mlp.experts
     fused_hook = fused._hf_hook
     loader = fused_hook.weights_map.dataset

@@ -27,9 +27,7 @@ FAST = settings(max_examples=150, deadline=None)
 # --- filters ------------------------------------------------------------------------------
 
 _WORDS = ["model", "layers", "mlp", "experts", "shared_experts", "thinker", "talker", "block_sparse_moe", "gate"]
-_PATHS = st.lists(
-    st.one_of(st.sampled_from(_WORDS), st.integers(0, 12).map(str)), min_size=1, max_size=7
-).map(".".join)
+_PATHS = st.lists(st.one_of(st.sampled_from(_WORDS), st.integers(0, 12).map(str)), min_size=1, max_size=7).map(".".join)
 
 
 def _atoms() -> st.SearchStrategy[str]:

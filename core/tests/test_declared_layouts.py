@@ -8,7 +8,7 @@ from torch import nn
 
 from defuser.engine.candidates import ParallelLayout, declared_experts_layout
 from defuser.engine.experts import DefusedExperts
-from defuser.engine.parallel import DefusedParallelExperts, GateUpPair
+from defuser.engine.parallel import DefusedParallelExperts, ParallelExpert
 
 E, H, I = 3, 10, 4  # noqa: E741 - experts, hidden, intermediate
 
@@ -176,17 +176,18 @@ class Parallel(nn.Module):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("gated", [False, True])
-def test_parallel_experts(gated: bool, transposed: bool):
+def test_parallel_experts(transposed: bool):
+    """Each expert is a numbered module holding one Linear named ``linear`` (Defuser's names):
+    a GLU input projection keeps its gate and up rows together, the parent splits the output."""
     fused = Parallel(2 * I, transposed)
-    layout = ParallelLayout(transposed=transposed, gated_paths=r"\.input_linear$" if gated else "")
-    defused = DefusedParallelExperts(fused, layout, "model.layers.0.mlp.input_linear")
+    defused = DefusedParallelExperts(fused, ParallelLayout(transposed=transposed), "model.layers.0.mlp.input_linear")
     assert len(defused) == E
-    assert isinstance(defused[0], GateUpPair if gated else nn.Linear)
+    assert isinstance(defused[0], ParallelExpert) and type(defused[0].linear) is nn.Linear
+    assert [name for name, _ in defused.named_parameters()] == [f"{i}.linear.weight" for i in range(E)]
+    assert not hasattr(defused, "weight")
     inputs, sizes = torch.randn(7, H), [3, 0, 4]
     with torch.no_grad():
-        _close(defused(inputs, sizes), fused(inputs, sizes))
-        _close(defused(inputs, torch.tensor(sizes)), fused(inputs, sizes))
-    if gated and not transposed:
-        assert torch.equal(defused[2].gate_proj.weight, fused.weight.detach()[2][:I])
-        assert torch.equal(defused[2].up_proj.weight, fused.weight.detach()[2][I:])
+        assert torch.equal(defused(inputs, sizes), fused(inputs, sizes))
+        assert torch.equal(defused(inputs, torch.tensor(sizes)), fused(inputs, sizes))
+    stored = fused.weight.detach()[2]
+    assert torch.equal(defused[2].linear.weight, stored.T if transposed else stored)

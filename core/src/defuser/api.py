@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
-from defuser.engine.detect import iter_typed_modules, layer_index, parents_of
+from defuser.engine.detect import iter_typed_modules, layer_index, parents_of, root_model_type
 from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
@@ -22,6 +22,7 @@ from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snaps
 from defuser.errors import ConversionError
 from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.filtering import compile_filter
+from defuser.modeling.replace_modules import remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
 __all__ = [
@@ -85,11 +86,25 @@ def _refusal_error(refused: list[Candidate]) -> ConversionError:
     )
 
 
-def _install(model: nn.Module, candidate: Candidate, replacement: nn.Module) -> None:
-    if replacement is candidate.module:
+def _install(model: nn.Module, old: nn.Module, replacement: nn.Module) -> None:
+    """Put ``replacement`` wherever ``old`` sits in ``model``; when ``old`` is ``model`` itself
+    (a bare experts module converted on its own), ``model`` becomes ``replacement`` in place."""
+    if replacement is old:
         return
-    for parent, name in parents_of(model, candidate.module):
+    if old is model:
+        _become(model, replacement)
+        return
+    for parent, name in parents_of(model, old):
         parent._modules[name] = replacement
+
+
+def _become(target: nn.Module, source: nn.Module) -> None:
+    """Make the object ``target`` the module ``source`` (class and state), so a caller's
+    reference to the root sees the replacement; ``source`` is not used afterwards."""
+    state = dict(source.__dict__)
+    target.__dict__.clear()
+    target.__dict__.update(state)
+    target.__class__ = type(source)
 
 
 def _drop_fused_tensors(module: nn.Module) -> None:
@@ -153,6 +168,7 @@ def convert_model(
             selected.append(candidate)
     if not selected:
         logger.info("nothing to defuse in %s", type(model).__name__)
+        _patch_model(model)
         return False
     refused = [candidate for candidate in selected if candidate.refusal]
     if refused:
@@ -178,9 +194,12 @@ def convert_model(
                 candidate = selected.pop()
                 sharding = shardings.get(id(candidate.module))
                 replacement, _ = _defuse_one(manager, candidate, model, cleanup_original, shared, check, sharding)
-            _install(model, candidate, replacement)
-            if cleanup_original and replacement is not candidate.module:
-                _drop_fused_tensors(candidate.module)
+            if replacement is not candidate.module and candidate.module is not model:
+                if cleanup_original:
+                    _drop_fused_tensors(candidate.module)
+                else:  # materialize_model (Defuser's name) releases them later
+                    remember_original(candidate.module, _fused_tensor_names(candidate))
+            _install(model, candidate.module, replacement)
             logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
             del candidate, replacement
             progress.update()
@@ -190,7 +209,31 @@ def convert_model(
     from defuser.engine.checkpoint import attach_save_mapping
 
     attach_save_mapping(model)
+    _patch_model(model)
     return True
+
+
+def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
+    """The (dotted) names of the fused tensors a replaced candidate still holds."""
+    from defuser.engine.candidates import ExpertsLayout, ParallelLayout
+    from defuser.engine.fuse import fused_names
+
+    if isinstance(candidate.layout, ExpertsLayout):
+        return tuple(fused_names(candidate.layout))
+    if isinstance(candidate.layout, ParallelLayout):
+        return (candidate.layout.weight_name,)
+    return ()
+
+
+def _patch_model(model: nn.Module) -> None:
+    """The runtime patches the owner plugin of ``model``'s type gives it (Qwen3-Omni-MoE's text
+    ``forward``); they do not count as defusing anything."""
+    model_type = root_model_type(model)
+    if model_type is None:
+        return
+    patched = get_plugin_manager().patch_model(model, model_type)
+    if patched:
+        logger.info("patched %s (%s): %s", type(model).__name__, model_type, ", ".join(patched))
 
 
 def _shared_parameter_ids(model: nn.Module) -> frozenset[int]:
@@ -336,7 +379,7 @@ def defused_blocks(*model_types: str) -> Iterator[bool]:
 
 
 def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
@@ -346,7 +389,7 @@ def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             found.append((path, module, "experts"))
         elif isinstance(module, DefusedParallelExperts):
             found.append((path, module, "parallel"))
-        elif any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
+        elif split_dense_layout(module) is not None:
             found.append((path, module, "dense"))
     return found
 
@@ -377,14 +420,17 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     selected = [entry for entry in _fusable_modules(model) if rules.allows(entry[0])]
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
+        sharded = is_sharded_defused(module)
         try:
-            if is_sharded_defused(module):  # back to the fused form sharded as transformers shards it
+            if sharded:  # back to the fused form sharded as transformers shards it
                 replacement = fuse_sharded(module, path)
             else:
                 replacement = fuse_back(model, path, module, kind)
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue
+        if sharded or module is model:  # fuse_back puts it in place below the root itself
+            _install(model, module, replacement)
         fused_count += 1
         logger.debug("fused %s back into %s", path, type(replacement).__name__)
     if fused_count:

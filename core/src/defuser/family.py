@@ -12,7 +12,9 @@ and dense ``gate_up_proj`` MLPs are found by shape.  What differs is declared pe
 ``dense_classes`` (another fused name, reversed halves), ``experts_classes`` (undecorated
 experts: their :class:`ExpertsLayout` fields), ``parallel_classes`` (stacked per-expert
 projections routed by the parent) and ``layout_overrides`` (quirks of decorated classes, and
-subclasses of them that override ``forward``, which nothing else describes).
+subclasses of them that override ``forward``, which nothing else describes); ``model_patches``
+maps a model type to a function patching a converted model's runtime behaviour (returns what
+it patched).
 Override a method (keeping its ``@hookimpl``) only for what declarations cannot say.
 
 A class the family does not declare is held to its decorator's flags: a subclass overriding
@@ -25,7 +27,7 @@ manager logs that).  ``tested_on`` names the transformers releases the family wa
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -74,6 +76,7 @@ class Family:
         key_renames: Mapping[str, Iterable[tuple[str, str]]] | None = None,
         legacy_projection_names: Mapping[str, Mapping[str, str]] | None = None,
         dense_key_patterns: Mapping[str, Iterable[str]] | None = None,
+        model_patches: Mapping[str, Callable[[nn.Module], list[str]]] | None = None,
         transformers: str = ">=5.3.0",
         core: str = ">=0.1,<1",
         priority: int = 0,
@@ -96,9 +99,16 @@ class Family:
         self.key_renames = {key: tuple(value) for key, value in (key_renames or {}).items()}
         self.legacy_projection_names = {key: dict(value) for key, value in (legacy_projection_names or {}).items()}
         self.dense_key_patterns = {key: tuple(value) for key, value in (dense_key_patterns or {}).items()}
+        self.model_patches = dict(model_patches or {})
 
     def __repr__(self) -> str:
         return f"Family({self.info.name!r}, {len(self.info.model_types)} model types)"
+
+    @property
+    def declared_classes(self) -> frozenset[str]:
+        """Class names this family declares (dense, parallel, undecorated experts, overrides):
+        recognised by class wherever they sit, whatever model type encloses them."""
+        return frozenset([*self.dense_classes, *self.parallel_classes, *self.experts_classes, *self.layout_overrides])
 
     @hookimpl
     def defuser_plugin_info(self) -> PluginInfo:
@@ -106,9 +116,9 @@ class Family:
 
     @hookimpl
     def defuser_detect_candidate(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
-        if not self.info.claims(model_type):
-            return None
         class_name = type(module).__name__
+        if not self.info.claims(model_type) and class_name not in self.declared_classes:
+            return None
         if class_name in self.dense_classes:
             dense = dense_layout_of(module, self.dense_classes[class_name])
             return None if dense is None else Candidate(path, module, "dense", self.info.name, dense, model_type)
@@ -136,6 +146,11 @@ class Family:
         if overrides:
             layout = layout.with_overrides(**overrides)
         return Candidate(path, module, "experts", self.info.name, layout, model_type, refusal=refusal)
+
+    @hookimpl
+    def defuser_patch_model(self, model: nn.Module, model_type: str) -> list[str] | None:
+        patch = self.model_patches.get(model_type)
+        return None if patch is None else list(patch(model))
 
     @hookimpl
     def defuser_preload_plan(self, model_type: str) -> PreloadPlan | None:

@@ -23,6 +23,7 @@ __all__ = [
     "PROJECT_NAME",
     "defuser_defuse_candidate",
     "defuser_detect_candidate",
+    "defuser_patch_model",
     "defuser_plugin_info",
     "defuser_preload_plan",
     "hookimpl",
@@ -99,4 +100,17 @@ def defuser_defuse_candidate(candidate: Candidate) -> nn.Module | None:
     next plugin; core's generic engine answers last for every standard layout.  Raise to
     abort: core restores the module and re-raises with the module path.
     Stops at first non-None result.
+    """
+
+
+@hookspec
+def defuser_patch_model(model: nn.Module, model_type: str) -> list[str] | None:
+    """Give a model the runtime behaviour its family needs once it is defused.
+
+    Called by ``convert_model`` once per call, after the conversion (whether or not anything
+    was defused there: a model built defused by ``replace_fused_blocks`` needs it too), with the
+    model it was given and that model's ``config.model_type``; only the plugin owning that model
+    type is asked.  Patch ``model`` in place (ModelCloud's Defuser gives Qwen3-Omni-MoE a text
+    ``forward`` and ``generate(return_audio=False)``) and return the names of what was patched
+    (empty or ``None`` when nothing was).  Patching twice must be harmless.
     """

@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["RELOAD_NONE", "RELOAD_PATCHED", "RELOAD_STOCK", "RELOAD_WAYS", "PluginInfo", "TypeSupport"]
+__all__ = [
+    "DENSE_KEPT",
+    "DENSE_SPLIT",
+    "DENSE_WAYS",
+    "RELOAD_NONE",
+    "RELOAD_PATCHED",
+    "RELOAD_STOCK",
+    "RELOAD_WAYS",
+    "PluginInfo",
+    "TypeSupport",
+]
+
+# What happens to the dense MLPs of a model type whose gate and up projections share one
+# ``nn.Linear`` (``gate_up_proj``, granite's ``input_linear``): split into ``gate_proj`` and
+# ``up_proj`` (the classes its plugin names in ``dense_classes``: where ModelCloud's Defuser
+# splits them, or GPTQModel's definitions name the halves), or kept as the one Linear it
+# already is.  Empty: the type has no such MLP.
+DENSE_SPLIT = "split"
+DENSE_KEPT = "kept"
+DENSE_WAYS = ("", DENSE_SPLIT, DENSE_KEPT)
 
 # How a checkpoint saved after ``convert_model`` (or from a model built after
 # ``replace_fused_blocks``) loads again: plain transformers maps its per-expert keys onto the
@@ -22,7 +41,8 @@ class TypeSupport:
     from ``preload_min_transformers`` on when older releases cannot), how a checkpoint saved
     from the defused model reloads (``reload``, one of :data:`RELOAD_WAYS`; ``reload_blocker``
     says why when it cannot; ``stock_reload_from``: the release from which stock transformers
-    reloads it too), the oldest transformers the type is tested on, notes."""
+    reloads it too), the oldest transformers the type is tested on, what happens to its fused
+    dense gate-up Linears (``dense``, one of :data:`DENSE_WAYS`), notes."""
 
     model_type: str
     preload: bool = False
@@ -32,10 +52,13 @@ class TypeSupport:
     reload_blocker: str = ""
     preload_min_transformers: str | None = None
     stock_reload_from: str | None = None
+    dense: str = ""
 
     def __post_init__(self) -> None:
         if self.stock_reload_from is not None and self.reload == RELOAD_STOCK:
             raise ValueError(f"{self.model_type}: stock_reload_from says when a non-stock reload becomes stock")
+        if self.dense not in DENSE_WAYS:
+            raise ValueError(f"{self.model_type}: dense must be one of {DENSE_WAYS}, got {self.dense!r}")
         if self.reload not in RELOAD_WAYS:
             raise ValueError(f"{self.model_type}: reload must be one of {RELOAD_WAYS}, got {self.reload!r}")
         if self.reload == RELOAD_PATCHED and not self.preload:

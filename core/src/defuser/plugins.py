@@ -155,6 +155,8 @@ class DefuserPluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, LoadedPlugin] = {}
         self._owners: dict[str | None, str | None] = {}
+        # class name -> plugins declaring it (built on first use, reset with the owners)
+        self._declared: dict[str, set[str]] | None = None
         self._reported: set[tuple[str, str]] = set()
         self._loaded = False
         self._lock = threading.RLock()
@@ -198,6 +200,7 @@ class DefuserPluginManager:
             if loaded is not None and loaded.obj is not None:
                 self.pm.unregister(loaded.obj)
             self._owners.clear()
+            self._declared = None
 
     def _fail(self, name: str, message: str, distribution: str | None = None) -> LoadedPlugin:
         failed = LoadedPlugin(name=name, distribution=distribution, error=message)
@@ -241,6 +244,7 @@ class DefuserPluginManager:
         loaded = LoadedPlugin(name, info, distribution, dist_version, obj=obj)
         self.plugins[name] = loaded
         self._owners.clear()
+        self._declared = None
         return loaded
 
     # -- ownership ----------------------------------------------------------------------
@@ -307,6 +311,26 @@ class DefuserPluginManager:
         plugin and the hook.
         """
         self.ensure_loaded()
+        found = self._detect(module, path, model_type)
+        if found is None and self.owner_of(model_type) is not None:
+            # A class a plugin declares is its own wherever it sits (a wrapper or sub-model of
+            # another type): asked as if no type enclosed it.
+            declaring = self._declaring_plugins(type(module).__name__)
+            if declaring - {self.owner_of(model_type)}:
+                found = self._detect(module, path, None)
+        return found
+
+    def _declaring_plugins(self, class_name: str) -> set[str]:
+        """Plugins whose declarations (``Family.declared_classes``) name ``class_name``."""
+        with self._lock:
+            if self._declared is None:
+                self._declared = {}
+                for plugin in self.plugins.values():
+                    for name in getattr(plugin.obj, "declared_classes", None) or ():
+                        self._declared.setdefault(name, set()).add(plugin.name)
+            return self._declared.get(class_name, set())
+
+    def _detect(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
         hook_name = "defuser_detect_candidate"
         owner = self.owner_of(model_type)
         skipped: set[str] = set()
@@ -407,6 +431,19 @@ class DefuserPluginManager:
         if result is None:
             raise PluginError(f"no plugin could defuse {candidate.path} ({candidate.class_name})")
         return result
+
+    def patch_model(self, model: nn.Module, model_type: str) -> list[str]:
+        """Runtime patches of the owner of ``model_type`` for ``model``; a raising hook is a
+        :class:`PluginError` naming plugin and hook."""
+        self.ensure_loaded()
+        hook_name = "defuser_patch_model"
+        caller = self._caller(hook_name, model_type)
+        try:
+            results = caller(model=model, model_type=model_type)
+        except Exception as error:
+            _, failure = self._hook_error(hook_name, error, caller, f"for model type {model_type!r}")
+            raise failure from error
+        return [name for result in results if result for name in result]
 
     def describe(self) -> list[LoadedPlugin]:
         """All plugins known, loaded or failed, sorted by name."""

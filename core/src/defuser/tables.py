@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from defuser.plugin_info import RELOAD_NONE, RELOAD_STOCK, TypeSupport
+from defuser.plugin_info import DENSE_KEPT, DENSE_SPLIT, RELOAD_NONE, RELOAD_STOCK, TypeSupport
 from defuser.plugins import list_plugins
 
-__all__ = ["reload_cell", "supported_models_markdown"]
+__all__ = ["dense_cell", "reload_cell", "supported_models_markdown"]
 
 
 def reload_cell(support: TypeSupport) -> str:
@@ -20,6 +20,15 @@ def reload_cell(support: TypeSupport) -> str:
     return way
 
 
+def dense_cell(support: TypeSupport) -> str:
+    """What happens to the type's dense MLPs with one fused gate-up ``nn.Linear``, in words."""
+    if support.dense == DENSE_SPLIT:
+        return "split: `gate_proj` + `up_proj`"
+    if support.dense == DENSE_KEPT:
+        return "kept: one `nn.Linear`"
+    return ""
+
+
 def _preload_cell(support: TypeSupport) -> str:
     if not support.preload:
         return "-"
@@ -28,13 +37,14 @@ def _preload_cell(support: TypeSupport) -> str:
 
 def supported_models_markdown() -> str:
     """A markdown table: model type, plugin, before-load patching, after-load conversion, how a
-    saved defused model reloads, the transformers versions it is tested on, and the special handling."""
+    saved defused model reloads, what happens to fused dense gate-up Linears, the transformers versions
+    it is tested on, and the special handling."""
     from defuser.compat import MIN_TRANSFORMERS
 
     rows = [
         "| model type | plugin | before load (`replace_fused_blocks`) | after load (`convert_model`) "
-        "| reload of a saved defused model | tested on transformers | special handling |",
-        "|---|---|---|---|---|---|---|",
+        "| reload of a saved defused model | fused dense gate-up Linear | tested on transformers | special handling |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     from defuser.engine.generic import GENERIC_PLUGIN_NAME, TESTED_TYPES
 
@@ -48,12 +58,12 @@ def supported_models_markdown() -> str:
         tested = f"{support.min_transformers}+" if support.min_transformers else f"{MIN_TRANSFORMERS}+"
         rows.append(
             f"| `{model_type}` | {plugin} | {_preload_cell(support)} | yes | {reload_cell(support)} "
-            f"| {tested} | {support.notes} |"
+            f"| {dense_cell(support)} | {tested} | {support.notes} |"
         )
     rows.append(
-        "| any other type with `@use_experts_implementation` experts or a dense `gate_up_proj` Linear "
-        "| generic | yes | yes | - | - | layout read from the decorator's flags; a subclass overriding "
-        "`forward` is refused |"
+        "| any other type with `@use_experts_implementation` experts "
+        "| generic | yes | yes | - | kept: one `nn.Linear` | - | layout read from the decorator's flags; "
+        "a subclass overriding `forward` is refused |"
     )
     return "\n".join(rows)
 

@@ -8,7 +8,10 @@ class TestJetmoe(FamilyConformance):
     cases, unavailable = cases_for(plugin)
 
 
-def test_mlp_input_is_split_into_gate_and_up_but_attention_experts_are_not():
+def test_parallel_experts_hold_one_linear_each_under_defusers_names():
+    """``input_linear.N.linear`` / ``output_linear.N.linear`` (ModelCloud's Defuser's names, which
+    GPTQModel's definitions use): the MLP's GLU input keeps its gate and up rows in one Linear
+    (the parent splits the output), the attention experts' projections are plain."""
     import torch
     from torch import nn
 
@@ -17,13 +20,18 @@ def test_mlp_input_is_split_into_gate_and_up_but_attention_experts_are_not():
 
     model = build_tiny_model("jetmoe")
     layer = model.model.layers[0]
-    stacked = layer.mlp.input_linear.weight.detach().clone()
-    attention = layer.self_attention.experts.input_linear.weight.detach().clone()
+    places = {
+        "mlp.input_linear": layer.mlp.input_linear,
+        "mlp.output_linear": layer.mlp.output_linear,
+        "self_attention.experts.input_linear": layer.self_attention.experts.input_linear,
+        "self_attention.experts.output_linear": layer.self_attention.experts.output_linear,
+    }
+    stacked = {place: module.weight.detach().clone() for place, module in places.items()}
     assert convert_model(model)
-    half = stacked.shape[1] // 2
-    expert = layer.mlp.input_linear[2]
-    assert torch.equal(expert.gate_proj.weight, stacked[2][:half])
-    assert torch.equal(expert.up_proj.weight, stacked[2][half:])
-    query = layer.self_attention.experts.input_linear[2]
-    assert isinstance(query, nn.Linear)
-    assert torch.equal(query.weight, attention[2])
+    for place, weight in stacked.items():
+        defused = layer.get_submodule(place)
+        assert not hasattr(defused, "weight")
+        for index in range(weight.shape[0]):
+            linear = layer.get_submodule(f"{place}.{index}.linear")
+            assert type(linear) is nn.Linear
+            assert torch.equal(linear.weight, weight[index])

@@ -34,3 +34,13 @@ def test_identity_experts_pass_tokens_through():
         assert len(defused) == routed
         actual = defused(hidden, index, weights)
     assert (actual - expected).abs().max().item() <= 1e-6
+    # Every routing index names a numbered module: identity ones hold an ``identity`` marker
+    # (ModelCloud's Defuser's name) and no weights.
+    for number in range(routed, routed + zero):
+        identity = defused.get_submodule(f"{number}.identity")
+        assert isinstance(identity, torch.nn.Identity)
+        assert defused[number] is defused.get_submodule(str(number))
+        assert not list(defused[number].parameters())
+    assert not hasattr(defused[0], "identity")
+    saved = [key for key in model.state_dict() if ".mlp.experts." in key]
+    assert not [key for key in saved if int(key.split(".mlp.experts.")[1].split(".")[0]) >= routed]

@@ -93,8 +93,9 @@ class ParallelLayout:
     """One stacked ``weight[E, out, in]`` applied per expert to token groups of given sizes
     (``forward(inputs, group_sizes)``: granite 5.3, jetmoe, aria 5.3).
 
-    ``transposed`` stores ``[E, in, out]``; paths matching ``gated_paths`` hold the gate and up
-    halves of a GLU (split into ``gate_proj`` and ``up_proj`` per expert).
+    ``transposed`` stores ``[E, in, out]``.  ``gated_paths`` (paths of GLU input projections)
+    and ``gate_first`` only document the layout: each expert's one ``linear`` keeps the gate
+    and up rows together as the stacked weight did, and the parent splits its output.
     """
 
     weight_name: str = "weight"

@@ -214,16 +214,16 @@ class SplitFusedDense(ConversionOps):
     def convert(
         self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
     ) -> dict[str, torch.Tensor]:
-        from defuser.engine.dense import JoinedGateUp
+        from defuser.engine.dense import split_dense_layout
 
         tensor = _first_tensor(input_dict)
         layer_name = kwargs.get("full_layer_name")
         path, module = _owner(kwargs.get("model"), layer_name, self.target)
-        joined = None if module is None else module.__dict__.get(self.fused_name)
-        if not isinstance(joined, JoinedGateUp):
+        layout = None if module is None else split_dense_layout(module)
+        if layout is None or layout.fused_name != self.fused_name:
             raise ValueError(f"{self!r}: {layer_name!r} does not belong to a split dense MLP")
         first, second = tensor.chunk(2, dim=0)
-        gate, up = (first, second) if joined.layout.gate_first else (second, first)
+        gate, up = (first, second) if layout.gate_first else (second, first)
         prefix = f"{path}." if path else ""
         return {f"{prefix}gate_proj.{self.part}": gate.clone(), f"{prefix}up_proj.{self.part}": up.clone()}
 
@@ -234,8 +234,7 @@ class SplitFusedDense(ConversionOps):
 
 class SplitFusedParallel(ConversionOps):
     """Split the stacked ``{path}.{weight_name}`` of a defused parallel-experts module into
-    ``{path}.{i}.weight`` (or ``{path}.{i}.gate_proj.weight`` and ``up_proj`` for a GLU input
-    projection), read with the module's own :class:`ParallelLayout`."""
+    ``{path}.{i}.linear.weight``, read with the module's own :class:`ParallelLayout`."""
 
     def __init__(self, weight_name: str, target: str):
         self.weight_name = weight_name
@@ -249,18 +248,11 @@ class SplitFusedParallel(ConversionOps):
     def convert(
         self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
     ) -> dict[str, torch.Tensor]:
-        from defuser.engine.parallel import DefusedParallelExperts, GateUpPair
+        from defuser.engine.parallel import DefusedParallelExperts
 
         path, module = _defused_owner(self, kwargs, DefusedParallelExperts, "defused parallel-experts module")
         stacked = orient(_first_tensor(input_dict), module.layout.transposed)
-        gated = isinstance(module[0], GateUpPair)
-        halves = split_gate_up(stacked, module.layout) if gated else (stacked,)
-        names = ("gate_proj.weight", "up_proj.weight") if gated else ("weight",)
-        return {
-            f"{path}.{index}.{name}": half[index].clone()
-            for index in range(module.num_experts)
-            for name, half in zip(names, halves, strict=True)
-        }
+        return {f"{path}.{index}.linear.weight": stacked[index].clone() for index in range(module.num_experts)}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -454,7 +446,7 @@ def _defused_keys(model: nn.Module) -> list[str]:
     """State-dict keys standing for the defused modules of ``model`` (experts and split dense
     MLPs).  Converter patterns match any expert index, so expert 0's keys stand for every
     expert: a full state-dict walk would cost more than the zero-copy conversion itself."""
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
@@ -474,7 +466,7 @@ def _defused_keys(model: nn.Module) -> list[str]:
                 for name, _ in first.named_parameters():
                     add(f"{prefix}0.{name}")
             continue  # nothing defused inside the experts
-        if any(isinstance(value, JoinedGateUp) for value in vars(module).values()):
+        if split_dense_layout(module) is not None:
             for half in ("gate_proj", "up_proj"):
                 for name, _ in module._modules[half].named_parameters():
                     add(f"{prefix}{half}.{name}")

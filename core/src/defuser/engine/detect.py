@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["iter_typed_modules", "layer_index", "parents_of"]
+__all__ = ["iter_typed_modules", "layer_index", "parents_of", "root_model_type"]
 
 # The numbered stack segment of a path: layers.3, h.3, blocks.3, block.3, layer.3, encoders.3.
 _LAYER_SEGMENT = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoders)\.(\d+)(?:\.|$)")
@@ -29,14 +29,22 @@ def _own_model_type(module: nn.Module) -> str | None:
     return None
 
 
+def root_model_type(model: nn.Module) -> str | None:
+    """The model type ``model`` is converted as: its own ``config.model_type`` when it has one
+    (a pretrained model, or any wrapper or sub-module that carries the config), else None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return str(model_type) if isinstance(model_type, str) and model_type else None
+
+
 def iter_typed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
     """Yield ``(path, module, model_type)`` for every module, each once, in definition order.
 
-    ``model_type`` is that of the closest enclosing pretrained model, so the thinker and the
-    talker of a composite report their own types.
+    ``model_type`` is that of the closest enclosing pretrained model (the root counts as one
+    when it carries a config), so the thinker and the talker of a composite report their own
+    types.
     """
     seen: set[int] = set()
-    stack: list[tuple[str, nn.Module, str | None]] = [("", model, _own_model_type(model))]
+    stack: list[tuple[str, nn.Module, str | None]] = [("", model, root_model_type(model))]
     while stack:
         path, module, model_type = stack.pop()
         if id(module) in seen:

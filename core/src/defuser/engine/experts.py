@@ -34,12 +34,14 @@ from defuser.engine.layout import (
     stacked_expert_weights,
 )
 from defuser.engine.transaction import consumed_releaser
+from defuser.engine.weight_init import initializing_weights, install_weight_init_window
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "DefusedExperts",
     "ExpertMLP",
     "GateActivation",
+    "IdentityExpert",
     "combine_in_expert_order",
     "copy_plain_attributes",
     "defused_class_for",
@@ -136,6 +138,18 @@ class ExpertMLP(nn.Module):
         return self.down_proj(hidden)
 
 
+class IdentityExpert(nn.Module):
+    """An identity ("zero") expert: routed to like the others, returns its input unchanged.
+    Its ``identity`` child marks it (the name ModelCloud's Defuser gives it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identity = nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.identity(hidden_states)
+
+
 def _releasing(fused: nn.Module, layout: ExpertsLayout) -> Consumed | None:
     """Where the caller allows it (``convert_model(..., cleanup_original=True)``), release each
     fused weight of ``fused`` once copied (see :func:`stacked_expert_weights`)."""
@@ -165,8 +179,12 @@ def _empty_linear(
     return nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
 
 
-class DefusedExperts(nn.Module):
-    """Per-expert replacement of a fused experts module; see the module docstring."""
+class DefusedExperts(nn.ModuleList):
+    """Per-expert replacement of a fused experts module; see the module docstring.
+
+    A ``ModuleList`` of its experts (``isinstance(experts, nn.ModuleList)`` is how auto-round and
+    llm-compressor recognise experts that are already linear), with the fused module's forward.
+    """
 
     fused_class: ClassVar[type[nn.Module] | None] = None
     layout_overrides: ClassVar[dict[str, Any]] = {}
@@ -235,21 +253,29 @@ class DefusedExperts(nn.Module):
             up_proj = build(weights.up, weights.up_bias, *tensors.grads_of("up"))
             down_proj = build(weights.down, weights.down_bias, *tensors.grads_of("down"))
             self._modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
+        # Identity ("zero") experts the fused class routes to past its last expert: numbered
+        # modules too, so every routing index names a module (no weights, nothing saved).
+        for index in range(layout.num_experts, layout.num_experts + layout.identity_experts):
+            self._modules[str(index)] = IdentityExpert()
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             shapes = self.__dict__.get("_fused_shapes", {})
-            if name not in shapes:
+            if name not in shapes or not initializing_weights():
                 raise
         # transformers' weight init still reaches this class under the fused class's name
-        # and touches the fused tensors; a structure-only placeholder makes that a no-op,
-        # and any real computation with it fails loudly.
+        # and touches the fused tensors: only there, a structure-only placeholder makes that
+        # a no-op (see defuser.engine.weight_init).  Anywhere else fused names do not exist.
         shape, dtype = shapes[name]
         return torch.empty(shape, dtype=dtype, device="meta")
 
     # -- sequence behaviour ---------------------------------------------------------------
+
+    # nn.Module's repr: ModuleList's would list the routed experts only and drop the rest
+    # (identity experts, a post-expert norm) and the extra_repr.
+    __repr__ = nn.Module.__repr__
 
     def __len__(self) -> int:
         return self.num_experts
@@ -257,12 +283,14 @@ class DefusedExperts(nn.Module):
     def __iter__(self) -> Iterator[ExpertMLP]:
         return (self._modules[str(index)] for index in range(self.num_experts))
 
-    def __getitem__(self, index: int | slice) -> ExpertMLP | list[ExpertMLP]:
+    def __getitem__(self, index: int | slice) -> nn.Module | list[nn.Module]:
         if isinstance(index, slice):
             return [self._modules[str(i)] for i in range(self.num_experts)[index]]
-        if not -self.num_experts <= index < self.num_experts:
+        # Routing indices past the experts name identity experts (LongCat), when there are any.
+        routed = self.num_experts + self.layout.identity_experts
+        if not -self.num_experts <= index < routed:
             raise IndexError(f"expert index {index} out of range for {self.num_experts} experts")
-        return self._modules[str(index % self.num_experts)]
+        return self._modules[str(index % self.num_experts if index < 0 else index)]
 
     # -- forward --------------------------------------------------------------------------
 
@@ -322,10 +350,8 @@ def per_expert_forward(
         if count == 0:
             continue
         end = start + count
-        if index >= module.num_experts:  # an identity ("zero") expert passes its input through
-            expert_out = sorted_inputs[start:end]
-        else:
-            expert_out = module[index](sorted_inputs[start:end])
+        # Past the experts: an identity ("zero") expert, which passes its input through.
+        expert_out = module[index](sorted_inputs[start:end])
         if module.layout.has_post_expert_norm:
             if module.layout.post_expert_norm_by_expert:  # one scale per expert, chosen by id
                 ids = torch.full((count,), min(index, module.num_experts - 1), device=expert_out.device)
@@ -420,3 +446,4 @@ def register_experts_implementation() -> None:
 
     if ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION) is not per_expert_forward:
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, per_expert_forward)
+    install_weight_init_window()

@@ -296,16 +296,12 @@ def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.M
     weights = []
     parts: list[tuple[str, torch.Tensor]] = []
     for index, expert in enumerate(defused):
-        where = f"{path}.{index}"
-        if isinstance(expert, nn.Linear):
-            weight = _plain_linear(expert, where).weight
-            parts.append((f"{where}.weight", weight))
-            weights.append(weight.detach())
-        else:
-            gate = _plain_linear(getattr(expert, "gate_proj", None), f"{where}.gate_proj").weight
-            up = _plain_linear(getattr(expert, "up_proj", None), f"{where}.up_proj").weight
-            parts += [(f"{where}.gate_proj.weight", gate), (f"{where}.up_proj.weight", up)]
-            weights.append(join_gate_up(gate.detach(), up.detach(), layout, dim=0))
+        where = f"{path}.{index}.linear"
+        linear = _plain_linear(getattr(expert, "linear", None), where)
+        if linear.bias is not None:
+            raise NotFusable(f"{where} has a bias; the stacked weight has none")
+        parts.append((f"{where}.weight", linear.weight))
+        weights.append(linear.weight.detach())
     requires_grad = _shared_grad(parts, f"{path}.{layout.weight_name}")
     stacked = orient(torch.stack(weights), layout.transposed).contiguous()
     fused = skeleton_of(skeleton, [])
@@ -317,17 +313,17 @@ def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.M
 def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
     """The fused gate-up Linear of a split dense MLP, rebuilt from its ``gate_proj`` and
     ``up_proj`` (install it with :func:`defuser.engine.dense.join_dense_mlp`)."""
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout, split_dense_skeleton
 
-    joined = next((value for value in vars(mlp).values() if isinstance(value, JoinedGateUp)), None)
-    if joined is None or joined.fused_skeleton is None:
+    layout, skeleton = split_dense_layout(mlp), split_dense_skeleton(mlp)
+    if layout is None or skeleton is None:
         raise NotFusable(f"{path} ({type(mlp).__name__}) keeps no record of its fused gate-up Linear")
     gate = _plain_linear(mlp._modules.get("gate_proj"), f"{path}.gate_proj")
     up = _plain_linear(mlp._modules.get("up_proj"), f"{path}.up_proj")
     if (gate.bias is None) != (up.bias is None):
         raise NotFusable(f"{path}: only one of gate_proj and up_proj has a bias")
-    first, second = (gate, up) if joined.layout.gate_first else (up, gate)
-    linear = skeleton_of(joined.fused_skeleton, [])
+    first, second = (gate, up) if layout.gate_first else (up, gate)
+    linear = skeleton_of(skeleton, [])
     weight = _adjacent_or_cat(first.weight.detach(), second.weight.detach())
     weight_grad = _shared_grad(
         [(f"{path}.gate_proj.weight", gate.weight), (f"{path}.up_proj.weight", up.weight)],

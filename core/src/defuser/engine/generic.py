@@ -1,12 +1,14 @@
 """Core's own plugin: the generic engine, asked last for every hook.
 
 It detects any experts module that ``@use_experts_implementation`` decorated, from the flags
-the decorator records, and any dense MLP whose ``gate_up_proj`` is one ``nn.Linear``, and
-defuses them, so a family transformers adds tomorrow is handled without a plugin, before load
-too (``replace_fused_blocks`` of a model type no plugin claims).  A decorated module the flags
-do not fully describe (a subclass overriding ``forward``, tensors they do not name) is
-refused (see :mod:`defuser.engine.contract`).  Plugins declare what differs (undecorated
-experts, reversed halves, parallel experts).
+the decorator records, and defuses it, so a family transformers adds tomorrow is handled
+without a plugin, before load too (``replace_fused_blocks`` of a model type no plugin claims).
+A decorated module the flags do not fully describe (a subclass overriding ``forward``, tensors
+they do not name) is refused (see :mod:`defuser.engine.contract`).  A dense MLP whose
+``gate_up_proj`` is one ``nn.Linear`` is left as it is (it is already a plain Linear;
+quantizers and tools that follow ModelCloud's Defuser expect it there) unless a plugin
+declares its class in ``dense_classes``.  Plugins declare what differs (undecorated experts,
+split dense MLPs, parallel experts); this engine defuses what they detect.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class GenericEngine:
         return PluginInfo(
             name=GENERIC_PLUGIN_NAME,
             priority=-1000,
-            description="experts decorated with @use_experts_implementation; dense gate_up_proj Linears",
+            description="experts decorated with @use_experts_implementation",
         )
 
     @hookimpl(trylast=True)
@@ -85,9 +87,6 @@ class GenericEngine:
             return Candidate(
                 path, module, "experts", GENERIC_PLUGIN_NAME, layout, model_type, generic=True, refusal=refusal
             )
-        dense = dense_layout_of(module)
-        if dense is not None:
-            return Candidate(path, module, "dense", GENERIC_PLUGIN_NAME, dense, model_type, generic=True)
         return None
 
     @hookimpl(trylast=True)

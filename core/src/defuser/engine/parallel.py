@@ -2,14 +2,15 @@
 
 transformers 5.3 granite and aria, and jetmoe in every version, keep each projection of all
 experts in one such module and do the routing in the parent.  :class:`DefusedParallelExperts`
-holds one ``nn.Linear`` per expert instead (or, for a GLU input projection, a ``gate_proj``
-and an ``up_proj`` whose outputs are joined in the fused order) and keeps the forward
-``(inputs_sorted_by_expert, group_sizes) -> outputs``.
+holds a numbered module per expert instead, each with one ``nn.Linear`` named ``linear``
+(``input_linear.3.linear``, the names ModelCloud's Defuser gives them and GPTQModel's
+definitions use), and keeps the forward ``(inputs_sorted_by_expert, group_sizes) -> outputs``.
+A GLU input projection stays one Linear per expert holding the gate and up rows as the stacked
+weight did: the parent splits its output, so the math is the fused one.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -19,23 +20,20 @@ from defuser.engine.candidates import ParallelLayout
 from defuser.engine.experts import copy_plain_attributes
 from defuser.engine.fuse import skeleton_of
 from defuser.engine.inplace import relayout_parameter
-from defuser.engine.layout import dense_per_expert, linear_from, orient, split_gate_up
+from defuser.engine.layout import dense_per_expert, linear_from, orient
 
-__all__ = ["DefusedParallelExperts", "GateUpPair", "parallel_weight"]
+__all__ = ["DefusedParallelExperts", "ParallelExpert", "parallel_weight"]
 
 
-class GateUpPair(nn.Module):
-    """One expert's GLU input projection: ``cat(gate_proj(x), up_proj(x))`` in the fused order."""
+class ParallelExpert(nn.Module):
+    """One expert of a parallel projection: ``linear(x)``."""
 
-    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, gate_first: bool = True):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.gate_proj = gate_proj
-        self.up_proj = up_proj
-        self.gate_first = gate_first
+        self.linear = linear
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(hidden_states), self.up_proj(hidden_states)
-        return torch.cat((gate, up) if self.gate_first else (up, gate), dim=-1)
+        return self.linear(hidden_states)
 
 
 def parallel_weight(module: nn.Module, layout: ParallelLayout) -> torch.Tensor | None:
@@ -44,10 +42,10 @@ def parallel_weight(module: nn.Module, layout: ParallelLayout) -> torch.Tensor |
     return weight if getattr(weight, "ndim", 0) == 3 else None
 
 
-class DefusedParallelExperts(nn.Module):
+class DefusedParallelExperts(nn.ModuleList):
     """Per-expert form of a parallel-experts module; ``experts[i]`` is expert ``i``."""
 
-    def __init__(self, fused: nn.Module, layout: ParallelLayout, path: str):
+    def __init__(self, fused: nn.Module, layout: ParallelLayout, path: str = ""):
         super().__init__()
         weight = parallel_weight(fused, layout)
         if weight is None:
@@ -57,7 +55,6 @@ class DefusedParallelExperts(nn.Module):
         self.layout = layout
         self.defused_from = type(fused).__name__
         self.num_experts = weight.shape[0]
-        gated = bool(layout.gated_paths) and re.search(layout.gated_paths, path) is not None
         grad = weight.requires_grad
         detached = weight.detach()
         # With cleanup_original a transposed stack is re-laid out in its own storage if it may.
@@ -66,14 +63,11 @@ class DefusedParallelExperts(nn.Module):
             stacked = relayout_parameter(fused, layout.weight_name, detached, self.num_experts, transposed=True)
         if stacked is None:
             stacked = dense_per_expert(orient(detached, layout.transposed))
-        halves = split_gate_up(stacked, layout) if gated else None
         for index in range(self.num_experts):
-            if halves is not None:
-                gate, up = (linear_from(half[index], None, grad) for half in halves)
-                expert: nn.Module = GateUpPair(gate, up, layout.gate_first)
-            else:
-                expert = linear_from(stacked[index], None, grad)
-            self.add_module(str(index), expert)
+            self._modules[str(index)] = ParallelExpert(linear_from(stacked[index], None, grad))
+
+    # nn.Module's repr (with the extra_repr), not ModuleList's.
+    __repr__ = nn.Module.__repr__
 
     def __len__(self) -> int:
         return self.num_experts

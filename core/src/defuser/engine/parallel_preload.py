@@ -1,18 +1,17 @@
 """Pre-load patching of parallel experts (jetmoe; granite and aria in transformers 5.3).
 
-The same parallel-experts class is a GLU input projection in one place of a model and a plain
-projection in another, and its :class:`ParallelLayout` tells them apart by the module's path,
-which a module does not know while it is constructed.  So these classes are not replaced:
+A parallel-experts class is constructed without knowing where it sits, and its defused form
+copies plain attributes from a built instance.  So these classes are not replaced:
 the root model classes of the modeling modules get a ``post_init`` that first defuses every
 parallel-experts instance of the model it finishes (paths relative to that model, children
 built before their parents), then runs the stock ``post_init`` (weight init, tied keys, plans)
 on the defused structure.  ``from_pretrained``, ``from_config`` and direct construction all end
 in ``post_init``, on the meta device as on a real one.
 
-On load, a stacked ``{path}.weight`` is split per expert by :class:`SplitFusedParallel`, with
-two converters: one for the GLU paths (``gated_paths``), one for the other places the modeling
-source constructs the class (``experts.output_linear``: holder attribute and attribute, read
-from the source), so other ``.weight`` keys are never touched.
+On load, a stacked ``{path}.weight`` is split per expert (``{path}.{i}.linear.weight``) by
+:class:`SplitFusedParallel`, with a converter for the places the modeling source constructs the
+class (``experts.output_linear``: holder attribute and attribute, read from the source), so
+other ``.weight`` keys are never touched.
 """
 
 from __future__ import annotations
@@ -175,36 +174,25 @@ def install_post_init(roots: set[type], layouts_now: Any) -> None:
             cls.post_init = _defusing_post_init(cls, layouts_now)
 
 
-def _gated_source(layout: ParallelLayout) -> str:
-    """A key pattern for the stacked weight of modules on ``gated_paths``; group 1 is the key
-    up to the weight's name (the converter keeps it and appends the per-expert suffix)."""
-    paths = layout.gated_paths
-    path = paths[:-1] if paths.endswith("$") and not paths.endswith(r"\$") else paths + ".*?"
-    return rf"((?:{path})\.){re.escape(layout.weight_name)}$"
-
-
-def parallel_converters(patches: list[ParallelPatch]) -> tuple[list[Any], list[Any]]:
-    """``(gated, plain)`` load converters splitting the stacked weights of ``patches``' classes;
-    the gated ones must come first (a GLU path is also a place the class is constructed)."""
+def parallel_converters(patches: list[ParallelPatch]) -> list[Any]:
+    """Load converters splitting the stacked weights of ``patches``' classes per expert, one per
+    set of places the modeling source constructs them."""
     from defuser.engine.checkpoint import SplitFusedParallel, split_on_load_converter
 
-    gated: list[Any] = []
-    plain: list[Any] = []
+    converters: list[Any] = []
     seen: set[str] = set()
-
-    def add(into: list[Any], source: str, target: str, weight_name: str) -> None:
-        if source in seen:
-            return
-        seen.add(source)
-        into.append(split_on_load_converter(source, r"\1" + target, [SplitFusedParallel(weight_name, target)]))
-
     for patch in patches:
         for layout, paths in patch.attribute_paths.items():
-            if layout.gated_paths:
-                add(gated, _gated_source(layout), "0.gate_proj.weight", layout.weight_name)
             if not paths:
                 logger.warning("no place in the source constructs parallel experts of %s: not split on load", layout)
                 continue
             places = "|".join(re.escape(path) for path in sorted(paths))
-            add(plain, rf"((?<![^.])(?:{places})\.){re.escape(layout.weight_name)}$", "0.weight", layout.weight_name)
-    return gated, plain
+            source = rf"((?<![^.])(?:{places})\.){re.escape(layout.weight_name)}$"
+            if source in seen:
+                continue
+            seen.add(source)
+            target = "0.linear.weight"
+            converters.append(
+                split_on_load_converter(source, r"\1" + target, [SplitFusedParallel(layout.weight_name, target)])
+            )
+    return converters

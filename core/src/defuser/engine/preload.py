@@ -71,8 +71,8 @@ class PreloadPlan:
     the decorated ones (all unless ``experts_classes`` names a subset) and the undecorated ones
     ``declared_experts`` describes (class name -> :class:`ExpertsLayout` fields).
     ``layout_overrides`` corrects decorated classes (class name -> fields).  ``dense_classes``
-    maps dense MLP class names in those modules to their layout (:func:`fused_dense_classes`
-    finds the plain ``gate_up_proj`` ones).  ``key_renames`` are ``(source regex, target)``
+    maps the dense MLP class names in those modules whose fused gate-up Linear is split to
+    their layout (any other stays one Linear).  ``key_renames`` are ``(source regex, target)``
     pairs for other legacy checkpoint keys; ``legacy_projection_names`` maps legacy
     per-expert projection names to defused ones (Mixtral: ``{"w1": "gate_proj", ...}``);
     ``dense_key_patterns`` and ``experts_key_prefix`` are kept for plugins written before
@@ -221,7 +221,7 @@ def _materialize_borrowed(module: nn.Module) -> None:
 
 
 def _dense_replacement(original: type[nn.Module], layout: DenseLayout) -> type[nn.Module]:
-    from defuser.engine.dense import split_dense_mlp
+    from defuser.engine.dense import split_class_for, split_dense_mlp
     from defuser.engine.generic import dense_layout_of
 
     def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -231,7 +231,7 @@ def _dense_replacement(original: type[nn.Module], layout: DenseLayout) -> type[n
 
     return type(
         original.__name__,
-        (original,),
+        (split_class_for(original),),
         {"__init__": __init__, "__module__": original.__module__, "_defuser_original": original},
     )
 
@@ -270,8 +270,9 @@ def _resolve(plan: PreloadPlan) -> tuple[dict[tuple[str, str], tuple[type, type]
             classes[(module_name, name)] = (fused, _replacement((module_name, name), fused, fields=fields))
             for tensor, target in _declared_targets(fields).items():
                 tensor_names.setdefault(tensor, target)
-        dense = {name: DenseLayout() for name in fused_dense_classes(module)}
-        dense.update({name: layout for name, layout in plan.dense_classes.items() if hasattr(module, name)})
+        # Only the dense MLP classes the plugin declares are split; any other fused gate-up
+        # Linear is already one nn.Linear and stays as transformers builds it.
+        dense = {name: layout for name, layout in plan.dense_classes.items() if hasattr(module, name)}
         for name, layout in dense.items():
             original = _original_class(getattr(module, name))
             if original.__module__ != module_name:
@@ -540,10 +541,9 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
         plan = active.plan
         extra.extend(WeightRenaming(source, target) for source, target in plan.key_renames)
         extra.extend(expert_projection_renames(plan.legacy_projection_names))
-    # At most one converter takes a key: a GLU parallel path before anything else, the other
-    # parallel places after the dense splits (granite's shared MLP fuses ``input_linear`` too).
-    gated, plain = parallel_converters([active.parallel for active in owners if active.parallel])
-    return kept + renames + extra + chained + gated + splits + plain
+    # At most one converter takes a key: parallel places after the dense splits.
+    parallel = parallel_converters([active.parallel for active in owners if active.parallel])
+    return kept + renames + extra + chained + splits + parallel
 
 
 def _target_tensor(transform: Any, tensor_names: list[str]) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +51,6 @@ class FusedSpec:
     layout: ExpertsLayout | DenseLayout | ParallelLayout
     class_name: str
     plugin: str
-    gated: bool = True  # parallel experts only: the GLU input projection
     identity_rows: int = 0
 
     @property
@@ -78,10 +76,9 @@ class FusedSpec:
             return
         if self.role == "parallel":
             stacked = orient(fused, layout.transposed)
+            # One Linear per expert (a GLU input projection keeps its gate and up rows together).
             for index in range(stacked.shape[0]):
-                expert = f"{path}.{index}"
-                gated = (f"{expert}.gate_proj.weight", f"{expert}.up_proj.weight")
-                yield stacked[index], gated if self.gated else (f"{expert}.weight",)
+                yield stacked[index], (f"{path}.{index}.linear.weight",)
             return
         bias = self.role.endswith("_bias")
         stacked = fused[: layout.num_experts] if bias else self._stack(fused)
@@ -153,12 +150,10 @@ def _specs_of(candidate: Candidate, shapes: dict[str, tuple[int, ...]]) -> list[
     path, layout = candidate.path, candidate.layout
     common = {"path": path, "layout": layout, "class_name": candidate.class_name, "plugin": candidate.plugin}
     roles: list[tuple[str, str]] = []
-    gated = True
     if candidate.kind == "dense":
         roles = [(f"{layout.fused_name}.weight", "dense"), (f"{layout.fused_name}.bias", "dense")]
     elif candidate.kind == "parallel":
         roles = [(layout.weight_name, "parallel")]
-        gated = bool(layout.gated_paths) and re.search(layout.gated_paths, path) is not None
     else:
         if layout.separate_gate_up:
             roles = [(layout.gate_name, "gate"), (layout.up_name, "up")]
@@ -174,7 +169,7 @@ def _specs_of(candidate: Candidate, shapes: dict[str, tuple[int, ...]]) -> list[
         key = f"{path}.{name}"
         if key in shapes:
             extra = _identity_rows(candidate, shapes[key])
-            specs.append(FusedSpec(key=key, role=role, shape=shapes[key], gated=gated, identity_rows=extra, **common))
+            specs.append(FusedSpec(key=key, role=role, shape=shapes[key], identity_rows=extra, **common))
         elif role != "dense":  # a dense Linear without bias has no bias key
             raise OfflineConversionError(
                 f"{path} ({candidate.class_name}): fused tensor {key!r} is not in the model's state dict"

@@ -31,9 +31,11 @@ __all__ = [
     "assert_generate_same",
     "assert_max_layers",
     "assert_meta_conversion",
+    "assert_no_fused_names",
     "assert_preload_loads_both_layouts",
     "assert_saves_and_reloads",
     "expected_expert_weights",
+    "fused_names_of",
     "model_output",
     "preload_patched",
 ]
@@ -117,20 +119,47 @@ def assert_converts_equal(factory: ModelFactory, inputs: dict[str, torch.Tensor]
                 assert torch.equal(linear.weight, tensor), f"{path}.{index}.{name} differs from its fused slice"
     state = model.state_dict()
     for candidate in candidates:
-        keys = _expected_keys(candidate)
-        if candidate.kind == "parallel":  # a plain Linear per expert, or a gate/up pair
-            assert any(key in state for key in keys), f"missing {' or '.join(keys)}"
-        else:
-            for key in keys:
-                assert key in state, f"missing {key}"
+        for key in _expected_keys(candidate):
+            assert key in state, f"missing {key}"
         fused_keys = [key for key in state if key.startswith(f"{candidate.path}.") and _is_fused_key(key, candidate)]
         assert not fused_keys, f"fused tensors still saved: {fused_keys}"
     assert find_candidates(model) == [], "fused modules left after conversion"
+    assert_no_fused_names(model, candidates)
     converted = model_output(model, inputs)
     difference = (converted - reference).abs().max().item()
     assert difference <= atol, f"outputs differ by {difference} after conversion"
     assert convert_model(model) is False, "second conversion changed something"
     return model
+
+
+def fused_names_of(candidate: Any) -> list[str]:
+    """Every (possibly dotted) fused tensor or Linear name a defused ``candidate`` must no
+    longer answer: its layout's names, their ``_bias`` forms and the stock fused names."""
+    layout = candidate.layout
+    if candidate.kind == "dense":
+        return [layout.fused_name]
+    if candidate.kind == "parallel":
+        return [layout.weight_name]
+    names = {layout.gate_up_name, layout.gate_name, layout.up_name, layout.down_name, *_FUSED_LEAVES}
+    return sorted(names | {f"{name}_bias" for name in names})
+
+
+def assert_no_fused_names(model: nn.Module, candidates: list[Any]) -> None:
+    """Defused means defused: no fused name resolves on the module that replaced each of
+    ``candidates`` (``hasattr`` is False), for experts, dense MLPs and parallel experts."""
+    modules = dict(model.named_modules())
+    for candidate in candidates:
+        module = modules.get(candidate.path)
+        if module is None:
+            continue
+        for name in fused_names_of(candidate):
+            owner: Any = module
+            try:
+                for part in name.split("."):
+                    owner = getattr(owner, part)
+            except AttributeError:
+                continue
+            raise AssertionError(f"{candidate.path}.{name} still resolves after conversion ({type(owner).__name__})")
 
 
 def _expected_keys(candidate: Any) -> list[str]:
@@ -139,7 +168,8 @@ def _expected_keys(candidate: Any) -> list[str]:
         names = ("gate_proj", "up_proj", "down_proj") if layout.has_gate else ("up_proj", "down_proj")
         return [f"{path}.{index}.{name}.weight" for index in (0, layout.num_experts - 1) for name in names]
     if candidate.kind == "parallel":
-        return [f"{path}.0.weight", f"{path}.0.gate_proj.weight"]
+        count = candidate.module._parameters[layout.weight_name].shape[0]
+        return [f"{path}.{index}.linear.weight" for index in (0, count - 1)]
     return [f"{path}.gate_proj.weight", f"{path}.up_proj.weight"]
 
 
@@ -189,7 +219,7 @@ def assert_meta_conversion(factory: ModelFactory) -> None:
     assert all(t.is_meta for t in model.parameters()), "conversion allocated real parameters"
     assert tensors, "model has no tensors"
     assert any(isinstance(m, DefusedExperts) for m in model.modules()) or any(
-        "gate_proj" in name for name, _ in model.named_modules()
+        name.endswith(("gate_proj", ".linear")) for name, _ in model.named_modules()
     )
 
 
@@ -236,15 +266,18 @@ def assert_preload_loads_both_layouts(
     if extra_checkpoints is not None:
         checkpoints.update(extra_checkpoints(stock, tmp_path))
     stock_class = type(stock)
+    stock_candidates = find_candidates(stock)
     with preload_patched(model_type):
         built = factory()
         assert find_candidates(built) == [], "direct construction still built fused blocks"
+        assert_no_fused_names(built, stock_candidates)
         for name, folder in checkpoints.items():
             loaded = stock_class.from_pretrained(folder).eval()
             assert find_candidates(loaded) == [], f"{name} checkpoint: fused blocks after patched load"
             assert any(isinstance(m, DefusedExperts) for m in loaded.modules()) or any(
-                n.endswith("gate_proj") for n, _ in loaded.named_modules()
+                n.endswith(("gate_proj", ".linear")) for n, _ in loaded.named_modules()
             )
+            assert_no_fused_names(loaded, stock_candidates)
             difference = (model_output(loaded, inputs) - reference).abs().max().item()
             assert difference <= atol, f"{name} checkpoint: outputs differ by {difference}"
     after = factory()

@@ -1,7 +1,8 @@
 """Single-model families: the model types this plugin claims, and what differs from the generic engine."""
 
+from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -28,6 +29,7 @@ plugin = Family(
             preload=True,
             reload="replace_fused_blocks",
             notes="dense MLPs of encoder and decoder split",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport(
             "dia_decoder",
@@ -35,6 +37,7 @@ plugin = Family(
             reload="replace_fused_blocks",
             notes="dense MLP split",
             min_transformers="5.24.0",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport(
             "dia_encoder",
@@ -42,13 +45,7 @@ plugin = Family(
             reload="replace_fused_blocks",
             notes="dense MLP split",
             min_transformers="5.24.0",
-        ),
-        TypeSupport(
-            "esmfold2",
-            preload=True,
-            reload="replace_fused_blocks",
-            notes="dense SwiGLU split",
-            min_transformers="5.24.0",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport("exaone_moe", preload=True),
         TypeSupport("flint", preload=True, min_transformers="5.24.0"),
@@ -75,5 +72,7 @@ plugin = Family(
         ),
         TypeSupport("solar_open", preload=True),
     ],
+    # Split where ModelCloud's Defuser splits it (GPTQModel's definitions name the halves).
+    dense_classes={"DiaMLP": DenseLayout()},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -9,7 +9,6 @@ from defuser.plugin_info import TypeSupport
 __all__ = ["plugin"]
 
 
-
 def _legacy_orientation(experts: nn.Module) -> bool:
     """True where DBRX computes ``x @ w1`` and ``@ w2.T`` (transformers 5.3.0) instead of
     ``x @ w1.T`` and ``@ w2``.  Square tiny shapes cannot tell, so ask the forward itself."""

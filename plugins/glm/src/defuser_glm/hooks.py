@@ -3,7 +3,7 @@ whose gate and up projections share one ``gate_up_proj`` Linear (GLM, GLM-4, GLM
 
 from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -13,15 +13,25 @@ plugin = Family(
     name="glm",
     description="GLM (Zhipu AI): GLM, GLM-4, GLM-4V, GLM-4.5/4.6 MoE, GLM-5-Next, GLM-Image, GLM-OCR",
     model_types=[
-        TypeSupport("glm", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split"),
-        TypeSupport("glm4", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split"),
-        TypeSupport("glm46v", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
+        TypeSupport(
+            "glm", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split", dense=DENSE_SPLIT
+        ),
+        TypeSupport(
+            "glm4", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split", dense=DENSE_SPLIT
+        ),
+        TypeSupport(
+            "glm46v", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
+        ),
         TypeSupport("glm4_moe", preload=True, notes="shared experts kept"),
         TypeSupport("glm4_moe_lite", preload=True, notes="shared experts kept"),
-        TypeSupport("glm4v", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
+        TypeSupport(
+            "glm4v", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
+        ),
         TypeSupport("glm4v_moe", preload=True, notes="shared experts kept"),
         TypeSupport("glm4v_moe_text", preload=True, reload="replace_fused_blocks", notes="text model built alone"),
-        TypeSupport("glm4v_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
+        TypeSupport(
+            "glm4v_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
+        ),
         TypeSupport("glm5_next", preload=True, notes="clamped SwiGLU (own gate function)", min_transformers="5.24.0"),
         TypeSupport(
             "glm5_next_text",
@@ -29,21 +39,35 @@ plugin = Family(
             notes="clamped SwiGLU; text model built alone",
             min_transformers="5.24.0",
         ),
-        TypeSupport("glm_image", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
-        TypeSupport("glm_image_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
+        TypeSupport(
+            "glm_image", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
+        ),
+        TypeSupport(
+            "glm_image_text",
+            preload=True,
+            reload="replace_fused_blocks",
+            notes="dense text MLP split",
+            dense=DENSE_SPLIT,
+        ),
         TypeSupport("glm_moe_dsa", preload=True),
-        TypeSupport("glm_ocr", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
-        TypeSupport("glm_ocr_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split"),
+        TypeSupport(
+            "glm_ocr", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
+        ),
+        TypeSupport(
+            "glm_ocr_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
+        ),
         TypeSupport(
             "glmga",
             preload=True,
             reload="replace_fused_blocks",
             notes="dense text MLP split",
             min_transformers="5.24.0",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport("sarvam_moe", preload=True, notes="GLM-4-MoE experts", min_transformers="5.24.0"),
     ],
-    dense_classes={"GlmMLP": _DENSE, "Glm4MLP": _DENSE, "Glm4vTextMLP": _DENSE},
+    # Split where ModelCloud's Defuser splits them (GPTQModel's definitions name the halves).
+    dense_classes={name: _DENSE for name in ("GlmMLP", "Glm4MLP", "Glm4vTextMLP", "GlmImageTextMLP", "GlmOcrTextMLP")},
     dense_key_patterns={"glm4v": ("mlp.gate_up_proj.weight",)},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

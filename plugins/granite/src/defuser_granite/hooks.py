@@ -1,8 +1,8 @@
 """IBM Granite MoE: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.engine.candidates import DenseLayout, ParallelLayout
+from defuser.engine.candidates import ParallelLayout
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_KEPT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -14,28 +14,27 @@ plugin = Family(
             "granitemoe",
             preload=True,
             reload="replace_fused_blocks",
-            notes="5.3.0: parallel experts split per expert",
+            notes="5.3.0: parallel experts as input_linear.N.linear / output_linear.N.linear",
         ),
         TypeSupport("granitemoe_swa", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
         TypeSupport(
             "granitemoehybrid",
             preload=True,
             reload="replace_fused_blocks",
-            notes="shared MLP input_linear split; 5.3.0: parallel experts",
+            notes="shared MLP input_linear kept; 5.3.0: parallel experts (input_linear.N.linear)",
+            dense=DENSE_KEPT,
         ),
         TypeSupport(
             "granitemoeshared",
             preload=True,
             reload="replace_fused_blocks",
-            notes="shared MLP input_linear split; 5.3.0: parallel experts",
+            notes="shared MLP input_linear kept; 5.3.0: parallel experts (input_linear.N.linear)",
+            dense=DENSE_KEPT,
         ),
     ],
-    # The shared MLP fuses gate and up in one Linear named input_linear.
-    dense_classes={
-        "GraniteMoeSharedMLP": DenseLayout(fused_name="input_linear"),
-        "GraniteMoeHybridMLP": DenseLayout(fused_name="input_linear"),
-    },
-    # transformers 5.3.0 stacks each projection of all experts in one parallel-experts module.
+    # The shared MLP fuses gate and up in one Linear named input_linear: kept (GPTQModel's
+    # definitions quantize shared_mlp.input_linear).  transformers 5.3.0 stacks each projection
+    # of all experts in one parallel-experts module.
     parallel_classes={
         name: ParallelLayout(gated_paths=r"block_sparse_moe\.input_linear$")
         for name in ("GraniteMoeParallelExperts", "GraniteMoeSharedParallelExperts", "GraniteMoeHybridParallelExperts")

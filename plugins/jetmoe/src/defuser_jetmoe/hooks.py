@@ -14,7 +14,7 @@ plugin = Family(
             "jetmoe",
             preload=True,
             reload="replace_fused_blocks",
-            notes="parallel experts of the MLP and of the attention (MoA) split per expert",
+            notes="parallel experts (MLP and attention MoA) as input_linear.N.linear, output_linear.N.linear",
         ),
     ],
     # The MLP's input projection is a GLU (gate and up halves); the MoA projections are not.

@@ -1,7 +1,7 @@
 """MiniMax: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_KEPT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -14,8 +14,9 @@ plugin = Family(
         TypeSupport(
             "minimax_m3_vl",
             preload=True,
-            notes="clamped (up + 1) GLU (own gate function); dense shared MLP split",
+            notes="clamped (up + 1) GLU (own gate function); dense and shared MLPs keep gate_up_proj",
             min_transformers="5.24.0",
+            dense=DENSE_KEPT,
         ),
         TypeSupport(
             "minimax_m3_vl_text",
@@ -23,6 +24,7 @@ plugin = Family(
             reload="replace_fused_blocks",
             notes="text model built alone",
             min_transformers="5.24.0",
+            dense=DENSE_KEPT,
         ),
     ],
     tested_on=["5.3.0", "5.24.0", "5.25.0"],

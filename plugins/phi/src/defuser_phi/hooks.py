@@ -2,7 +2,7 @@
 
 from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -10,12 +10,15 @@ plugin = Family(
     name="phi",
     description="Microsoft Phi: Phi-3, Phi-4-multimodal, PhiMoE",
     model_types=[
-        TypeSupport("phi3", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split"),
+        TypeSupport(
+            "phi3", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split", dense=DENSE_SPLIT
+        ),
         TypeSupport(
             "phi4_multimodal",
             preload=True,
             reload="replace_fused_blocks",
             notes="dense MLPs split; audio MLP halves reversed (up first)",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport(
             "phi4_multimodal_audio",
@@ -23,10 +26,15 @@ plugin = Family(
             reload="replace_fused_blocks",
             notes="audio MLP halves reversed (up first)",
             min_transformers="5.24.0",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport("phimoe", preload=True),
     ],
-    # The audio conformer's MLP puts the up half first.
-    dense_classes={"Phi4MultimodalAudioMLP": DenseLayout(gate_first=False)},
+    # Split where ModelCloud's Defuser splits them; the audio conformer's MLP puts the up half first.
+    dense_classes={
+        "Phi3MLP": DenseLayout(),
+        "Phi4MultimodalMLP": DenseLayout(),
+        "Phi4MultimodalAudioMLP": DenseLayout(gate_first=False),
+    },
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

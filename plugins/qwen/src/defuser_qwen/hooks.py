@@ -1,16 +1,46 @@
 """Qwen MoE families.  Every experts class here is decorated by transformers, so the generic
 engine does the work; this plugin claims the types and enables pre-load patching."""
 
+import types
+from typing import Any
+
+from torch import nn
+
 from defuser.family import Family
 from defuser.plugin_info import TypeSupport
 
-__all__ = ["plugin"]
+__all__ = ["plugin", "qwen3_omni_text_runtime"]
+
+
+def _thinker_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self.thinker(*args, **kwargs)
+
+
+def qwen3_omni_text_runtime(model: nn.Module) -> list[str]:
+    """Make a Qwen3-Omni-MoE model usable as a text model, as ModelCloud's Defuser does: its
+    ``forward`` (which the stock class does not define) runs the thinker, and ``generate``
+    defaults to ``return_audio=False``.  Instance attributes: other models are untouched."""
+    if not hasattr(model, "thinker"):
+        return []
+    patched = []
+    if "forward" not in type(model).__dict__ and "forward" not in model.__dict__:
+        model.forward = types.MethodType(_thinker_forward, model)
+        patched.append("forward")
+    stock_generate = getattr(model, "generate", None)
+    if callable(stock_generate) and "generate" not in model.__dict__:
+
+        def generate(*args: Any, return_audio: bool | None = None, **kwargs: Any) -> Any:
+            return stock_generate(*args, return_audio=bool(return_audio), **kwargs)
+
+        model.generate = generate
+        patched.append("generate")
+    return patched
+
 
 plugin = Family(
     name="qwen",
     description=(
-        "Qwen (Alibaba): Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE, "
-        "Qwen4-Exp"
+        "Qwen (Alibaba): Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE, Qwen4-Exp"
     ),
     model_types=[
         TypeSupport("qwen2_moe", preload=True, notes="sigmoid-gated shared expert kept"),
@@ -18,7 +48,11 @@ plugin = Family(
         TypeSupport("qwen3_5_moe_text", preload=True, notes="text model built alone"),
         TypeSupport("qwen3_moe", preload=True),
         TypeSupport("qwen3_next", preload=True, notes="hybrid linear attention; shared expert kept"),
-        TypeSupport("qwen3_omni_moe", preload=True, notes="thinker and talker experts"),
+        TypeSupport(
+            "qwen3_omni_moe",
+            preload=True,
+            notes="thinker and talker experts; text forward and generate(return_audio=False)",
+        ),
         TypeSupport("qwen3_omni_moe_talker", preload=True, reload="replace_fused_blocks", notes="talker sub-model"),
         TypeSupport(
             "qwen3_omni_moe_talker_text",
@@ -44,5 +78,6 @@ plugin = Family(
         TypeSupport("qwen4_exp", preload=True, min_transformers="5.24.0"),
         TypeSupport("qwen4_exp_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
     ],
+    model_patches={"qwen3_omni_moe": qwen3_omni_text_runtime},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -1,7 +1,7 @@
 """rednote dots: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_KEPT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -13,15 +13,9 @@ plugin = Family(
         TypeSupport(
             "dots3_note",
             preload=True,
-            notes="vision experts vary per layer; audio MLP split",
+            notes="vision experts vary per layer; audio MLP gate-up kept as one Linear",
             min_transformers="5.24.0",
-        ),
-        TypeSupport(
-            "dots3_note_audio_encoder",
-            preload=True,
-            reload="replace_fused_blocks",
-            notes="dense audio MLP split (biases)",
-            min_transformers="5.24.0",
+            dense=DENSE_KEPT,
         ),
         TypeSupport("dots3_note_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
         TypeSupport(

@@ -1,7 +1,8 @@
 """Zyphra Zamba2, ZAYA: the model types this plugin claims, and what differs from the generic engine."""
 
+from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -14,8 +15,11 @@ plugin = Family(
             preload=True,
             reload="replace_fused_blocks",
             notes="shared block's fused MLP split; adapters kept",
+            dense=DENSE_SPLIT,
         ),
         TypeSupport("zaya", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
     ],
+    # Split where ModelCloud's Defuser splits it (the adapters add to each half).
+    dense_classes={"Zamba2MLP": DenseLayout()},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )
