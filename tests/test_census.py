@@ -101,13 +101,13 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     classes = [type(module) for module in model.modules()]
     consumed = {f"{c.path}.{name}" for c in candidates for name in consumed_names(c)}
-    kept = {name for name in _tensor_names(model) if name not in consumed}
+    kept_tensors = {name for name in _tensor_names(model) if name not in consumed}
     assert convert_model(model) is True
     # Every tensor but the fused ones the layouts consume is still there, same name, same values.
-    lost = sorted(kept - _tensor_names(model))
+    lost = sorted(kept_tensors - _tensor_names(model))
     assert not lost, f"{model_type}: tensors lost in conversion: {lost[:5]}"
     converted = model.state_dict()
-    changed = [name for name in kept & original.keys() if not torch.equal(converted[name], original[name])]
+    changed = [name for name in kept_tensors & original.keys() if not torch.equal(converted[name], original[name])]
     assert not changed, f"{model_type}: tensors changed in conversion: {changed[:5]}"
     left = [f"{path} ({type(m).__name__})" for path, m in model.named_modules() if _still_fused(m)]
     left = [entry for entry in left if entry.split(" (")[1][:-1] in names]

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 
 from defuser import convert_model
 from defuser.engine.compiled import not_plain_reason
-from defuser.engine.experts import DefusedExperts
+from defuser.engine.experts import DefusedExperts, IdentityExpert
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 
 ATOL = 1e-5
@@ -110,6 +110,8 @@ def test_identity_experts_and_the_sentinel_under_compilation():
     experts = model.model.layers[0].mlp.experts
     # Two identity ("zero") experts after the last one, and the expert-parallel sentinel past them.
     experts.layout = experts.layout.with_overrides(identity_experts=2)
+    for index in range(experts.num_experts, experts.num_experts + 2):  # numbered, as conversion makes them
+        experts._modules[str(index)] = IdentityExpert()
     routed = _routed(experts, model.config.hidden_size, tokens=9, top_k=3, extra=3)
     assert (routed[1] >= experts.num_experts + 2).any() and (routed[1] == experts.num_experts).any()
     with torch.no_grad():
@@ -125,6 +127,7 @@ def test_a_post_expert_norm_under_compilation(norm):
     experts = model.model.layers[0].mlp.experts
     hidden = model.config.hidden_size
     experts.layout = experts.layout.with_overrides(has_post_expert_norm=True, identity_experts=1)
+    experts._modules[str(experts.num_experts)] = IdentityExpert()  # numbered, as conversion makes it
     experts.post_expert_norm = norm(hidden)
     with torch.no_grad():
         experts.post_expert_norm.weight.uniform_(0.5, 1.5)

@@ -70,7 +70,8 @@ def test_materialize_model_releases_the_replaced_fused_modules() -> None:
     assert isinstance(fused.gate_up_proj, nn.Parameter), "cleanup_original=False keeps it until materialize"
     materialize_model(model)
     assert fused.gate_up_proj is None and fused.down_proj is None
-    assert torch.equal(tiny_forward(model, inputs), reference), "per-expert views keep their storage"
+    difference = (tiny_forward(model, inputs) - reference).abs().max().item()
+    assert difference <= ATOL, f"per-expert views keep their storage: outputs differ by {difference}"
 
 
 def test_materialize_model_on_a_model_with_nothing_on_meta_warns_nothing(caplog: pytest.LogCaptureFixture) -> None:

@@ -187,7 +187,9 @@ def test_parallel_experts(transposed: bool):
     assert not hasattr(defused, "weight")
     inputs, sizes = torch.randn(7, H), [3, 0, 4]
     with torch.no_grad():
-        assert torch.equal(defused(inputs, sizes), fused(inputs, sizes))
-        assert torch.equal(defused(inputs, torch.tensor(sizes)), fused(inputs, sizes))
+        # A transposed stack is multiplied from a contiguous copy: equal up to rounding.
+        same = torch.equal if not transposed else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert same(defused(inputs, sizes), fused(inputs, sizes))
+        assert same(defused(inputs, torch.tensor(sizes)), fused(inputs, sizes))
     stored = fused.weight.detach()[2]
     assert torch.equal(defused[2].linear.weight, stored.T if transposed else stored)

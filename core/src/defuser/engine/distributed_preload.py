@@ -57,7 +57,7 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     split dense MLPs of ``model`` (paths relative to it).  Each defused experts module is told
     its path and its model (the outermost one wins: its ``post_init`` runs last), which the
     expert-parallel stand-in needs before the weights load."""
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
 
     experts: dict[str, Any] = {}
@@ -68,9 +68,9 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
             module.__dict__["_defuser_path"] = path
             _models[module] = weakref.ref(model)
             continue
-        joined = next((value for value in vars(module).values() if isinstance(value, JoinedGateUp)), None)
-        if joined is not None:
-            dense.setdefault(wildcard_path(path), joined.layout)
+        split = split_dense_layout(module)
+        if split is not None:
+            dense.setdefault(wildcard_path(path), split)
     return experts, dense
 
 

@@ -327,14 +327,14 @@ def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
     weight = _adjacent_or_cat(first.weight.detach(), second.weight.detach())
     weight_grad = _shared_grad(
         [(f"{path}.gate_proj.weight", gate.weight), (f"{path}.up_proj.weight", up.weight)],
-        f"{path}.{joined.layout.fused_name}.weight",
+        f"{path}.{layout.fused_name}.weight",
     )
     linear._parameters["weight"] = nn.Parameter(weight, requires_grad=weight_grad)
     if first.bias is not None:
         bias = _adjacent_or_cat(first.bias.detach(), second.bias.detach())
         bias_grad = _shared_grad(
             [(f"{path}.gate_proj.bias", gate.bias), (f"{path}.up_proj.bias", up.bias)],
-            f"{path}.{joined.layout.fused_name}.bias",
+            f"{path}.{layout.fused_name}.bias",
         )
         linear._parameters["bias"] = nn.Parameter(bias, requires_grad=bias_grad)
     linear.train(mlp.training)

@@ -42,9 +42,12 @@ class FusionError(RuntimeError):
 def _layout(module: nn.Module, kind: Kind) -> ExpertsLayout | DenseLayout | ParallelLayout:
     if kind != "dense":
         return module.layout
-    from defuser.engine.dense import JoinedGateUp
+    from defuser.engine.dense import split_dense_layout
 
-    return next(value.layout for value in vars(module).values() if isinstance(value, JoinedGateUp))
+    layout = split_dense_layout(module)
+    if layout is None:
+        raise NotFusable(f"{type(module).__name__} keeps no record of its fused gate-up Linear")
+    return layout
 
 
 def _fused_form(module: nn.Module, kind: Kind, path: str) -> nn.Module:

@@ -190,11 +190,26 @@ def _run(module: nn.Module, inputs: tuple[Any, ...], part: str | None = None) ->
     # capture, say) must not see the probe.
     with _evaluating(module):
         if part is not None:
-            target = getattr(module, part)
-            output = target.forward(*inputs) if isinstance(target, nn.Module) else target(*inputs)
+            output = _run_part(module, part, inputs)
         else:
             output = module.forward(*inputs)
         return [tensor.detach() for tensor in _tensors_of(output)]
+
+
+def _run_part(module: nn.Module, part: str, inputs: tuple[Any, ...]) -> Any:
+    """The output of ``module``'s fused Linear ``part``; on a split dense MLP (which answers no
+    fused name) its halves joined in the fused order."""
+    target = module._modules.get(part)
+    if target is not None:
+        return target.forward(*inputs)
+    from defuser.engine.dense import split_dense_layout
+
+    layout = split_dense_layout(module)
+    if layout is None:
+        raise AttributeError(f"{type(module).__name__} has no module {part!r}")
+    gate, up = module._modules["gate_proj"], module._modules["up_proj"]
+    first, second = (gate, up) if layout.gate_first else (up, gate)
+    return torch.cat((first.forward(*inputs), second.forward(*inputs)), dim=-1)
 
 
 def _floating_tensor(module: nn.Module, names: Sequence[str]) -> torch.Tensor:
