@@ -473,6 +473,8 @@ def _with_verify(value: str, call: Callable[[], Any]) -> Any:
             del os.environ["DEFUSER_VERIFY"]
         else:
             os.environ["DEFUSER_VERIFY"] = previous
+
+
 # --- hooks, training state and offload (issue 17) ------------------------------------------
 
 

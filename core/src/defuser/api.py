@@ -18,9 +18,9 @@ from defuser.engine.hooks import module_hooks
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
 from defuser.engine.selfcheck import SelfCheck
+from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
-from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.filtering import compile_filter
 from defuser.modeling.replace_modules import remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
