@@ -10,8 +10,12 @@ time within the conversion (milliseconds and share; ``DEFUSER_VERIFY``), peak RS
 bytes, RSS growth during conversion, whether
 per-expert weights share the fused storage.  It then fuses the model back with ``fuse_model``
 and times the fused forward (transformers' default experts implementation, and its eager
-loop) against the defused one at 256 tokens and at 1 token, and prints the ratios and the max
-output difference against the eager fused model (the exact reference) and the default one.
+loop, on a copy) against a defused copy at 256 tokens and at 1 token, in turns within one
+process (medians of the calls), and prints the ratios and the max output difference against
+the eager fused model (the exact reference) and the default one.  The summary line gives the
+medians over the runs and, for the ratios, their [min, max] range: each run is a new process,
+and some forwards (gpt-oss's fused bf16 one on some CPUs) settle at different speeds in
+different processes.
 """
 
 from __future__ import annotations
@@ -94,20 +98,27 @@ def _config(model_type: str, size: str):
     return tiny_config(model_type, **overrides)
 
 
-def _timed_forward(model, inputs, repeats: int, budget_s: float = 3.0) -> float:
-    """Mean seconds of one forward over up to ``repeats`` calls (fewer when they exceed ``budget_s``)."""
+def _interleaved_forwards(models: dict, inputs, rounds: int, budget_s: float = 6.0) -> dict:
+    """Median seconds of one forward of each model, timed in turns (the order rotating every
+    round) so that a change of machine load between them touches every model alike; stops
+    early once ``budget_s`` is spent (at least 3 rounds)."""
     import torch
 
+    names = list(models)
+    times: dict = {name: [] for name in names}
     with torch.no_grad():
-        model(**inputs, use_cache=False)  # warm-up
+        for model in models.values():
+            model(**inputs, use_cache=False)  # warm-up
         start = time.perf_counter()
-        done = 0
-        while done < repeats:
-            model(**inputs, use_cache=False)
-            done += 1
-            if time.perf_counter() - start > budget_s:
+        for round_index in range(rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                begin = time.perf_counter()
+                models[name](**inputs, use_cache=False)
+                times[name].append(time.perf_counter() - begin)
+            if round_index >= 2 and time.perf_counter() - start > budget_s:
                 break
-    return (time.perf_counter() - start) / done
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 class _SelfCheckFigures(logging.Handler):
@@ -243,27 +254,28 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
     if not forward:
         return conversion
 
-    # Forward comparison: time the fused model, then defuse again.
+    # Forward comparison: the fused model with transformers' default experts implementation
+    # (grouped_mm where torch offers it), a copy running its eager per-expert loop (the exact
+    # reference) and a defused copy, timed in turns in this one process.
+    import copy
+
     generator = torch.Generator().manual_seed(1)
     long_inputs = {"input_ids": torch.randint(0, config.vocab_size, (1, 256), generator=generator)}
     short_inputs = {"input_ids": long_inputs["input_ids"][:, :1]}
-    # transformers' default experts implementation (grouped_mm where torch offers it), and
-    # its eager per-expert loop, the exact reference.
     default_implementation = model.config._experts_implementation
+    eager = copy.deepcopy(model)
+    eager.set_experts_implementation("eager")
+    defused = copy.deepcopy(model)
+    assert convert_model(defused)
+    forms = {"fused": model, "eager": eager, "defused": defused}
     with torch.no_grad():
         default_reference = model(**long_inputs, use_cache=False).logits.float()
-    fused_long = _timed_forward(model, long_inputs, 5)
-    fused_short = _timed_forward(model, short_inputs, 20)
-    model.set_experts_implementation("eager")
-    with torch.no_grad():
-        reference = model(**long_inputs, use_cache=False).logits.float()
-    eager_long = _timed_forward(model, long_inputs, 5)
-    eager_short = _timed_forward(model, short_inputs, 20)
-    assert convert_model(model)
-    with torch.no_grad():
-        converted = model(**long_inputs, use_cache=False).logits.float()
-    defused_long = _timed_forward(model, long_inputs, 5)
-    defused_short = _timed_forward(model, short_inputs, 20)
+        reference = eager(**long_inputs, use_cache=False).logits.float()
+        converted = defused(**long_inputs, use_cache=False).logits.float()
+    long = _interleaved_forwards(forms, long_inputs, 7)
+    short = _interleaved_forwards(forms, short_inputs, 25)
+    fused_long, eager_long, defused_long = long["fused"], long["eager"], long["defused"]
+    fused_short, eager_short, defused_short = short["fused"], short["eager"], short["defused"]
     return {
         **conversion,
         "fused_implementation": default_implementation,
@@ -309,9 +321,14 @@ def main() -> None:
     keys = [k for k, v in results[0].items() if isinstance(v, float)]
     summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "runs": len(results)}
     summary["cleanup_original"] = args.cleanup_original
+    # Other work on the machine moves every absolute time: say how busy it was.
+    summary["load_average_1min"] = os.getloadavg()[0]
+    summary["cpu_count"] = os.cpu_count()
     summary.update({k: statistics.median(r[k] for r in results) for k in keys})
     # The spread of the figures the targets are set on: [min, max] over the runs.
-    for key in ("convert_over_clone", "convert_over_clone_cpu", "rss_growth_over_expert_block", "ratio_256", "ratio_1"):
+    spread = ("convert_s", "convert_over_clone", "convert_over_clone_cpu", "rss_growth_over_expert_block")
+    spread += ("ratio_256", "ratio_256_vs_eager", "ratio_1", "ratio_1_vs_eager")
+    for key in spread:
         if key in keys:
             summary[f"{key}_range"] = [min(r[key] for r in results), max(r[key] for r in results)]
     summary["shares_fused_storage"] = all(r["shares_fused_storage"] for r in results)
