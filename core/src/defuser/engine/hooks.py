@@ -74,14 +74,35 @@ def _hook_name(hook: Callable) -> str:
     return f"{module}.{name}" if module and module != "builtins" else name
 
 
+# FSDP registers hooks of its own on the modules it wraps (state-dict and forward hooks); a
+# module converted shard by shard gets them anew from its own wrapping, so they are machinery
+# to leave behind, not a user's hooks to carry over or refuse.
+_MACHINERY_PREFIXES = ("torch.distributed.fsdp.",)
+
+
+def _is_machinery(hook: Callable) -> bool:
+    return _hook_name(hook).startswith(_MACHINERY_PREFIXES)
+
+
+def _user_hooks(hooks: dict | None) -> list[Callable]:
+    return [hook for hook in (hooks or {}).values() if not _is_machinery(hook)]
+
+
 def _hooks_of(module: nn.Module) -> list[str]:
-    """``"forward hooks (name, ...)"`` for each kind of hook registered on ``module``."""
+    """``"forward hooks (name, ...)"`` for each kind of user hook registered on ``module``."""
     found = []
     for attribute, kind in _KINDS.items():
-        hooks = module.__dict__.get(attribute)
+        hooks = _user_hooks(module.__dict__.get(attribute))
         if hooks:
-            found.append(f"{kind} ({', '.join(_hook_name(hook) for hook in hooks.values())})")
+            found.append(f"{kind} ({', '.join(_hook_name(hook) for hook in hooks)})")
     return found
+
+
+def _only_machinery(module: nn.Module) -> bool:
+    """True when every hook ``module`` has in the carried dictionaries is FSDP's own."""
+    state = module.__dict__
+    found = [hook for name in _KINDS for hook in (state.get(name) or {}).values()]
+    return bool(found) and all(map(_is_machinery, found))
 
 
 def _tensor_hooks(tensor: torch.Tensor) -> list[str]:
@@ -139,8 +160,9 @@ class ModuleHooks:
         state = self.root.__dict__
         refused = []
         for name, kind in _REFUSED.items():
-            if state.get(name):
-                refused.append(f"{kind} ({', '.join(map(_hook_name, state[name].values()))}), written for its keys")
+            hooks = _user_hooks(state.get(name))
+            if hooks:
+                refused.append(f"{kind} ({', '.join(map(_hook_name, hooks))}), written for its keys")
         if replaced and state.get("_backward_hooks") and state.get("_is_full_backward_hook") is False:
             names = ", ".join(map(_hook_name, state["_backward_hooks"].values()))
             refused.append(
@@ -151,6 +173,8 @@ class ModuleHooks:
 
     def _conflicts(self, replacement: nn.Module) -> list[str]:
         """The replacement's own hooks, which sharing the root's dictionaries would lose."""
+        if _only_machinery(self.root):
+            return []  # nothing of the user's to share: the replacement keeps its own
         own = []
         for name in _CARRIED:
             theirs, mine = self.root.__dict__.get(name), replacement.__dict__.get(name)
@@ -161,6 +185,8 @@ class ModuleHooks:
         return [f"{self.path} and its replacement {type(replacement).__name__} both have hooks ({', '.join(own)})"]
 
     def _share(self, replacement: nn.Module) -> None:
+        if _only_machinery(self.root):
+            return  # FSDP's hooks stay with the module they were made for
         state = replacement.__dict__
         for name in _CARRIED:
             theirs = self.root.__dict__.get(name)
