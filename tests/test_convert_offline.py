@@ -516,23 +516,25 @@ def test_interrupted_conversion_leaves_no_destination(gpt_oss_source, tmp_path, 
 def test_interrupted_overwrite_keeps_the_old_destination(gpt_oss_source, tmp_path, monkeypatch):
     destination = tmp_path / "out"
     destination.mkdir()
-    (destination / "marker").write_text("old")
+    (destination / "config.json").write_text("old")
     _interrupting_write(monkeypatch, after=20)
     with pytest.raises(RuntimeError, match="simulated failure"):
         convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
-    assert sorted(p.name for p in destination.iterdir()) == ["marker"]
+    assert sorted(p.name for p in destination.iterdir()) == ["config.json"]
+    assert (destination / "config.json").read_text() == "old"
     assert _leftovers(tmp_path, "out") == []
 
 
 def test_existing_destination_needs_overwrite(gpt_oss_source, tmp_path):
     destination = tmp_path / "out"
     destination.mkdir()
-    (destination / "marker").write_text("old")
+    (destination / "model.safetensors").write_text("old")
+    (destination / "old-notes.txt").write_text("old")
     with pytest.raises(OfflineConversionError, match=r"already exists .*--overwrite"):
         convert_checkpoint(gpt_oss_source, destination, progress=False)
-    assert (destination / "marker").exists()
+    assert (destination / "old-notes.txt").exists()
     convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
-    assert not (destination / "marker").exists() and (destination / "model.safetensors").exists()
+    assert not (destination / "old-notes.txt").exists() and (destination / "config.json").exists()
     assert _leftovers(tmp_path, "out") == []
 
 
