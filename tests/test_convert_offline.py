@@ -951,3 +951,27 @@ def test_a_full_disk_names_the_file_being_written(gpt_oss_source, tmp_path, caps
     assert error.startswith("defuser convert: error: ") and "\n" not in error
     assert re.search(r"/model\.safetensors: cannot write \(No space left on device, errno 28\)", error), error
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_destination_back(gpt_oss_source, tmp_path, monkeypatch):
+    import os
+
+    from defuser.offline import workspace
+
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "config.json").write_text("old")
+    monkeypatch.setattr(workspace, "exchange", lambda first, second: False)  # a system without RENAME_EXCHANGE
+    rename, moves = os.rename, []
+
+    def interrupted_second_move(source, target):
+        moves.append(target)
+        if len(moves) == 2:  # DST -> old/ done, new/ -> DST not yet
+            raise KeyboardInterrupt("SIGTERM between the renames")
+        return rename(source, target)
+
+    monkeypatch.setattr(workspace.os, "rename", interrupted_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
+    assert (destination / "config.json").read_text() == "old" and len(list(destination.iterdir())) == 1
+    assert _leftovers(tmp_path, "out") == []

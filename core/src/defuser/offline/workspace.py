@@ -153,7 +153,10 @@ class Workspace:
             # The marker comes first and stays locked: it is what tells a later run the folder is ours.
             self._marker = open(self.root / MARKER_NAME, "w")  # closed by __exit__
             if fcntl is not None:
-                fcntl.flock(self._marker, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(self._marker, fcntl.LOCK_EX)
+                except OSError:  # a file system without locks: later runs cannot tell, so leave it
+                    logger.debug("%s: no lock on the marker; a killed run's folder stays", self.root)
             record = {"destination": self.destination.name, "pid": os.getpid(), "host": socket.gethostname()}
             self._marker.write(json.dumps(record) + "\n")
             self._marker.flush()
@@ -175,17 +178,16 @@ class Workspace:
         if not exchange(new, destination):
             old = self.root / _OLD
             os.rename(destination, old)
-            try:
-                os.rename(new, destination)  # the window: until here there is no destination
-            except BaseException:
-                os.rename(old, destination)
-                raise
+            os.rename(new, destination)  # the window: until here there is no destination (__exit__ restores)
         logger.warning("replaced %s; its previous content is removed", destination)
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         if self.root is not None:
+            old, destination = self.root / _OLD, self.destination
+            if old.is_dir() and not (destination.exists() or destination.is_symlink()):
+                os.rename(old, destination)  # stopped between the two renames: the old one goes back
             shutil.rmtree(self.root, ignore_errors=True)
         if self._marker is not None:
             with contextlib.suppress(OSError):
