@@ -946,6 +946,7 @@ def test_a_full_disk_names_the_file_being_written(gpt_oss_source, tmp_path, caps
         return _FullDisk(open(path, mode), 4096) if "w" in mode else open(path, mode)
 
     monkeypatch.setattr(safetensors_io, "open", full_disk_open, raising=False)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # --quiet sets it; restored after the test
     assert main(["--quiet", "convert", str(gpt_oss_source), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("defuser convert: error: ") and "\n" not in error

@@ -919,12 +919,16 @@ def _convert_outcome(bad: ConvertBadInput, root: Path, checkpoint: Path) -> tupl
     before = _contents(destination)
     out, err = io.StringIO(), io.StringIO()
     full_disk = _full_disk_after(4096) if "disk fills up" in bad.written else contextlib.nullcontext()
+    progress = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
         with _warnings() as warnings, full_disk, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["convert", str(source), str(destination), *arguments])
     finally:
-        del os.environ["TQDM_DISABLE"]
+        if progress is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = progress
     printed = out.getvalue().splitlines()
     lines = [line for line in err.getvalue().splitlines() if line.startswith("defuser convert: error")]
     lines += [line for line in printed if line.startswith(("replaces:", "dry run"))]
