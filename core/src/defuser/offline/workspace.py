@@ -6,7 +6,9 @@ destination's name, the process id and host) and holds an exclusive ``flock`` on
 as it runs.  The result is written into ``new/`` inside, so the marker never reaches the
 destination.  A run that is killed outright (SIGKILL, a power cut) cannot clean up; the next
 run into the same parent folder removes every such folder whose marker no process holds any
-more, and logs each one.  A folder without the marker is never removed, whatever its name.
+more, and logs each one.  A folder without the marker is never removed, whatever its name (so
+a run killed between ``mkdtemp`` and creating the marker, a window of one system call, leaves
+an empty folder that stays).
 
 Replacing an existing destination (``--overwrite``) is one ``renameat2(RENAME_EXCHANGE)`` on
 Linux: the destination holds the old folder or the new one at every instant.  Where that call
