@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -516,23 +517,25 @@ def test_interrupted_conversion_leaves_no_destination(gpt_oss_source, tmp_path, 
 def test_interrupted_overwrite_keeps_the_old_destination(gpt_oss_source, tmp_path, monkeypatch):
     destination = tmp_path / "out"
     destination.mkdir()
-    (destination / "marker").write_text("old")
+    (destination / "config.json").write_text("old")
     _interrupting_write(monkeypatch, after=20)
     with pytest.raises(RuntimeError, match="simulated failure"):
         convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
-    assert sorted(p.name for p in destination.iterdir()) == ["marker"]
+    assert sorted(p.name for p in destination.iterdir()) == ["config.json"]
+    assert (destination / "config.json").read_text() == "old"
     assert _leftovers(tmp_path, "out") == []
 
 
 def test_existing_destination_needs_overwrite(gpt_oss_source, tmp_path):
     destination = tmp_path / "out"
     destination.mkdir()
-    (destination / "marker").write_text("old")
+    (destination / "model.safetensors").write_text("old")
+    (destination / "old-notes.txt").write_text("old")
     with pytest.raises(OfflineConversionError, match=r"already exists .*--overwrite"):
         convert_checkpoint(gpt_oss_source, destination, progress=False)
-    assert (destination / "marker").exists()
+    assert (destination / "old-notes.txt").exists()
     convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
-    assert not (destination / "marker").exists() and (destination / "model.safetensors").exists()
+    assert not (destination / "old-notes.txt").exists() and (destination / "config.json").exists()
     assert _leftovers(tmp_path, "out") == []
 
 
@@ -650,3 +653,326 @@ def test_cli_converts_and_reverses(gpt_oss_source, tmp_path, capsys, monkeypatch
     assert main(["--quiet", "convert", str(result), str(back), "--reverse"]) == 0
     assert "joined: 96 per-expert tensors into 8 fused tensors" in capsys.readouterr().out
     _assert_same_bytes(_checkpoint(back), _checkpoint(gpt_oss_source))
+
+
+# -- hardening: files the checkpoint links to, killed runs, replacing, configs far off, errors --
+
+
+def _copy_folder(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_linked_file_outside_the_source_is_refused(gpt_oss_source, tmp_path):
+    source = _copy_folder(gpt_oss_source, tmp_path / "src")
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text('{"private": true}')
+    (source / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(OfflineConversionError, match=r"tokenizer_config\.json: a symlink to .*elsewhere\.json"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("special", ["dev-zero", "fifo", "dangling"])
+def test_a_file_that_is_not_a_regular_file_is_refused(gpt_oss_source, tmp_path, special):
+    import os
+
+    source = _copy_folder(gpt_oss_source, tmp_path / "src")
+    odd = source / "tokenizer_config.json"
+    if special == "dev-zero":
+        odd.symlink_to("/dev/zero")  # copied until the disk is full, before
+    elif special == "fifo":
+        os.mkfifo(odd)  # a copy would wait for a writer forever
+    else:
+        odd.symlink_to(source / "gone.json")
+    with pytest.raises(OfflineConversionError, match=r"tokenizer_config\.json: (a symlink|not a regular file)"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_linked_outside_the_source_is_refused_by_the_same_rule(gpt_oss_source, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_bytes((gpt_oss_source / "config.json").read_bytes())
+    (source / "model.safetensors").symlink_to(gpt_oss_source / "model.safetensors")
+    with pytest.raises(OfflineConversionError, match=r"model\.safetensors: a symlink to .* outside"):
+        convert_checkpoint(source, tmp_path / "out", progress=False)
+
+
+def test_a_hub_cache_snapshot_of_links_into_blobs_converts(gpt_oss_source, tmp_path):
+    repo = tmp_path / "models--tiny--gpt-oss"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in gpt_oss_source.iterdir():
+        blob = blobs / f"blob-{path.name}"
+        blob.write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("../../blobs") / blob.name)
+    destination = tmp_path / "out"
+    convert_checkpoint(snapshot, destination, progress=False)
+    assert (destination / "tokenizer.json").is_file() and not (destination / "tokenizer.json").is_symlink()
+    assert (destination / "tokenizer.json").read_text() == (gpt_oss_source / "tokenizer.json").read_text()
+
+
+# A child process that converts and is killed (SIGKILL: no cleanup can run) at a chosen moment:
+# after `--writes` tensors were written, or right after the `--moves`-th rename touching DST.
+KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+from defuser.offline import convert_checkpoint
+from defuser.offline import execute, safetensors_io
+source, destination, kind, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+calls = {"n": 0}
+
+def kill_after(function, touches_destination=lambda *args: True):
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if touches_destination(*args):
+            calls["n"] += 1
+            if calls["n"] == count:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapped
+
+if kind == "writes":
+    safetensors_io.ShardWriter.write = kill_after(safetensors_io.ShardWriter.write)
+else:
+    moves_destination = lambda *paths: any(Path(p) == destination for p in paths[:2])
+    os.rename = kill_after(os.rename, moves_destination)
+    os.replace = kill_after(os.replace, moves_destination)
+    try:
+        from defuser.offline import workspace
+    except ImportError:
+        workspace = None
+    if workspace is not None:
+        if kind == "moves-without-exchange":
+            workspace.exchange = lambda first, second: False
+        else:
+            workspace.exchange = kill_after(workspace.exchange, moves_destination)
+convert_checkpoint(source, destination, overwrite=True, progress=False)
+"""
+
+
+def _killed_run(source: Path, destination: Path, kind: str, count: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(source), str(destination), kind, str(count)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -9, done.stderr  # killed, as planned
+
+
+def test_a_killed_run_leaves_a_marked_folder_that_the_next_run_removes(gpt_oss_source, tmp_path, caplog):
+    from defuser.offline.workspace import MARKER_NAME
+
+    destination = tmp_path / "out"
+    _killed_run(gpt_oss_source, destination, "writes", 5)
+    (left,) = _leftovers(tmp_path, "out")
+    assert (tmp_path / left / MARKER_NAME).is_file(), "the temporary folder carries no marker"
+    assert not destination.exists()
+    unmarked = tmp_path / ".out.defuser-not-ours"  # our name, no marker: never removed
+    unmarked.mkdir()
+    (unmarked / "data").write_text("keep")
+    with caplog.at_level(logging.WARNING, logger="defuser"):
+        convert_checkpoint(gpt_oss_source, destination, progress=False)
+    assert _leftovers(tmp_path, "out") == [unmarked.name] and (unmarked / "data").read_text() == "keep"
+    assert f"removed {tmp_path / left}" in caplog.text
+    assert (destination / "model.safetensors").is_file() and not (destination / MARKER_NAME).exists()
+
+
+def test_the_folder_of_a_run_still_going_is_not_removed(tmp_path):
+    from defuser.offline.workspace import Workspace, remove_stale_workspaces
+
+    with Workspace(tmp_path, tmp_path / "out") as running:
+        assert remove_stale_workspaces(tmp_path) == []
+        assert running.folder.is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+# RENAME_EXCHANGE moves DST once; without it (other systems) DST is moved twice.
+@pytest.mark.parametrize(
+    ("kind", "count"), [("moves", 1), ("moves-without-exchange", 1), ("moves-without-exchange", 2)]
+)
+def test_overwrite_killed_at_any_rename_keeps_a_destination(gpt_oss_source, tmp_path, kind, count):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "config.json").write_text("old")
+    _killed_run(gpt_oss_source, destination, kind, count)
+    from defuser.offline.workspace import remove_stale_workspaces
+
+    remove_stale_workspaces(tmp_path)  # what the next run does first
+    assert destination.is_dir(), "a killed --overwrite left no destination"
+    old = (destination / "config.json").read_text() == "old" and len(list(destination.iterdir())) == 1
+    new = (destination / "model.safetensors").is_file()
+    assert old or new
+    if new:  # complete: every shard reads back, per-expert tensors included
+        assert any(".experts.0." in key for key in _checkpoint(destination))
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_overwrite_names_what_it_replaces(gpt_oss_source, tmp_path, caplog):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "config.json").write_text("old")
+    with caplog.at_level(logging.WARNING, logger="defuser"):
+        convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
+    assert f"replaced {destination}" in caplog.text
+    assert (destination / "model.safetensors").is_file()
+
+
+def test_overwrite_refuses_a_folder_that_is_no_checkpoint(gpt_oss_source, tmp_path):
+    destination = tmp_path / "home"
+    destination.mkdir()
+    (destination / "thesis.tex").write_text("years of work")
+    with pytest.raises(OfflineConversionError, match=r"home: holds no config\.json or safetensors file"):
+        convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
+    assert (destination / "thesis.tex").read_text() == "years of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert_checkpoint(gpt_oss_source, empty, overwrite=True, progress=False)
+    assert (empty / "model.safetensors").is_file()
+
+
+# Runs `defuser convert --dry-run` with its address space limited, so that a config that makes
+# it build something huge fails fast with MemoryError instead of filling the machine.
+LIMITED_RUN = """
+import resource, sys
+limit = int(sys.argv[1]) << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from defuser.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def mixtral_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixtral") / "fused"
+    _write_fused(build_tiny_model("mixtral"), folder, "state_dict")
+    return folder
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fused", "per-expert-reverse"])
+def test_a_config_far_from_its_checkpoint_is_refused_before_anything_large_is_built(mixtral_source, tmp_path, reverse):
+    source = tmp_path / "src"
+    if reverse:
+        convert_checkpoint(mixtral_source, source, progress=False)
+    else:
+        _copy_folder(mixtral_source, source)
+    config = json.loads((source / "config.json").read_text())
+    assert config["num_local_experts"] == 8
+    config["num_local_experts"] = 200_000
+    (source / "config.json").write_text(json.dumps(config))
+    arguments = ["convert", str(source), str(tmp_path / "out"), "--dry-run", *(["--reverse"] if reverse else [])]
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED_RUN, "3", *arguments], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    error = done.stderr.strip()
+    assert error.startswith("defuser convert: error: ") and "\n" not in error, error[-2000:]
+    assert "config.json: num_local_experts = 200000 does not fit the checkpoint" in error
+    assert ("model.safetensors holds" in error) != reverse
+
+
+def _header_file(path: Path, header: bytes) -> None:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+@pytest.mark.parametrize(
+    ("where", "content", "message"),
+    [
+        ("header", b"[" * 200_000 + b"]" * 200_000, r"model\.safetensors: not a valid safetensors file \(.*too deep"),
+        (
+            "header",
+            b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 0]}}',
+            r"model\.safetensors: not a valid safetensors file \(.*digits",
+        ),
+        ("index", b"[" * 200_000 + b"]" * 200_000, r"model\.safetensors\.index\.json: JSON nested too deep"),
+        (
+            "config",
+            b'{"model_type": "gpt_oss", "num_local_experts": ' + b"9" * 5000 + b"}",
+            r"config\.json: unreadable JSON \(.*digits",
+        ),
+        ("config", b'{"model_type": ["gpt_oss"]}', r"config\.json: field model_type is \['gpt_oss'\], not a string"),
+        (
+            "config",
+            b'{"model_type": "gpt_oss", "text_config": {"model_type": {}}}',
+            r"config\.json: field text_config\.model_type is \{\}, not a string",
+        ),
+    ],
+    ids=["deep-header", "long-int-header", "deep-index", "long-int-config", "list-model-type", "dict-model-type"],
+)
+def test_unreadable_files_get_one_line_naming_file_and_field(gpt_oss_source, tmp_path, capsys, where, content, message):
+    from defuser.cli import main
+
+    source = _copy_folder(gpt_oss_source, tmp_path / "src")
+    if where == "header":
+        _header_file(source / "model.safetensors", content)
+    elif where == "index":
+        (source / "model.safetensors.index.json").write_bytes(content)
+    else:
+        (source / "config.json").write_bytes(content)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--dry-run"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("defuser convert: error: ") and "\n" not in error, error[:500]
+    assert re.search(message, error), error[:500]
+
+
+class _FullDisk:
+    """A file object whose writes fail as on a full disk once ``room`` bytes are written."""
+
+    def __init__(self, handle, room: int):
+        self._handle, self._room = handle, room
+
+    def write(self, data) -> int:
+        import errno
+        import os
+
+        self._room -= len(data)
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def test_a_full_disk_names_the_file_being_written(gpt_oss_source, tmp_path, capsys, monkeypatch):
+    from defuser.cli import main
+    from defuser.offline import safetensors_io
+
+    def full_disk_open(path, mode="r"):
+        return _FullDisk(open(path, mode), 4096) if "w" in mode else open(path, mode)
+
+    monkeypatch.setattr(safetensors_io, "open", full_disk_open, raising=False)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # --quiet sets it; restored after the test
+    assert main(["--quiet", "convert", str(gpt_oss_source), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("defuser convert: error: ") and "\n" not in error
+    assert re.search(r"/model\.safetensors: cannot write \(No space left on device, errno 28\)", error), error
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_destination_back(gpt_oss_source, tmp_path, monkeypatch):
+    import os
+
+    from defuser.offline import workspace
+
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "config.json").write_text("old")
+    monkeypatch.setattr(workspace, "exchange", lambda first, second: False)  # a system without RENAME_EXCHANGE
+    rename, moves = os.rename, []
+
+    def interrupted_second_move(source, target):
+        moves.append(target)
+        if len(moves) == 2:  # DST -> old/ done, new/ -> DST not yet
+            raise KeyboardInterrupt("SIGTERM between the renames")
+        return rename(source, target)
+
+    monkeypatch.setattr(workspace.os, "rename", interrupted_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(gpt_oss_source, destination, overwrite=True, progress=False)
+    assert (destination / "config.json").read_text() == "old" and len(list(destination.iterdir())) == 1
+    assert _leftovers(tmp_path, "out") == []

@@ -13,8 +13,10 @@ keeps it true.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -746,9 +748,250 @@ def test_every_rejected_input_names_the_offending_value_and_changes_nothing(bad)
     assert model == "unchanged"
 
 
+# --- the bad-input table of `defuser convert` -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvertBadInput:
+    """One bad input to ``defuser convert``: how it is written, how to make it from a fresh tiny
+    fused qwen3_moe checkpoint ``SRC`` (8 experts) and the destination ``DST`` (returns the
+    extra command-line arguments), and the text its error line must contain (None: no error)."""
+
+    written: str
+    prepare: Callable[[Path, Path], list[str]]
+    names: str | None = None
+
+
+def _link_outside(source: Path, destination: Path) -> list[str]:
+    outside = source.parent / "elsewhere.json"
+    outside.write_text('{"private": true}')
+    (source / "tokenizer_config.json").symlink_to(outside)
+    return []
+
+
+def _link_to_dev_zero(source: Path, destination: Path) -> list[str]:
+    (source / "tokenizer_config.json").symlink_to("/dev/zero")
+    return []
+
+
+def _killed_run_left(source: Path, destination: Path) -> list[str]:
+    """The temporary folder of a run killed with SIGKILL half-way (a real kill, in a child),
+    and a folder with a name like ours but no marker."""
+    import subprocess
+
+    killed = (
+        "import os, sys\nfrom pathlib import Path\nfrom defuser.offline.workspace import Workspace\n"
+        "workspace = Workspace(Path(sys.argv[1]), Path(sys.argv[2])).__enter__()\n"
+        "(workspace.folder / 'model.safetensors').write_bytes(b'half')\nos.kill(os.getpid(), 9)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, str(destination.parent), str(destination)], timeout=120)
+    assert done.returncode == -9
+    unmarked = destination.parent / f".{destination.name}.defuser-not-ours"
+    unmarked.mkdir()
+    (unmarked / "notes.txt").write_text("kept")
+    return []
+
+
+def _not_a_checkpoint(source: Path, destination: Path) -> list[str]:
+    destination.mkdir()
+    (destination / "thesis.tex").write_text("years of work")
+    return ["--overwrite"]
+
+
+def _old_checkpoint(source: Path, destination: Path) -> list[str]:
+    shutil.copytree(source, destination)
+    return ["--overwrite"]
+
+
+def _huge_expert_count(source: Path, destination: Path) -> list[str]:
+    config = json.loads((source / "config.json").read_text())
+    config["num_local_experts"] = 200_000
+    (source / "config.json").write_text(json.dumps(config))
+    return ["--dry-run"]
+
+
+def _header(text: bytes) -> Callable[[Path, Path], list[str]]:
+    def prepare(source: Path, destination: Path) -> list[str]:
+        raw = text + b" " * (-len(text) % 8)
+        (source / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+        return []
+
+    return prepare
+
+
+def _list_model_type(source: Path, destination: Path) -> list[str]:
+    config = json.loads((source / "config.json").read_text())
+    config["model_type"] = ["qwen3_moe"]
+    (source / "config.json").write_text(json.dumps(config))
+    return []
+
+
+@contextlib.contextmanager
+def _full_disk_after(room: int) -> Iterator[None]:
+    """Every safetensors file written fails with ``[Errno 28]`` once ``room`` bytes are in it."""
+    import errno
+    import os
+
+    from defuser.offline import safetensors_io
+
+    class FullDisk:
+        def __init__(self, handle: Any):
+            self.handle, self.room = handle, room
+
+        def write(self, data: Any) -> int:
+            self.room -= len(data)
+            if self.room < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.handle, name)
+
+    def full_disk_open(path: Any, mode: str = "r") -> Any:
+        return FullDisk(open(path, mode)) if "w" in mode else open(path, mode)
+
+    safetensors_io.open = full_disk_open
+    try:
+        yield
+    finally:
+        del safetensors_io.open
+
+
+CONVERT_BAD_INPUTS = [
+    ConvertBadInput("SRC/tokenizer_config.json is a symlink to a file outside SRC", _link_outside, "tokenizer_config"),
+    ConvertBadInput("SRC/tokenizer_config.json is a symlink to /dev/zero", _link_to_dev_zero, "tokenizer_config"),
+    ConvertBadInput(
+        "DST's parent holds the temporary folder of a run killed with SIGKILL "
+        "(and an unmarked `.DST.defuser-not-ours/`)",
+        _killed_run_left,
+    ),
+    ConvertBadInput("`--overwrite` onto a DST holding no checkpoint (`thesis.tex`)", _not_a_checkpoint, "DST: holds"),
+    ConvertBadInput("`--overwrite` onto a DST holding an older checkpoint", _old_checkpoint),
+    ConvertBadInput(
+        '`--dry-run` with `"num_local_experts": 200000` in config.json against the 8-expert checkpoint',
+        _huge_expert_count,
+        "config.json: num_local_experts = 200000",
+    ),
+    ConvertBadInput(
+        "SRC/model.safetensors whose header nests 200,000 deep",
+        _header(b"[" * 200_000 + b"]" * 200_000),
+        "model.safetensors",
+    ),
+    ConvertBadInput(
+        "SRC/model.safetensors whose header holds a 5,000-digit integer",
+        _header(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 0]}}'),
+        "model.safetensors",
+    ),
+    ConvertBadInput('`"model_type": ["qwen3_moe"]` in SRC/config.json', _list_model_type, "model_type"),
+    ConvertBadInput("the disk fills up while a shard is written", lambda source, destination: [], "model.safetensors"),
+]
+
+
+def _tiny_checkpoint(folder: Path) -> Path:
+    """A fused tiny qwen3_moe checkpoint (its state dict as it is) in ``folder``."""
+    from safetensors.torch import save_file
+
+    model = build_tiny_model("qwen3_moe")
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    return folder
+
+
+def _contents(folder: Path) -> dict[str, bytes] | None:
+    """Every file under ``folder`` by relative path; ``None`` when there is no folder."""
+    if not folder.is_dir():
+        return None
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def _convert_outcome(bad: ConvertBadInput, root: Path, checkpoint: Path) -> tuple[str, str]:
+    """``(what `defuser convert SRC DST` prints, what became of DST)`` for one bad input, in a
+    fresh folder under ``root`` with paths written as SRC and DST."""
+    import io
+    import os
+
+    from defuser.cli import main
+
+    work = root / re.sub(r"\W+", "-", bad.written)[:60]
+    work.mkdir()
+    source, destination = shutil.copytree(checkpoint, work / "SRC"), work / "DST"
+    arguments = bad.prepare(source, destination)
+    before = _contents(destination)
+    out, err = io.StringIO(), io.StringIO()
+    full_disk = _full_disk_after(4096) if "disk fills up" in bad.written else contextlib.nullcontext()
+    progress = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with _warnings() as warnings, full_disk, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["convert", str(source), str(destination), *arguments])
+    finally:
+        if progress is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = progress
+    printed = out.getvalue().splitlines()
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("defuser convert: error")]
+    lines += [line for line in printed if line.startswith(("replaces:", "dry run"))]
+    lines += [f"warning: {message}" for message in warnings if "RoPE" not in message]
+    lines += [line for line in printed if line.startswith("wrote ")]
+    got = f"exit {code}: " + "; ".join(lines)
+    got = got.replace(str(source), "SRC").replace(str(destination), "DST").replace(f"{work}/", "")
+    got = re.sub(r"\.defuser-(?!not-ours)\w+", ".defuser-XXXX", got)
+    got = re.sub(r" in \d+\.\d s", " in <t> s", got)
+    left = sorted(p.name for p in destination.parent.iterdir() if p.name.startswith(".DST.defuser-"))
+    after = _contents(destination)
+    if after is None:
+        state = "absent"
+    elif before is None:
+        state = "written"
+    else:
+        state = "unchanged" if after == before else "replaced"
+    return got, state + (f"; beside it: {', '.join(left)}" if left else "")
+
+
+def convert_bad_inputs_markdown() -> str:
+    """The second table of ``docs/bad-inputs.md``: bad inputs to ``defuser convert``."""
+    import tempfile
+
+    rows = ["| `defuser convert SRC DST` input | what it prints | DST |", "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        checkpoint = _tiny_checkpoint(root / "checkpoint")
+        for bad in CONVERT_BAD_INPUTS:
+            got, state = _convert_outcome(bad, root, checkpoint)
+            cell = got.replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| {bad.written} | {cell} | {state} |")
+    return "\n".join(rows)
+
+
+def _convert_table_in(text: str) -> str:
+    match = re.search(r"^\| `defuser convert SRC DST` input \|.*?(?=\n\n|\n?\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"no defuser convert table in {BAD_INPUTS_DOC}"
+    return match.group(0)
+
+
+def test_the_convert_bad_input_table_is_true():
+    assert _convert_table_in(BAD_INPUTS_DOC.read_text()) == convert_bad_inputs_markdown(), (
+        f"{BAD_INPUTS_DOC.relative_to(ROOT)} is out of date: run `python tests/test_faults.py` to rewrite it"
+    )
+
+
+@pytest.mark.parametrize("bad", CONVERT_BAD_INPUTS, ids=lambda bad: bad.written)
+def test_every_convert_bad_input_gets_one_line_naming_it(bad, tmp_path):
+    got, state = _convert_outcome(bad, tmp_path, _tiny_checkpoint(tmp_path / "checkpoint"))
+    if bad.names is None:
+        assert got.startswith("exit 0: ") and state.startswith(("written", "replaced")), got
+        assert ".DST.defuser-XXXX" not in state
+    else:
+        assert got.startswith("exit 1: defuser convert: error: ") and bad.names in got, got
+        assert got.count("defuser convert: error") == 1
+        assert state in ("absent", "unchanged"), state
+
+
 def _rewrite_doc() -> None:
     text = BAD_INPUTS_DOC.read_text()
-    BAD_INPUTS_DOC.write_text(text.replace(_table_in(text), bad_inputs_markdown()))
+    text = text.replace(_table_in(text), bad_inputs_markdown())
+    BAD_INPUTS_DOC.write_text(text.replace(_convert_table_in(text), convert_bad_inputs_markdown()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ Modules, bottom up: :mod:`~defuser.offline.safetensors_io` (the file format),
 :mod:`~defuser.offline.checkpoint` (source and destination folders),
 :mod:`~defuser.offline.model_layout` (fused tensors of the model and how they split),
 :mod:`~defuser.offline.plan` (every step decided, and told, before writing),
-:mod:`~defuser.offline.execute` (writing, verifying, renaming into place).
+:mod:`~defuser.offline.workspace` (the marked temporary folder, swapping it into place, and
+removing what killed runs left), :mod:`~defuser.offline.execute` (writing, verifying,
+renaming into place).
 """
 
 from defuser.offline.checkpoint import Checkpoint, open_checkpoint

@@ -2,7 +2,8 @@
 (peak memory one fused tensor plus one expert's slice), the index and the other files are
 added, the written headers are checked against the plan and the source's element counts, and
 only then is the folder renamed into place.  Anything that stops it, SIGTERM included, removes
-the temporary folder and leaves the destination as it was."""
+the temporary folder and leaves the destination as it was; what SIGKILL leaves behind is
+removed by the next run (:mod:`defuser.offline.workspace`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import torch
 from tqdm.auto import tqdm
 
-from defuser.offline.checkpoint import INDEX_NAME, Checkpoint, check_destination
+from defuser.offline.checkpoint import INDEX_NAME, Checkpoint, check_destination, checked_file
 from defuser.offline.plan import ConversionPlan, Step, plan_conversion
 from defuser.offline.safetensors_io import (
     OfflineConversionError,
@@ -32,7 +32,9 @@ from defuser.offline.safetensors_io import (
     read_safetensors_header,
     read_tensor,
     same_width_int,
+    written_to,
 )
+from defuser.offline.workspace import Workspace, remove_stale_workspaces
 
 __all__ = ["ConversionReport", "convert_checkpoint", "execute_plan"]
 
@@ -152,14 +154,18 @@ def _write_index(plan: ConversionPlan, folder: Path) -> None:
         metadata["total_parameters"] = sum(tensor.numel for shard in plan.shards for tensor in shard.tensors)
     weight_map = {tensor.name: shard.name for shard in plan.shards for tensor in shard.tensors}
     index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    with written_to(folder / INDEX_NAME):
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _copy_files(plan: ConversionPlan, folder: Path) -> None:
     for relative in plan.files:
+        # Checked again here: the plan was made earlier, and the file may have changed since.
+        source = checked_file(plan.source, relative).resolve()
         target = folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan.source / relative, target)  # follows symlinks (hub cache snapshots)
+        with written_to(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
 
 
 def _verify(plan: ConversionPlan, folder: Path) -> None:
@@ -197,45 +203,29 @@ def _verify(plan: ConversionPlan, folder: Path) -> None:
 
 def execute_plan(plan: ConversionPlan, progress: bool | None = None) -> float:
     """Carry out ``plan``: write every shard into a temporary folder beside the destination,
-    write the index (more than one shard) and the non-weight files, verify, then rename the
-    folder into place (replacing an old destination only when the plan allows it).  Anything
-    that stops it, an interrupt included, removes the temporary folder and leaves the
-    destination as it was.  Returns the seconds it took.  ``progress=None`` shows a tqdm bar on
-    a terminal."""
+    write the index (more than one shard) and the non-weight files, verify, then move the
+    folder into place (replacing an old destination only when the plan allows it, atomically
+    where the system can; see :mod:`defuser.offline.workspace`).  Anything that stops it, an
+    interrupt included, removes the temporary folder and leaves the destination as it was;
+    temporary folders of earlier runs that were killed are removed first.  Returns the seconds
+    it took.  ``progress=None`` shows a tqdm bar on a terminal."""
     started = time.perf_counter()
     check_destination(plan.source, plan.destination, plan.overwrite)
     parent = plan.destination.resolve().parent
+    remove_stale_workspaces(parent)
     free = shutil.disk_usage(parent).free
     if free < plan.nbytes:
         raise OfflineConversionError(f"{parent}: {free:,} bytes free, the result needs {plan.nbytes:,}")
     if plan.layout is None:
         raise OfflineConversionError("the plan carries no model layout (make it with plan_conversion)")
-    temporary = Path(tempfile.mkdtemp(prefix=f".{plan.destination.name}.defuser-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it private; DST gets a plain folder's mode
-    old: Path | None = None
-    try:
-        with _terminate_as_interrupt():
-            disable = None if progress is None else not progress
-            with tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=disable) as bar:
-                _write_shards(plan, temporary, bar)
-            _write_index(plan, temporary)
-            _copy_files(plan, temporary)
-            _verify(plan, temporary)
-            if plan.destination.exists():
-                # Moved aside, not deleted, until the new folder is in place: a failure restores it.
-                old = Path(tempfile.mkdtemp(prefix=f".{plan.destination.name}.defuser-old-", dir=parent))
-                os.replace(plan.destination, old / "previous")
-            os.replace(temporary, plan.destination)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not plan.destination.exists():
-            os.replace(old / "previous", plan.destination)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    with Workspace(parent, plan.destination) as workspace, _terminate_as_interrupt():
+        disable = None if progress is None else not progress
+        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=disable) as bar:
+            _write_shards(plan, workspace.folder, bar)
+        _write_index(plan, workspace.folder)
+        _copy_files(plan, workspace.folder)
+        _verify(plan, workspace.folder)
+        workspace.install()
     seconds = time.perf_counter() - started
     logger.info("wrote %s: %d shard(s), %d bytes in %.1f s", plan.destination, len(plan.shards), plan.nbytes, seconds)
     return seconds

@@ -248,11 +248,16 @@ def _tail(path: str, name: str) -> str:
     return path.rsplit(".", 1)[-1] + name[len(path) :]
 
 
-def describe_model_layout(config: Any) -> ModelLayout:
+def describe_model_layout(
+    config: Any, check_fused: Callable[[dict[str, FusedSpec]], None] | None = None
+) -> ModelLayout:
     """Build the model of ``config`` on the meta device, find its fused tensors with the installed
     plugins and check that splitting them as planned gives exactly the names and shapes that
     ``convert_model`` gives (an error names the module otherwise); the pieces' saved names are
-    what ``save_pretrained`` of the converted model writes."""
+    what ``save_pretrained`` of the converted model writes.  ``check_fused`` sees the fused
+    tensors (key -> spec) before ``convert_model`` builds one module per expert, which costs
+    memory in proportion to the expert count the config gives: a config far from its
+    checkpoint is refused there, cheaply."""
     from defuser.api import convert_model, find_candidates
     from defuser.report import model_on_meta
 
@@ -263,6 +268,8 @@ def describe_model_layout(config: Any) -> ModelLayout:
     if not candidates:
         raise OfflineConversionError(f"nothing to defuse in {type(model).__name__} ({model_type})")
     specs = {spec.key: spec for candidate in candidates for spec in _specs_of(candidate, before)}
+    if check_fused is not None:
+        check_fused(specs)
     if not convert_model(model):
         raise OfflineConversionError(f"convert_model defuses nothing in {type(model).__name__} ({model_type})")
     after = {key: tuple(value.shape) for key, value in model.state_dict().items()}

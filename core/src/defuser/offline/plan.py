@@ -17,6 +17,8 @@ from defuser.offline.checkpoint import (
     INDEX_NAME,
     Checkpoint,
     check_destination,
+    checked_file,
+    load_json,
     open_checkpoint,
     other_files,
     shard_file_names,
@@ -134,7 +136,13 @@ def plan_conversion(
         raise OfflineConversionError(f"{src}: no such folder")
     check_destination(src, dst, overwrite)
     checkpoint = open_checkpoint(src)
-    model = describe_model_layout(load_config(str(src)))
+    config_path = _check_config_file(src)
+    try:
+        config = load_config(str(src))
+    except (TypeError, AttributeError, RecursionError) as error:  # a field of a type transformers does not expect
+        what = f"{type(error).__name__}: {error}"
+        raise OfflineConversionError(f"{config_path}: transformers cannot read it ({what})") from None
+    model = describe_model_layout(config, lambda specs: _check_config_fits(specs, checkpoint, config, config_path))
     keys = list(checkpoint.tensors)
     source_prefix, model_prefix = _prefixes(keys, model)
 
@@ -215,6 +223,107 @@ def plan_conversion(
         index_metadata=checkpoint.index_metadata,
         layout=model,
     )
+
+
+def _check_config_file(folder: Path) -> Path:
+    """``config.json`` of ``folder`` read as plain JSON first, so that a file transformers
+    would choke on (bad JSON, nested too deep, an over-long integer, a ``model_type`` that is
+    no string) gets an error naming the file and the field."""
+    path = folder / "config.json"
+    if not (path.exists() or path.is_symlink()):
+        raise OfflineConversionError(f"{folder}: no config.json there")
+    document = load_json(checked_file(folder, "config.json"))
+    if not isinstance(document, dict):
+        raise OfflineConversionError(f"{path}: not a JSON object")
+    stack: list[tuple[str, dict]] = [("", document)]
+    while stack:
+        prefix, section = stack.pop()
+        for name, value in section.items():
+            if name == "model_type" and not isinstance(value, str):
+                raise OfflineConversionError(f"{path}: field {prefix}model_type is {value!r}, not a string")
+            if isinstance(value, dict):
+                stack.append((f"{prefix}{name}.", value))
+    return path
+
+
+def _config_fields(config: Any, value: int) -> list[str]:
+    """The fields of ``config`` (sub-configs included, dotted) whose value is ``value``."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", config.to_dict())]
+    while stack:
+        prefix, section = stack.pop()
+        for name, item in section.items():
+            if isinstance(item, dict):
+                stack.append((f"{prefix}{name}.", item))
+            elif isinstance(item, int) and not isinstance(item, bool) and item == value:
+                found.append(prefix + name)
+    return sorted(found)
+
+
+def _suffix_index(keys: list[str]) -> dict[str, list[str]]:
+    """Every dotted suffix of every key -> the keys that end with it."""
+    index: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        for start in range(len(parts)):
+            index.setdefault(".".join(parts[start:]), []).append(key)
+    return index
+
+
+def _held_as(spec: FusedSpec, suffixes: dict[str, list[str]]) -> str | None:
+    """The checkpoint key of ``spec``'s fused tensor, matched on the key from its layer number on
+    (the checkpoint may add or drop a wrapper's prefix); ``None`` when there is none or no single one."""
+    parts = spec.key.split(".")
+    numbers = [index for index, part in enumerate(parts) if part.isdigit()]
+    start = max(numbers[-1] - 1, 0) if numbers else len(parts) - len(spec.tail.split("."))
+    held = suffixes.get(".".join(parts[start:]), [])
+    return held[0] if len(held) == 1 else None
+
+
+def _check_config_fits(specs: dict[str, FusedSpec], checkpoint: Checkpoint, config: Any, config_path: Path) -> None:
+    """Refuse a config whose fused tensors disagree with the checkpoint before the model is
+    converted (one module per expert: a config giving 200000 experts would exhaust memory
+    first).  A fused tensor the checkpoint holds must have the model's shape (or its last two
+    dimensions swapped); per-expert tensors must reach the model's last expert.  The error
+    names the config fields that give the disagreeing size and the checkpoint file."""
+    suffixes = _suffix_index(list(checkpoint.tensors))
+    expert_indices: dict[str, int] = {}
+    for key in checkpoint.tensors:
+        parts = key.split(".")
+        for position in range(len(parts) - 1):
+            if parts[position + 1].isdigit():
+                leaf = parts[position]
+                expert_indices[leaf] = max(expert_indices.get(leaf, -1), int(parts[position + 1]))
+
+    def refuse(model_size: int, held: str, what: str) -> OfflineConversionError:
+        fields = _config_fields(config, model_size)
+        named = " / ".join(f"{field} = {model_size}" for field in fields) if fields else f"a size of {model_size}"
+        return OfflineConversionError(f"{config_path}: {named} does not fit the checkpoint: {held} {what}")
+
+    for spec in specs.values():
+        key = _held_as(spec, suffixes)
+        if key is not None:
+            entry, shape = checkpoint.tensors[key], tuple(spec.shape)
+            swapped = (*shape[:-2], shape[-1], shape[-2]) if len(shape) >= 2 else shape
+            if entry.shape in (shape, swapped):
+                continue
+            differs = next((ours for ours, theirs in zip(shape, entry.shape, strict=False) if ours != theirs), shape[0])
+            raise refuse(
+                differs,
+                checkpoint.shard_of[key],
+                f"holds {key!r} as {list(entry.shape)}, the model of config.json needs {list(shape)}",
+            )
+        if spec.role == "dense":
+            continue
+        experts = spec.layout.num_experts if spec.role != "parallel" else spec.shape[0]
+        leaf = spec.path.rsplit(".", 1)[-1]
+        found = expert_indices.get(leaf)
+        if found is not None and found + 1 < experts:
+            raise refuse(
+                experts,
+                f"{checkpoint.folder}",
+                f"holds {leaf}.0 to {leaf}.{found} only, the model of config.json has {experts} of them",
+            )
 
 
 def _planned_output(name: str, dtype: str, shape: tuple[int, ...]) -> OutputTensor:
@@ -349,6 +458,8 @@ def format_plan(plan: ConversionPlan) -> str:
     index = f" + {INDEX_NAME}" if len(plan.shards) > 1 else ""
     lines.append(f"output: {count:,} tensors, {_size(plan.nbytes)} in {shard_names}{more}{index}")
     lines.append(f"other files copied: {', '.join(plan.files) if plan.files else 'none'}")
+    if plan.overwrite and plan.destination.is_dir():
+        lines.append(f"replaces: {plan.destination} (its present content is removed once the result is in place)")
     if plan.skipped:
         lines.append(f"weight files left out (not part of the safetensors checkpoint): {', '.join(plan.skipped)}")
     return "\n".join(lines)

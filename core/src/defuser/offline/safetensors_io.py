@@ -4,6 +4,7 @@ streaming writer that emits the header first and each tensor's bytes as soon as 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -26,6 +27,7 @@ __all__ = [
     "read_safetensors_header",
     "read_tensor",
     "same_width_int",
+    "written_to",
 ]
 
 # Bytes of one element per safetensors dtype.  Tensors of other dtypes (sub-byte formats) are
@@ -117,6 +119,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise invalid(f"header is not JSON: {error}") from None
+        except RecursionError:
+            raise invalid("header is JSON nested too deep to read") from None
+        except ValueError as error:  # an integer beyond sys.get_int_max_str_digits()
+            raise invalid(f"header is unreadable JSON: {str(error).split(';')[0]}") from None
     if not isinstance(header, dict):
         raise invalid("header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -148,6 +154,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
     if position != size:
         raise invalid("the tensors do not cover the data exactly")
     return {entry.name: entry for entry in entries}, metadata
+
+
+@contextlib.contextmanager
+def written_to(path: Path) -> Iterator[None]:
+    """An ``OSError`` while writing ``path`` (a full disk: ``[Errno 28]``) becomes an
+    :class:`OfflineConversionError` that names the file."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OfflineConversionError(f"{path}: cannot write ({reason}, errno {error.errno})") from error
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -194,8 +211,9 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
         self.path = path
         self._pending = list(reversed(tensors))
-        self._handle = open(path, "wb")  # closed by close() or abort()
-        self._handle.write(struct.pack("<Q", len(raw)) + raw)
+        with written_to(path):
+            self._handle = open(path, "wb")  # closed by close() or abort()
+            self._handle.write(struct.pack("<Q", len(raw)) + raw)
 
     def _next(self, name: str, nbytes: int) -> None:
         expected = self._pending.pop() if self._pending else None
@@ -210,7 +228,8 @@ class ShardWriter:
         tensor = tensor.contiguous()
         data = byte_view(tensor)
         self._next(name, len(data))
-        self._handle.write(data)
+        with written_to(self.path):
+            self._handle.write(data)
         return len(data)
 
     def copy(self, entry: TensorEntry, source: BinaryIO, buffer: torch.Tensor, name: str) -> Iterator[int]:
@@ -221,7 +240,8 @@ class ShardWriter:
         while done < entry.nbytes:
             count = min(len(view), entry.nbytes - done)
             _read_exact(source, entry.start + done, view[:count])
-            self._handle.write(view[:count])
+            with written_to(self.path):
+                self._handle.write(view[:count])
             done += count
             yield count
 
@@ -229,10 +249,12 @@ class ShardWriter:
         """Flush to disk; fails when planned tensors were not written."""
         if self._pending:
             raise OfflineConversionError(f"{self.path.name}: {self._pending[-1].name!r} was planned but not written")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        with written_to(self.path):
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
 
     def abort(self) -> None:
         """Close without checks (the folder is about to be removed)."""
-        self._handle.close()
+        with contextlib.suppress(OSError):  # unflushed bytes on a full disk: the file goes anyway
+            self._handle.close()
