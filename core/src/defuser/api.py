@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
-from defuser.engine.detect import iter_typed_modules, layer_index, parents_of, root_model_type
+from defuser.engine.detect import Parents, iter_typed_modules, layer_index, parents_of, root_model_type
 from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
@@ -21,7 +22,7 @@ from defuser.engine.selfcheck import SelfCheck
 from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
-from defuser.filtering import compile_filter
+from defuser.filtering import PathFilter, compile_filter
 from defuser.modeling.replace_modules import remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
@@ -52,11 +53,12 @@ def _check_max_layers(max_layers: object) -> int | None:
     return max_layers
 
 
-def _detect(model: nn.Module) -> list[Candidate]:
-    """Every fused block of ``model`` and who defuses it, refused ones included."""
+def _detect(model: nn.Module, parents: Parents | None = None) -> list[Candidate]:
+    """Every fused block of ``model`` and who defuses it, refused ones included (one walk of
+    the model, which also fills ``parents`` when given)."""
     manager = get_plugin_manager()
     found = []
-    for path, module, model_type in iter_typed_modules(model):
+    for path, module, model_type in iter_typed_modules(model, parents):
         candidate = manager.detect(module, path, model_type)
         if candidate is not None:
             if candidate.generic and not candidate.refusal and manager.owner_of(model_type) is None:
@@ -86,15 +88,16 @@ def _refusal_error(refused: list[Candidate]) -> ConversionError:
     )
 
 
-def _install(model: nn.Module, old: nn.Module, replacement: nn.Module) -> None:
-    """Put ``replacement`` wherever ``old`` sits in ``model``; when ``old`` is ``model`` itself
-    (a bare experts module converted on its own), ``model`` becomes ``replacement`` in place."""
+def _install(model: nn.Module, old: nn.Module, replacement: nn.Module, parents: Parents | None = None) -> None:
+    """Put ``replacement`` wherever ``old`` sits in ``model`` (``parents``, recorded by the walk
+    that found it, saves walking the model again); when ``old`` is ``model`` itself (a bare
+    experts module converted on its own), ``model`` becomes ``replacement`` in place."""
     if replacement is old:
         return
     if old is model:
         _become(model, replacement)
         return
-    for parent, name in parents_of(model, old):
+    for parent, name in parents_of(model, old, parents):
         parent._modules[name] = replacement
 
 
@@ -156,11 +159,37 @@ def convert_model(
     rules = compile_filter(filter)
     if not transformers_supported("convert_model"):
         return False
+    with _collector_paused():
+        return _convert(model, cleanup_original, limit, rules)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (back as it was after).
+
+    A conversion makes tens of thousands of modules, each with a dozen tracked containers;
+    the collector would otherwise traverse the whole growing model again and again while
+    they are made (measured: most of a zero-copy conversion's time).  Modules hold no
+    cycles to collect; what becomes garbage is freed by reference counting as before.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules: PathFilter) -> bool:
     manager = get_plugin_manager()
     check = SelfCheck(model, manager)  # reads DEFUSER_VERIFY
     register_experts_implementation()
+    # One walk of the model finds the candidates and where each sits (where to install its
+    # replacement): nothing below walks the whole model again.
+    parents: Parents = {}
     selected = []
-    for candidate in _detect(model):
+    for candidate in _detect(model, parents):
         index = layer_index(candidate.path)
         if limit is not None and (index is None or index >= limit):
             continue
@@ -173,6 +202,8 @@ def convert_model(
     refused = [candidate for candidate in selected if candidate.refusal]
     if refused:
         raise _refusal_error(refused)
+    if _nested(selected):  # an outer replacement may hold an inner candidate: find parents anew
+        parents = None
     # Under a distributed plan: anything defuser cannot convert exactly is refused before any change.
     shardings = refuse_unsupported(model, selected)
     count = len(selected)
@@ -199,7 +230,7 @@ def convert_model(
                     _drop_fused_tensors(candidate.module)
                 else:  # materialize_model (Defuser's name) releases them later
                     remember_original(candidate.module, _fused_tensor_names(candidate))
-            _install(model, candidate.module, replacement)
+            _install(model, candidate.module, replacement, parents)
             logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
             del candidate, replacement
             progress.update()
@@ -211,6 +242,16 @@ def convert_model(
     attach_save_mapping(model)
     _patch_model(model)
     return True
+
+
+def _nested(candidates: list[Candidate]) -> bool:
+    """True when a candidate lies inside another one (the model itself included)."""
+    paths = {candidate.path for candidate in candidates}
+    for path in paths:
+        parts = path.split(".") if path else []
+        if any(".".join(parts[:depth]) in paths for depth in range(len(parts))):
+            return True
+    return False
 
 
 def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
