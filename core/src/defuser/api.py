@@ -208,6 +208,11 @@ def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules:
     shardings = refuse_unsupported(model, selected)
     count = len(selected)
     shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
+    # The stock checkpoint mapping the save mapping builds on, read while the model still has
+    # its few fused modules (transformers walks every module to read it).
+    from defuser.engine.checkpoint import attach_save_mapping, stock_save_conversions
+
+    stock = stock_save_conversions(model)
     # The first module of each class and layout is defused and self-checked before any other,
     # and installed only once all of them passed: a failed check leaves the model as it was.
     first = check.first_modules(selected)
@@ -237,9 +242,8 @@ def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules:
     check.report()
     logger.info("defused %d module(s) of %s", count, type(model).__name__)
     # save_pretrained writes the per-expert keys under the names stock transformers loads.
-    from defuser.engine.checkpoint import attach_save_mapping
-
-    attach_save_mapping(model)
+    if stock is not None:
+        attach_save_mapping(model, stock)
     _patch_model(model)
     return True
 

@@ -174,9 +174,20 @@ def _attribute_path(module: Any, path: str) -> Any:
 def _empty_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_requires_grad: bool
 ) -> nn.Linear:
-    """A new Linear shaped like ``weight``, built under the caller's device context (pre-load)."""
+    """A new Linear shaped like ``weight``, its tensors made under the caller's device context
+    (pre-load) and left uninitialised, as the fused class leaves its ``torch.empty`` tensors:
+    the checkpoint loader fills them, or transformers' weight initialisation does (it
+    initialises every ``nn.Linear``).  ``nn.Linear.__init__`` would initialise each one
+    (kaiming) only to be overwritten: at hundreds of experts per layer that cost most of
+    building a defused model."""
     out_features, in_features = weight.shape
-    return nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
+    layer = blank_module(nn.Linear)
+    state = layer.__dict__
+    state["in_features"], state["out_features"] = in_features, out_features
+    # requires_grad as nn.Linear gives it: a model built before load trains all its weights.
+    state["_parameters"]["weight"] = nn.Parameter(torch.empty(out_features, in_features, dtype=weight.dtype))
+    state["_parameters"]["bias"] = None if bias is None else nn.Parameter(torch.empty(out_features, dtype=weight.dtype))
+    return layer
 
 
 class DefusedExperts(nn.ModuleList):
