@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -16,6 +15,7 @@ from defuser.engine.detect import Parents, iter_typed_modules, layer_index, pare
 from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
+from defuser.engine.layout import collector_paused
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
 from defuser.engine.selfcheck import SelfCheck
@@ -159,26 +159,9 @@ def convert_model(
     rules = compile_filter(filter)
     if not transformers_supported("convert_model"):
         return False
-    with _collector_paused():
+    # Thousands of modules made: see collector_paused.
+    with collector_paused():
         return _convert(model, cleanup_original, limit, rules)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the block (back as it was after).
-
-    A conversion makes tens of thousands of modules, each with a dozen tracked containers;
-    the collector would otherwise traverse the whole growing model again and again while
-    they are made (measured: most of a zero-copy conversion's time).  Modules hold no
-    cycles to collect; what becomes garbage is freed by reference counting as before.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules: PathFilter) -> bool:

@@ -27,6 +27,7 @@ from defuser.engine.inplace import in_place_relayout
 from defuser.engine.layout import (
     Consumed,
     blank_module,
+    collector_paused,
     expert_weights,
     fused_tensors,
     join_gate_up,
@@ -227,6 +228,10 @@ class DefusedExperts(nn.ModuleList):
         return instance
 
     def _populate(self, fused: nn.Module, layout: ExpertsLayout, materialize: bool) -> None:
+        with collector_paused():  # thousands of modules made (see collector_paused)
+            self._populate_paused(fused, layout, materialize)
+
+    def _populate_paused(self, fused: nn.Module, layout: ExpertsLayout, materialize: bool) -> None:
         self._fused_shapes = {
             name: (tuple(tensor.shape), tensor.dtype) for name, tensor in fused.named_parameters(recurse=False)
         }
@@ -255,9 +260,11 @@ class DefusedExperts(nn.ModuleList):
             _releasing(fused, layout) if materialize else None,
             in_place_relayout(fused, layout) if materialize else None,
         )
+        # Built before load, every expert takes only shapes and dtypes: those of expert 0.
+        shapes_only = expert_weights(stacked, 0) if not materialize and layout.num_experts else None
+        build = linear_from if materialize else _empty_linear
         for index in range(layout.num_experts):
-            weights = expert_weights(stacked, index)
-            build = linear_from if materialize else _empty_linear
+            weights = shapes_only or expert_weights(stacked, index)
             gate_proj = (
                 build(weights.gate, weights.gate_bias, *tensors.grads_of("gate")) if weights.gate is not None else None
             )

@@ -7,7 +7,9 @@ projection of a module, on the tensor's own device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ __all__ = [
     "ExpertWeights",
     "FusedTensors",
     "blank_module",
+    "collector_paused",
     "dense_copy",
     "dense_per_expert",
     "expert_weights",
@@ -135,6 +138,25 @@ def split_gate_up(
     halves = dense_copy(stack.unflatten(dim, (size, 2)).movedim(dim + 1, 1))
     first, second = halves[:, 0], halves[:, 1]
     return (first, second) if layout.gate_first else (second, first)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (back as it was after; blocks nest).
+
+    Defusing makes tens of thousands of modules, each with a dozen containers the collector
+    tracks; left on, it traverses the whole growing model again and again while they are
+    made (measured: most of a zero-copy conversion's time on a 61-layer model).  Modules make
+    no reference cycles to collect; what becomes garbage is freed by reference counting as
+    before, and any cycle is collected once the collector runs again.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # The state ``nn.Module.__init__`` leaves, split into plain values (shared) and a maker for
