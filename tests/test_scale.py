@@ -13,9 +13,10 @@ from defuser.engine.layout import blank_module
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 
 
-def _walks_of_converting(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> int:
-    """How many times converting ``model`` walks it from the root: defuser's own walk, and
-    ``named_modules``/``modules`` called on the root (by defuser or by what it calls)."""
+def _walks_of(action, model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many times ``action(model)`` (which must return True) walks ``model`` from the root:
+    defuser's own walk, and ``named_modules``/``modules`` called on the root (by defuser or by
+    what it calls)."""
     walks = 0
     stock_named_modules = nn.Module.named_modules
     stock_walk = defuser.api.iter_typed_modules
@@ -35,13 +36,13 @@ def _walks_of_converting(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> i
     with monkeypatch.context() as patched:
         patched.setattr(nn.Module, "named_modules", counting_named_modules)
         patched.setattr(defuser.api, "iter_typed_modules", counting_walk)
-        assert defuser.convert_model(model)
+        assert action(model)
     return walks
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
 def test_model_walks_per_conversion_do_not_grow_with_layers(model_type, monkeypatch):
-    walks = {}
+    walks, fuse_walks = {}, {}
     for layers in (2, 6):
         overrides = {"num_hidden_layers": layers}
         if model_type == "deepseek_v3":
@@ -49,11 +50,15 @@ def test_model_walks_per_conversion_do_not_grow_with_layers(model_type, monkeypa
         model = build_tiny_model(model_type, **overrides)
         inputs = tiny_inputs(model)
         expected = tiny_forward(model, inputs)
-        walks[layers] = _walks_of_converting(model, monkeypatch)
+        walks[layers] = _walks_of(defuser.convert_model, model, monkeypatch)
         torch.testing.assert_close(tiny_forward(model, inputs), expected)
         assert isinstance(model.model.layers[layers - 1].mlp.experts[0].down_proj, nn.Linear)
+        fuse_walks[layers] = _walks_of(defuser.fuse_model, model, monkeypatch)
+        torch.testing.assert_close(tiny_forward(model, inputs), expected)
+        assert not isinstance(model.model.layers[layers - 1].mlp.experts, nn.ModuleList)
     assert walks[2] == walks[6], walks
     assert walks[6] <= 3, walks  # defuser's one walk, plus what transformers' save mapping reads
+    assert fuse_walks[2] == fuse_walks[6], fuse_walks
 
 
 def test_a_module_held_at_two_places_is_replaced_at_both():

@@ -406,13 +406,13 @@ def defused_blocks(*model_types: str) -> Iterator[bool]:
             restore_preload_patches(model_type)
 
 
-def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+def _fusable_modules(model: nn.Module, parents: Parents | None = None) -> list[tuple[str, nn.Module, str]]:
     from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
     found = []
-    for path, module, _ in iter_typed_modules(model):
+    for path, module, _ in iter_typed_modules(model, parents):
         if isinstance(module, DefusedExperts):
             found.append((path, module, "experts"))
         elif isinstance(module, DefusedParallelExperts):
@@ -445,7 +445,8 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
     rules = compile_filter(filter)
-    selected = [entry for entry in _fusable_modules(model) if rules.allows(entry[0])]
+    parents: Parents = {}  # filled by the one walk of the model, read to put each fused module in place
+    selected = [entry for entry in _fusable_modules(model, parents) if rules.allows(entry[0])]
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
         sharded = is_sharded_defused(module)
@@ -453,12 +454,12 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
             if sharded:  # back to the fused form sharded as transformers shards it
                 replacement = fuse_sharded(module, path)
             else:
-                replacement = fuse_back(model, path, module, kind)
+                replacement = fuse_back(model, path, module, kind, parents)
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue
         if sharded or module is model:  # fuse_back puts it in place below the root itself
-            _install(model, module, replacement)
+            _install(model, module, replacement, parents)
         fused_count += 1
         logger.debug("fused %s back into %s", path, type(replacement).__name__)
     if fused_count:
