@@ -77,3 +77,20 @@ def test_blank_modules_share_no_bookkeeping():
     one._parameters["weight"] = nn.Parameter(torch.zeros(1, 1))
     assert not other._forward_hooks and "weight" not in other._parameters
     assert set(vars(one)) == set(vars(nn.Module()))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_experts_built_before_load_are_initialised_by_transformers(model_type):
+    from transformers import AutoModelForCausalLM
+
+    from defuser.tiny import tiny_config
+
+    config = tiny_config(model_type)
+    with defuser.defused_blocks(model_type):
+        model = AutoModelForCausalLM.from_config(config)
+    experts = model.model.layers[config.num_hidden_layers - 1].mlp.experts
+    weights = torch.stack([expert.down_proj.weight for expert in experts])
+    assert torch.isfinite(weights).all()
+    # transformers' initialisation of every nn.Linear: normal(0, initializer_range)
+    assert abs(weights.std().item() - config.initializer_range) < config.initializer_range / 4
+    assert all(expert.down_proj.weight.requires_grad for expert in experts)
