@@ -11,17 +11,18 @@ from tqdm.auto import tqdm
 
 from defuser.compat import transformers_supported
 from defuser.engine.candidates import Candidate
-from defuser.engine.detect import iter_typed_modules, layer_index, parents_of, root_model_type
+from defuser.engine.detect import Parents, iter_typed_modules, layer_index, parents_of, root_model_type
 from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
+from defuser.engine.layout import collector_paused
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
 from defuser.engine.selfcheck import SelfCheck
 from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
-from defuser.filtering import compile_filter
+from defuser.filtering import PathFilter, compile_filter
 from defuser.modeling.replace_modules import remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
@@ -52,11 +53,12 @@ def _check_max_layers(max_layers: object) -> int | None:
     return max_layers
 
 
-def _detect(model: nn.Module) -> list[Candidate]:
-    """Every fused block of ``model`` and who defuses it, refused ones included."""
+def _detect(model: nn.Module, parents: Parents | None = None) -> list[Candidate]:
+    """Every fused block of ``model`` and who defuses it, refused ones included (one walk of
+    the model, which also fills ``parents`` when given)."""
     manager = get_plugin_manager()
     found = []
-    for path, module, model_type in iter_typed_modules(model):
+    for path, module, model_type in iter_typed_modules(model, parents):
         candidate = manager.detect(module, path, model_type)
         if candidate is not None:
             if candidate.generic and not candidate.refusal and manager.owner_of(model_type) is None:
@@ -86,15 +88,16 @@ def _refusal_error(refused: list[Candidate]) -> ConversionError:
     )
 
 
-def _install(model: nn.Module, old: nn.Module, replacement: nn.Module) -> None:
-    """Put ``replacement`` wherever ``old`` sits in ``model``; when ``old`` is ``model`` itself
-    (a bare experts module converted on its own), ``model`` becomes ``replacement`` in place."""
+def _install(model: nn.Module, old: nn.Module, replacement: nn.Module, parents: Parents | None = None) -> None:
+    """Put ``replacement`` wherever ``old`` sits in ``model`` (``parents``, recorded by the walk
+    that found it, saves walking the model again); when ``old`` is ``model`` itself (a bare
+    experts module converted on its own), ``model`` becomes ``replacement`` in place."""
     if replacement is old:
         return
     if old is model:
         _become(model, replacement)
         return
-    for parent, name in parents_of(model, old):
+    for parent, name in parents_of(model, old, parents):
         parent._modules[name] = replacement
 
 
@@ -156,11 +159,20 @@ def convert_model(
     rules = compile_filter(filter)
     if not transformers_supported("convert_model"):
         return False
+    # Thousands of modules made: see collector_paused.
+    with collector_paused():
+        return _convert(model, cleanup_original, limit, rules)
+
+
+def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules: PathFilter) -> bool:
     manager = get_plugin_manager()
     check = SelfCheck(model, manager)  # reads DEFUSER_VERIFY
     register_experts_implementation()
+    # One walk of the model finds the candidates and where each sits (where to install its
+    # replacement): nothing below walks the whole model again.
+    parents: Parents = {}
     selected = []
-    for candidate in _detect(model):
+    for candidate in _detect(model, parents):
         index = layer_index(candidate.path)
         if limit is not None and (index is None or index >= limit):
             continue
@@ -173,10 +185,17 @@ def convert_model(
     refused = [candidate for candidate in selected if candidate.refusal]
     if refused:
         raise _refusal_error(refused)
+    if _nested(selected):  # an outer replacement may hold an inner candidate: find parents anew
+        parents = None
     # Under a distributed plan: anything defuser cannot convert exactly is refused before any change.
     shardings = refuse_unsupported(model, selected)
     count = len(selected)
     shared = _shared_parameter_ids(model) if cleanup_original else frozenset()
+    # The stock checkpoint mapping the save mapping builds on, read while the model still has
+    # its few fused modules (transformers walks every module to read it).
+    from defuser.engine.checkpoint import attach_save_mapping, stock_save_conversions
+
+    stock = stock_save_conversions(model)
     # The first module of each class and layout is defused and self-checked before any other,
     # and installed only once all of them passed: a failed check leaves the model as it was.
     first = check.first_modules(selected)
@@ -199,18 +218,27 @@ def convert_model(
                     _drop_fused_tensors(candidate.module)
                 else:  # materialize_model (Defuser's name) releases them later
                     remember_original(candidate.module, _fused_tensor_names(candidate))
-            _install(model, candidate.module, replacement)
+            _install(model, candidate.module, replacement, parents)
             logger.debug("defused %s (%s) via %s", candidate.path, candidate.class_name, candidate.plugin)
             del candidate, replacement
             progress.update()
     check.report()
     logger.info("defused %d module(s) of %s", count, type(model).__name__)
     # save_pretrained writes the per-expert keys under the names stock transformers loads.
-    from defuser.engine.checkpoint import attach_save_mapping
-
-    attach_save_mapping(model)
+    if stock is not None:
+        attach_save_mapping(model, stock)
     _patch_model(model)
     return True
+
+
+def _nested(candidates: list[Candidate]) -> bool:
+    """True when a candidate lies inside another one (the model itself included)."""
+    paths = {candidate.path for candidate in candidates}
+    for path in paths:
+        parts = path.split(".") if path else []
+        if any(".".join(parts[:depth]) in paths for depth in range(len(parts))):
+            return True
+    return False
 
 
 def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
@@ -378,13 +406,13 @@ def defused_blocks(*model_types: str) -> Iterator[bool]:
             restore_preload_patches(model_type)
 
 
-def _fusable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+def _fusable_modules(model: nn.Module, parents: Parents | None = None) -> list[tuple[str, nn.Module, str]]:
     from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
     found = []
-    for path, module, _ in iter_typed_modules(model):
+    for path, module, _ in iter_typed_modules(model, parents):
         if isinstance(module, DefusedExperts):
             found.append((path, module, "experts"))
         elif isinstance(module, DefusedParallelExperts):
@@ -417,7 +445,8 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_model expects a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
     rules = compile_filter(filter)
-    selected = [entry for entry in _fusable_modules(model) if rules.allows(entry[0])]
+    parents: Parents = {}  # filled by the one walk of the model, read to put each fused module in place
+    selected = [entry for entry in _fusable_modules(model, parents) if rules.allows(entry[0])]
     fused_count = 0
     for path, module, kind in tqdm(selected, desc="fusing", unit="module", disable=None, leave=False):
         sharded = is_sharded_defused(module)
@@ -425,12 +454,12 @@ def fuse_model(model: nn.Module, filter: Sequence[str] | None = None) -> bool:  
             if sharded:  # back to the fused form sharded as transformers shards it
                 replacement = fuse_sharded(module, path)
             else:
-                replacement = fuse_back(model, path, module, kind)
+                replacement = fuse_back(model, path, module, kind, parents)
         except NotFusable as reason:
             logger.warning("not fused back, left as it is: %s", reason)
             continue
         if sharded or module is model:  # fuse_back puts it in place below the root itself
-            _install(model, module, replacement)
+            _install(model, module, replacement, parents)
         fused_count += 1
         logger.debug("fused %s back into %s", path, type(replacement).__name__)
     if fused_count:

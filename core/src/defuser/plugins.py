@@ -155,6 +155,8 @@ class DefuserPluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, LoadedPlugin] = {}
         self._owners: dict[str | None, str | None] = {}
+        # Hook callers by (hook, model type, skipped plugins): detection asks one per module.
+        self._callers: dict[tuple[str, str | None, frozenset[str]], Any] = {}
         # class name -> plugins declaring it (built on first use, reset with the owners)
         self._declared: dict[str, set[str]] | None = None
         self._reported: set[tuple[str, str]] = set()
@@ -200,6 +202,7 @@ class DefuserPluginManager:
             if loaded is not None and loaded.obj is not None:
                 self.pm.unregister(loaded.obj)
             self._owners.clear()
+            self._callers.clear()
             self._declared = None
 
     def _fail(self, name: str, message: str, distribution: str | None = None) -> LoadedPlugin:
@@ -244,6 +247,7 @@ class DefuserPluginManager:
         loaded = LoadedPlugin(name, info, distribution, dist_version, obj=obj)
         self.plugins[name] = loaded
         self._owners.clear()
+        self._callers.clear()
         self._declared = None
         return loaded
 
@@ -267,6 +271,13 @@ class DefuserPluginManager:
             return owner
 
     def _caller(self, hook_name: str, model_type: str | None, skipped: frozenset[str] = frozenset()) -> Any:
+        key = (hook_name, model_type, skipped)
+        caller = self._callers.get(key)
+        if caller is None:
+            caller = self._callers[key] = self._new_caller(hook_name, model_type, skipped)
+        return caller
+
+    def _new_caller(self, hook_name: str, model_type: str | None, skipped: frozenset[str]) -> Any:
         owner = self.owner_of(model_type)
         removed = [
             p.obj

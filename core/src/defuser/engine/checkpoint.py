@@ -39,6 +39,7 @@ __all__ = [
     "fuses_expert_keys",
     "per_expert_renames",
     "split_on_load_converter",
+    "stock_save_conversions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -405,19 +406,39 @@ def per_expert_renames(transform: Any) -> list[PerExpertRenaming]:
     return renames
 
 
-def attach_save_mapping(model: nn.Module) -> bool:
-    """Make ``model.save_pretrained`` write the defused per-expert keys of a converted model so
-    plain transformers loads them: under the names its stock checkpoint mapping merges on load
-    (Mixtral: ``block_sparse_moe.experts.N.w1``), and out of reach of stock converters whose
-    reverse would fold them back into a fused tensor the model no longer has.  Returns True
-    when the model's save mapping changed."""
+def stock_save_conversions(model: nn.Module) -> list[Any] | None:
+    """Transformers' stock checkpoint conversions of ``model`` (None: not a pretrained model, or
+    one transformers cannot map).  Read before a conversion, it walks the fused model's few
+    modules rather than the defused model's tens of thousands; a conversion changes no
+    pretrained sub-model, which is what the stock mapping is read from."""
     from transformers import PreTrainedModel
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     if not isinstance(model, PreTrainedModel):
-        return False
+        return None
     try:
-        stock = get_model_conversion_mapping(model, add_legacy=False)
+        return list(get_model_conversion_mapping(model, add_legacy=False))
+    except Exception as error:  # a model transformers cannot map: saving keeps defuser's names
+        logger.warning("no save mapping for %s: %s", type(model).__name__, error)
+        return None
+
+
+def attach_save_mapping(model: nn.Module, stock: list[Any] | None = None) -> bool:
+    """Make ``model.save_pretrained`` write the defused per-expert keys of a converted model so
+    plain transformers loads them: under the names its stock checkpoint mapping merges on load
+    (Mixtral: ``block_sparse_moe.experts.N.w1``), and out of reach of stock converters whose
+    reverse would fold them back into a fused tensor the model no longer has.  ``stock`` is
+    :func:`stock_save_conversions` read before the conversion (read now when None).  Returns
+    True when the model's save mapping changed."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    if stock is None:
+        stock = stock_save_conversions(model)
+        if stock is None:
+            return False
+    try:
         renames = [rename for transform in stock for rename in per_expert_renames(transform)]
         current = getattr(model, "_weight_conversions", None)
         # transformers drops prefix changes for a model from_pretrained did not build (it

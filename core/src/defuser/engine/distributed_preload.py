@@ -62,7 +62,15 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
 
     experts: dict[str, Any] = {}
     dense: dict[str, Any] = {}
-    for path, module in model.named_modules():
+    # ``named_modules`` order and paths, without entering defused experts modules: nothing is
+    # defused inside them, and their per-expert Linears are most of the model's modules.
+    seen: set[int] = set()
+    pending: list[tuple[str, nn.Module]] = [("", model)]
+    while pending:
+        path, module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if isinstance(module, DefusedExperts):
             experts.setdefault(wildcard_path(path), module.layout)
             module.__dict__["_defuser_path"] = path
@@ -71,6 +79,9 @@ def _defused_blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
         split = split_dense_layout(module)
         if split is not None:
             dense.setdefault(wildcard_path(path), split)
+        prefix = f"{path}." if path else ""
+        children = [(f"{prefix}{name}", child) for name, child in module._modules.items() if child is not None]
+        pending.extend(reversed(children))
     return experts, dense
 
 

@@ -27,6 +27,7 @@ from defuser.engine.inplace import in_place_relayout
 from defuser.engine.layout import (
     Consumed,
     blank_module,
+    collector_paused,
     expert_weights,
     fused_tensors,
     join_gate_up,
@@ -174,9 +175,20 @@ def _attribute_path(module: Any, path: str) -> Any:
 def _empty_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_requires_grad: bool
 ) -> nn.Linear:
-    """A new Linear shaped like ``weight``, built under the caller's device context (pre-load)."""
+    """A new Linear shaped like ``weight``, its tensors made under the caller's device context
+    (pre-load) and left uninitialised, as the fused class leaves its ``torch.empty`` tensors:
+    the checkpoint loader fills them, or transformers' weight initialisation does (it
+    initialises every ``nn.Linear``).  ``nn.Linear.__init__`` would initialise each one
+    (kaiming) only to be overwritten: at hundreds of experts per layer that cost most of
+    building a defused model."""
     out_features, in_features = weight.shape
-    return nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
+    layer = blank_module(nn.Linear)
+    state = layer.__dict__
+    state["in_features"], state["out_features"] = in_features, out_features
+    # requires_grad as nn.Linear gives it: a model built before load trains all its weights.
+    state["_parameters"]["weight"] = nn.Parameter(torch.empty(out_features, in_features, dtype=weight.dtype))
+    state["_parameters"]["bias"] = None if bias is None else nn.Parameter(torch.empty(out_features, dtype=weight.dtype))
+    return layer
 
 
 class DefusedExperts(nn.ModuleList):
@@ -216,6 +228,10 @@ class DefusedExperts(nn.ModuleList):
         return instance
 
     def _populate(self, fused: nn.Module, layout: ExpertsLayout, materialize: bool) -> None:
+        with collector_paused():  # thousands of modules made (see collector_paused)
+            self._populate_paused(fused, layout, materialize)
+
+    def _populate_paused(self, fused: nn.Module, layout: ExpertsLayout, materialize: bool) -> None:
         self._fused_shapes = {
             name: (tuple(tensor.shape), tensor.dtype) for name, tensor in fused.named_parameters(recurse=False)
         }
@@ -244,9 +260,11 @@ class DefusedExperts(nn.ModuleList):
             _releasing(fused, layout) if materialize else None,
             in_place_relayout(fused, layout) if materialize else None,
         )
+        # Built before load, every expert takes only shapes and dtypes: those of expert 0.
+        shapes_only = expert_weights(stacked, 0) if not materialize and layout.num_experts else None
+        build = linear_from if materialize else _empty_linear
         for index in range(layout.num_experts):
-            weights = expert_weights(stacked, index)
-            build = linear_from if materialize else _empty_linear
+            weights = shapes_only or expert_weights(stacked, index)
             gate_proj = (
                 build(weights.gate, weights.gate_bias, *tensors.grads_of("gate")) if weights.gate is not None else None
             )

@@ -24,7 +24,7 @@ from typing import Literal
 from torch import nn
 
 from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout
-from defuser.engine.detect import parents_of
+from defuser.engine.detect import Parents, parents_of
 from defuser.engine.fuse import NotFusable, fuse_dense_mlp, fuse_experts, fuse_parallel
 from defuser.engine.hooks import FUSION_ADVICE, HookError, module_hooks
 from defuser.engine.offload import dispatched_conversion
@@ -62,9 +62,10 @@ def _fused_form(module: nn.Module, kind: Kind, path: str) -> nn.Module:
     return fuse_experts(module, path)
 
 
-def fuse_back(model: nn.Module, path: str, module: nn.Module, kind: Kind) -> nn.Module:
+def fuse_back(model: nn.Module, path: str, module: nn.Module, kind: Kind, parents: Parents | None = None) -> nn.Module:
     """Fuse the defused ``module`` at ``path`` of ``model`` back in place; returns the module
-    now standing there.  Raises :class:`~defuser.engine.fuse.NotFusable` (module left as it
+    now standing there (``parents``, recorded by the walk that found it, saves walking the
+    model again to put it there).  Raises :class:`~defuser.engine.fuse.NotFusable` (module left as it
     is) or :class:`FusionError` (module and offload store put back as they were)."""
     candidate = Candidate(path, module, kind, plugin="fuse_model", layout=_layout(module, kind))
     saved, cls = snapshot_module(module), type(module)
@@ -83,6 +84,6 @@ def fuse_back(model: nn.Module, path: str, module: nn.Module, kind: Kind) -> nn.
             raise
         raise FusionError(f"fusing {path} ({type(module).__name__}) back failed: {error}") from error
     if replacement is not module:
-        for parent, name in parents_of(model, module):
+        for parent, name in parents_of(model, module, parents):
             parent._modules[name] = replacement
     return replacement

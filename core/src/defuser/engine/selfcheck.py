@@ -523,9 +523,10 @@ def check_conservation(kept: dict[str, torch.Tensor], replacement: nn.Module) ->
     """Raise :class:`SelfCheckError` naming the first of ``kept`` (name -> tensor of the fused
     module) that ``replacement`` does not hold under the same name, as the same object or with
     equal values."""
-    after = _named_tensors(replacement)
+    # Each kept name looked up where it must be (not every tensor of the replacement listed):
+    # the cost follows the fused module's few kept tensors, not the replacement's experts.
     for name, tensor in kept.items():
-        carried = after.get(name)
+        carried = resolve_tensor(replacement, name)
         if carried is None:
             raise SelfCheckError(
                 f"self-check: {name} (shape {tuple(tensor.shape)}) of the fused module is not in its replacement "
