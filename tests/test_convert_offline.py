@@ -362,6 +362,7 @@ def test_reverse_joins_state_dict_names(world, mixtral_state_dict_names, tmp_pat
     _assert_same_bytes(_checkpoint(tmp_path / "fused"), _checkpoint(world["cases"]["mixtral"]["source"]))
 
 
+@pytest.mark.subprocess
 def test_reverse_refuses_a_tensor_under_both_names(mixtral_state_dict_names, tmp_path):
     source = tmp_path / "both"
     shutil.copytree(mixtral_state_dict_names, source)
@@ -374,6 +375,7 @@ def test_reverse_refuses_a_tensor_under_both_names(mixtral_state_dict_names, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_reverse_names_a_missing_piece_by_both_names(mixtral_state_dict_names, tmp_path):
     source = tmp_path / "missing"
     shutil.copytree(mixtral_state_dict_names, source)

@@ -124,7 +124,8 @@ def other_files(checkpoint: Checkpoint) -> tuple[list[str], list[str]]:
     """Non-weight files to copy (hidden folders such as ``.cache`` left out) and weight files
     skipped, relative to the folder."""
     used = {*checkpoint.shards, INDEX_NAME}
-    files, skipped = [], []
+    files: list[str] = []
+    skipped: list[str] = []
     for root, folders, names in os.walk(checkpoint.folder):
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in sorted(names):
