@@ -241,3 +241,26 @@ def test_generic_engine_alone(model_type: str, defuser_plugin_manager, caplog: p
     assert find_candidates(model) == []
     difference = (tiny_forward(model, inputs) - reference).abs().max().item()
     assert difference <= ATOL, f"{model_type}: outputs differ by {difference}"
+
+
+def test_type_names_are_scanned_once_per_install_and_a_bad_cache_is_rescanned(tmp_path, monkeypatch) -> None:
+    from defuser_testkit import census
+
+    scans = []
+
+    def scan() -> dict[str, set[FusedClass]]:
+        scans.append(1)
+        return {"zeta_moe": set(), "alpha_moe": set()}
+
+    monkeypatch.setattr(census, "fused_model_types", scan)
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert len(scans) == 1
+    (written,) = tmp_path.iterdir()
+    written.write_text('{"not": "a list"}', encoding="utf-8")
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert len(scans) == 2
+    # Another transformers (here: another version string) gets a list of its own.
+    monkeypatch.setattr("transformers.__version__", "0.0.0")
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert len(scans) == 3 and len(list(tmp_path.iterdir())) == 2
