@@ -264,3 +264,13 @@ def test_type_names_are_scanned_once_per_install_and_a_bad_cache_is_rescanned(tm
     monkeypatch.setattr("transformers.__version__", "0.0.0")
     assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
     assert len(scans) == 3 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_type_names_come_back_where_the_cache_cannot_be_written(tmp_path, monkeypatch, caplog) -> None:
+    from defuser_testkit import census
+
+    monkeypatch.setattr(census, "fused_model_types", lambda: {"alpha_moe": set()})
+    blocked = tmp_path / "a_file"
+    blocked.write_text("", encoding="utf-8")
+    assert fused_model_type_names(blocked / "census") == ["alpha_moe"]
+    assert "cannot write the census cache" in caplog.text

@@ -305,11 +305,14 @@ def fused_model_type_names(cache_dir: Path) -> list[str]:
     except (OSError, ValueError) as error:
         logger.warning("ignoring unreadable census cache %s: %s", path, error)
     names = sorted(fused_model_types())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: a run stopped half-way leaves no truncated list behind.
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(names), encoding="utf-8")
-    partial.replace(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: a run stopped half-way leaves no truncated list behind.
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(names), encoding="utf-8")
+        partial.replace(path)
+    except OSError as error:  # a read-only checkout: scan again next time
+        logger.warning("cannot write the census cache %s: %s", path, error)
     return names
 
 
