@@ -274,3 +274,27 @@ def test_type_names_come_back_where_the_cache_cannot_be_written(tmp_path, monkey
     blocked.write_text("", encoding="utf-8")
     assert fused_model_type_names(blocked / "census") == ["alpha_moe"]
     assert "cannot write the census cache" in caplog.text
+
+
+def test_class_headers_read_without_parsing_agree_with_the_parser_or_give_way() -> None:
+    import ast
+
+    from defuser_testkit.census import _base_names, _class_headers
+
+    source = (
+        "class Plain:\n    pass\n"
+        "class Dotted(nn.Module, Generic[T], metaclass=Meta):\n    x = 1\n"
+        "class Split(\n    FooExperts,\n    mixins.Bar,\n):\n    def f(self):\n        class Inner(X): ...\n"
+    )
+    parsed = [(node.name, _base_names(node)) for node in ast.parse(source).body if isinstance(node, ast.ClassDef)]
+    assert (
+        _class_headers(source)
+        == parsed
+        == [
+            ("Plain", []),
+            ("Dotted", ["Module"]),
+            ("Split", ["FooExperts", "Bar"]),
+        ]
+    )
+    # A header the pattern cannot read (parentheses two levels deep) sends the file to the parser.
+    assert _class_headers("class Odd(make(base(1))):\n    pass\n") is None

@@ -128,18 +128,24 @@ def _may_define_fused(source: str) -> bool:
 # A top-level class statement: its name and its parenthesised bases (one level of nesting).
 _CLASS_HEADER = re.compile(r"^class\s+(\w+)\s*(?:\(((?:[^()]|\([^()]*\))*)\))?\s*:", re.MULTILINE)
 _BASE = re.compile(r"\s*(?:\w+\s*\.\s*)*(\w+)\s*")
+_CLASS_LINE = re.compile(r"^class\b", re.MULTILINE)
 
 
-def _class_headers(source: str) -> Iterator[tuple[str, list[str]]]:
+def _class_headers(source: str) -> list[tuple[str, list[str]]] | None:
     """``(name, base names)`` of each top-level class, as :func:`_base_names` gives them (a
-    dotted base by its last name; keywords and subscripted or called bases left out)."""
+    dotted base by its last name; keywords and subscripted or called bases left out), or None
+    when a line opening a class is one the pattern cannot read (the file is parsed instead)."""
+    headers = []
     for match in _CLASS_HEADER.finditer(source):
         names = []
         for base in (match.group(2) or "").split(","):
             plain = _BASE.fullmatch(base)
             if plain is not None:
                 names.append(plain.group(1))
-        yield match.group(1), names
+        headers.append((match.group(1), names))
+    if len(headers) != len(_CLASS_LINE.findall(source)):
+        return None
+    return headers
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,10 +159,11 @@ def _scan() -> tuple[tuple[FusedClass, ...], dict[str, str]]:
     for path in sorted(models.glob("*/modeling_*.py")):
         package = path.parent.name
         source = path.read_text(encoding="utf-8")
-        if not _may_define_fused(source):
+        headers = None if _may_define_fused(source) else _class_headers(source)
+        if headers is not None:
             # Parsing is most of the scan's time: a file that cannot hold a fused class only
             # needs its top-level class names and bases, which its class headers give.
-            for name, names in _class_headers(source):
+            for name, names in headers:
                 defined_in.setdefault(name, package)
                 bases[(package, name)] = names
             continue
