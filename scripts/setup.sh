@@ -17,7 +17,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
 # scipy: some model families (inkling) import it when built.
 "${pip[@]}" "transformers==$transformers_version" safetensors accelerate \
-    pytest hypothesis build hatchling ruff scipy
+    pytest hypothesis build hatchling ruff mypy scipy
 "${pip[@]}" -e "$root/core" -e "$root/packages/defuser-testkit" \
     $(for plugin in "$root"/plugins/*/; do printf -- '-e %s ' "$plugin"; done)
 echo "environment ready: $venv (transformers $transformers_version)"

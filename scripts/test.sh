@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: every package against the newest transformers release the package
-# registry serves now and the oldest supported one, plus lint. scripts/transformers_releases.py
-# names both. Environments live in .venvs/ and are reused (upgraded when a release ships).
+# registry serves now and the oldest supported one, plus lint and the type check (mypy.ini).
+# scripts/transformers_releases.py names both releases. Environments live in .venvs/ and are reused (upgraded when a release ships).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -19,4 +19,6 @@ for entry in "latest:$newest" "oldest:$oldest"; do
 done
 echo "=== lint"
 "$root/.venvs/latest/bin/ruff" check . || status=1
+echo "=== type check"
+"$root/.venvs/latest/bin/mypy" || status=1
 exit $status

@@ -11,6 +11,7 @@ time, so a fused class that transformers adds or renames fails here, by name, un
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +24,34 @@ from defuser.engine.selfcheck import consumed_names
 from defuser.plugin_info import DENSE_KEPT, DENSE_SPLIT
 from defuser.plugins import get_plugin_manager
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
-from defuser_testkit.census import built_or_derived, fused_model_types, scan_fused_classes
+from defuser_testkit.census import (
+    FusedClass,
+    built_or_derived,
+    fused_model_type_names,
+    fused_model_types,
+    scan_fused_classes,
+)
 from defuser_testkit.checks import assert_no_fused_names
 
 ATOL = 1e-5
-CLASSES = scan_fused_classes()
-TYPES = fused_model_types(CLASSES)
+# Collection needs only the names: they come from a list cached per transformers install (in
+# the git-ignored .cache/), so collecting does not parse every modeling file.  The tests below
+# run the scan itself, and test_cached_type_names_match_the_scan holds the two equal.
+TYPE_NAMES = fused_model_type_names(Path(__file__).resolve().parents[1] / ".cache" / "census")
+
+
+@functools.cache
+def _census() -> tuple[list[FusedClass], dict[str, set[FusedClass]]]:
+    """Every fused class of the installed transformers, and the model types that hold them."""
+    classes = scan_fused_classes()
+    return classes, fused_model_types(classes)
+
+
+def _fused_classes_of(model_type: str) -> set[FusedClass]:
+    types = _census()[1]
+    if model_type not in types:
+        pytest.fail(f"{model_type}: in the cached census list but not in the scan (a stale .cache/census?)")
+    return types[model_type]
 
 
 def _fused_paths(model: nn.Module, names: set[str]) -> list[str]:
@@ -61,9 +84,17 @@ def _meta_classes(model_type: str) -> frozenset[str]:
     return frozenset(type(module).__name__ for module in model.modules())
 
 
-@pytest.mark.parametrize("model_type", sorted(TYPES))
+@pytest.mark.slow
+def test_cached_type_names_match_the_scan() -> None:
+    """The names the per-type tests were collected for are the scan's, no more, no fewer."""
+    assert TYPE_NAMES == sorted(_census()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", TYPE_NAMES)
 def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
-    names = {fused.name for fused in TYPES[model_type]}
+    fused_classes = _fused_classes_of(model_type)
+    names = {fused.name for fused in fused_classes}
     try:
         model = build_tiny_model(model_type)
     except Exception as error:
@@ -73,7 +104,7 @@ def test_model_type_defuses_with_equal_outputs(model_type: str) -> None:
         pytest.skip(f"{model_type}: shares a package with fused classes but its model holds none")
     # A fused dense gate-up Linear is split only where a plugin declares its class; elsewhere it
     # stays the one nn.Linear it is (ModelCloud's Defuser and GPTQModel expect it there).
-    dense_names = {fused.name for fused in TYPES[model_type] if fused.kind == "fused_dense_mlp"}
+    dense_names = {fused.name for fused in fused_classes if fused.kind == "fused_dense_mlp"}
     split_names = _split_dense_classes()
     kept = [path for path in fused if type(model.get_submodule(path)).__name__ in dense_names - split_names]
     split = [path for path in fused if type(model.get_submodule(path)).__name__ in dense_names & split_names]
@@ -163,15 +194,17 @@ def _check_dense_claim(
     assert claimed == expected, f"{model_type}: TypeSupport.dense is {claimed!r}, the model says {expected!r}"
 
 
+@pytest.mark.slow
 def test_every_fused_class_is_built_by_some_model_type() -> None:
     """A fused class that no tiny model contains would escape the census: name it."""
+    classes, types = _census()
     seen: set[str] = set()
-    for model_type in sorted(TYPES):
+    for model_type in sorted(types):
         try:
             seen |= _meta_classes(model_type)
         except Exception:  # reported by the per-type test
             continue
-    missing = sorted(f"{fused.package}.{fused.name}" for fused in CLASSES if not built_or_derived(fused, seen, CLASSES))
+    missing = sorted(f"{fused.package}.{fused.name}" for fused in classes if not built_or_derived(fused, seen, classes))
     assert not missing, f"fused classes no model type builds, itself or through a subclass: {missing}"
 
 
@@ -208,3 +241,60 @@ def test_generic_engine_alone(model_type: str, defuser_plugin_manager, caplog: p
     assert find_candidates(model) == []
     difference = (tiny_forward(model, inputs) - reference).abs().max().item()
     assert difference <= ATOL, f"{model_type}: outputs differ by {difference}"
+
+
+def test_type_names_are_scanned_once_per_install_and_a_bad_cache_is_rescanned(tmp_path, monkeypatch) -> None:
+    from defuser_testkit import census
+
+    scans = []
+
+    def scan() -> dict[str, set[FusedClass]]:
+        scans.append(1)
+        return {"zeta_moe": set(), "alpha_moe": set()}
+
+    monkeypatch.setattr(census, "fused_model_types", scan)
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert len(scans) == 1
+    (written,) = tmp_path.iterdir()
+    written.write_text('{"not": "a list"}', encoding="utf-8")
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert len(scans) == 2
+    # Another transformers (here: another version string) gets a list of its own.
+    monkeypatch.setattr("transformers.__version__", "0.0.0")
+    assert fused_model_type_names(tmp_path) == ["alpha_moe", "zeta_moe"]
+    assert len(scans) == 3 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_type_names_come_back_where_the_cache_cannot_be_written(tmp_path, monkeypatch, caplog) -> None:
+    from defuser_testkit import census
+
+    monkeypatch.setattr(census, "fused_model_types", lambda: {"alpha_moe": set()})
+    blocked = tmp_path / "a_file"
+    blocked.write_text("", encoding="utf-8")
+    assert fused_model_type_names(blocked / "census") == ["alpha_moe"]
+    assert "cannot write the census cache" in caplog.text
+
+
+def test_class_headers_read_without_parsing_agree_with_the_parser_or_give_way() -> None:
+    import ast
+
+    from defuser_testkit.census import _base_names, _class_headers
+
+    source = (
+        "class Plain:\n    pass\n"
+        "class Dotted(nn.Module, Generic[T], metaclass=Meta):\n    x = 1\n"
+        "class Split(\n    FooExperts,\n    mixins.Bar,\n):\n    def f(self):\n        class Inner(X): ...\n"
+    )
+    parsed = [(node.name, _base_names(node)) for node in ast.parse(source).body if isinstance(node, ast.ClassDef)]
+    assert (
+        _class_headers(source)
+        == parsed
+        == [
+            ("Plain", []),
+            ("Dotted", ["Module"]),
+            ("Split", ["FooExperts", "Bar"]),
+        ]
+    )
+    # A header the pattern cannot read (parentheses two levels deep) sends the file to the parser.
+    assert _class_headers("class Odd(make(base(1))):\n    pass\n") is None

@@ -15,6 +15,7 @@ def _run(*args):
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_demo_defaults_to_a_builtin_tiny_model():
     result = _run("demo")
     assert result.returncode == 0, result.stderr
@@ -25,6 +26,7 @@ def test_demo_defaults_to_a_builtin_tiny_model():
     assert difference <= 1e-5
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", ["mixtral", "glm4", "jetmoe", "dbrx", "llama4_text"])
 def test_demo_other_model_types(model_type):
     result = _run("demo", "--model-type", model_type)
@@ -32,12 +34,14 @@ def test_demo_other_model_types(model_type):
     assert "before/after" in result.stdout
 
 
+@pytest.mark.subprocess
 def test_demo_unknown_model_type_is_one_clear_line():
     result = _run("demo", "--model-type", "no_such_type")
     assert result.returncode != 0
     assert "no_such_type" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_plugins_lists_first_party_plugins():
     result = _run("plugins")
     assert result.returncode == 0, result.stderr
@@ -65,6 +69,7 @@ def qwen_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.subprocess
 def test_inspect_previews_from_the_config_alone(qwen_folder):
     result = _run("inspect", str(qwen_folder / "config.json"))
     assert result.returncode == 0, result.stderr
@@ -76,6 +81,7 @@ def test_inspect_previews_from_the_config_alone(qwen_folder):
     assert "parameters in fused blocks: 24,576 (24,576 selected)" in out
 
 
+@pytest.mark.subprocess
 def test_inspect_json_with_max_layers_and_filter(qwen_folder):
     import json
 
@@ -87,6 +93,7 @@ def test_inspect_json_with_max_layers_and_filter(qwen_folder):
     assert filtered["candidates"][0]["selected"] == 1
 
 
+@pytest.mark.subprocess
 def test_verify_loads_converts_and_compares(qwen_folder):
     result = _run("verify", str(qwen_folder))
     assert result.returncode == 0, result.stderr
@@ -95,6 +102,7 @@ def test_verify_loads_converts_and_compares(qwen_folder):
     assert failing.returncode == 1 and "FAIL" in failing.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -124,11 +132,13 @@ def test_errors_for_people(tmp_path, setup, message):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.subprocess
 def test_debug_shows_the_traceback(tmp_path):
     result = _run("--debug", "inspect", str(tmp_path / "missing"))
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_plugins_lists_every_first_party_plugin():
     result = _run("plugins")
     assert result.returncode == 0
@@ -136,6 +146,7 @@ def test_plugins_lists_every_first_party_plugin():
         assert f"\n{name} " in result.stdout
 
 
+@pytest.mark.subprocess
 def test_quiet_hides_progress_bars(qwen_folder):
     loud = _run("verify", str(qwen_folder))
     quiet = _run("--quiet", "verify", str(qwen_folder))
@@ -156,6 +167,7 @@ def test_plugins_names_conflicts_and_the_winner(defuser_plugin_manager, capsys):
     assert "conflicts" in out and "qwen3_moe: first, second -> first" in out
 
 
+@pytest.mark.subprocess
 def test_inspect_reads_a_hub_id_from_the_local_cache_only(tmp_path, qwen_folder):
     import os
     import shutil
@@ -174,6 +186,7 @@ def test_inspect_reads_a_hub_id_from_the_local_cache_only(tmp_path, qwen_folder)
     assert missing.returncode == 1 and "acme/absent" in missing.stderr
 
 
+@pytest.mark.subprocess
 def test_unsupported_transformers_is_one_line_and_non_zero():
     code = (
         "from packaging.version import Version\n"

@@ -21,6 +21,8 @@ from defuser.engine.compiled import not_plain_reason
 from defuser.engine.experts import DefusedExperts, IdentityExpert
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-5
 
 

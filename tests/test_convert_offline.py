@@ -267,6 +267,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), **tolerance)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_result_is_what_save_pretrained_writes(world, model_type):
     """The result holds convert_model's tensors under save_pretrained's names (source names for
@@ -275,6 +276,7 @@ def test_result_is_what_save_pretrained_writes(world, model_type):
     _assert_same_bytes(_checkpoint(case["result"]), _saved_state_dict(_build(model_type)))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_result_loads_with_from_pretrained_and_equal_outputs(world, model_type):
     """Loaded as the README "reload" column says: stock into the fused model (defuser never
@@ -289,6 +291,7 @@ def test_result_loads_with_from_pretrained_and_equal_outputs(world, model_type):
     _close(logits, case["reference"])
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_reverse_round_trip_is_byte_identical(world, model_type):
     case = world["cases"][model_type]
@@ -303,6 +306,7 @@ def test_reverse_round_trip_is_byte_identical(world, model_type):
         assert (case["back"] / name).read_bytes() == (case["source"] / name).read_bytes()
 
 
+@pytest.mark.subprocess
 def test_fused_result_of_reverse_loads_stock(world):
     case = world["cases"]["qwen3_moe"]
     logits, state = _loaded(world, case["back"], plain=True)
@@ -314,6 +318,7 @@ def _expert_keys(tensors: dict[str, torch.Tensor]) -> set[str]:
     return {key for key in tensors if ".experts." in key}
 
 
+@pytest.mark.subprocess
 def test_stock_per_expert_checkpoint_is_copied_unchanged(world):
     """save_pretrained writes mixtral in its legacy per-expert names, the names offline
     conversion gives its fused tensors: nothing is fused, the tensors are copied as they are
@@ -328,6 +333,7 @@ def test_stock_per_expert_checkpoint_is_copied_unchanged(world):
     _close(logits, world["cases"]["mixtral"]["reference"])
 
 
+@pytest.mark.subprocess
 def test_reverse_joins_stock_per_expert_names(world, tmp_path):
     """--reverse of save_pretrained's own mixtral checkpoint (w1/w2/w3 names) rebuilds the fused
     tensors; the router, under its legacy name, is copied as it is."""
@@ -350,12 +356,14 @@ def mixtral_state_dict_names(world, tmp_path_factory):
     return folder
 
 
+@pytest.mark.subprocess
 def test_reverse_joins_state_dict_names(world, mixtral_state_dict_names, tmp_path):
     assert "model.layers.0.mlp.experts.0.gate_proj.weight" in _checkpoint(mixtral_state_dict_names)
     convert_checkpoint(mixtral_state_dict_names, tmp_path / "fused", reverse=True, progress=False)
     _assert_same_bytes(_checkpoint(tmp_path / "fused"), _checkpoint(world["cases"]["mixtral"]["source"]))
 
 
+@pytest.mark.subprocess
 def test_reverse_refuses_a_tensor_under_both_names(mixtral_state_dict_names, tmp_path):
     source = tmp_path / "both"
     shutil.copytree(mixtral_state_dict_names, source)
@@ -368,6 +376,7 @@ def test_reverse_refuses_a_tensor_under_both_names(mixtral_state_dict_names, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_reverse_names_a_missing_piece_by_both_names(mixtral_state_dict_names, tmp_path):
     source = tmp_path / "missing"
     shutil.copytree(mixtral_state_dict_names, source)
@@ -382,6 +391,7 @@ def test_reverse_names_a_missing_piece_by_both_names(mixtral_state_dict_names, t
         convert_checkpoint(source, tmp_path / "out", reverse=True, progress=False)
 
 
+@pytest.mark.subprocess
 def test_fused_and_per_expert_copies_of_one_tensor_are_refused(world, tmp_path):
     """A fused source that also holds a piece under defuser's name would yield that piece
     twice, under its saved name too."""
@@ -421,6 +431,7 @@ def test_identity_expert_rows_are_left_out_and_come_back_as_zeros(tmp_path, capl
     _assert_same_bytes(_checkpoint(tmp_path / "back"), expected)
 
 
+@pytest.mark.subprocess
 def test_identity_rows_are_accounted_for_explicitly(world, tmp_path):
     """The element-count check allows exactly the declared identity rows to go missing."""
     _skip_without_identity_rows(_identity_rows(_build("longcat_flash")))
@@ -433,6 +444,7 @@ def test_identity_rows_are_accounted_for_explicitly(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_hub_layout_prefix_and_transpose_are_detected(world):
     plan = plan_conversion(world["cases"]["qwen3_vl_moe"]["source"], world["root"] / "unused")
     assert plan.prefixes == ("model.", "")
@@ -614,6 +626,7 @@ def test_fused_keys_under_unmatched_module_paths_are_refused(tmp_path):
         convert_checkpoint(source, tmp_path / "out", progress=False)
 
 
+@pytest.mark.subprocess
 def test_cli_dry_run_writes_nothing(gpt_oss_source, tmp_path):
     binary = Path(sys.executable).parent / "defuser"
     command = [str(binary)] if binary.exists() else [sys.executable, "-m", "defuser.cli"]

@@ -237,6 +237,8 @@ def _full_expert_bytes(model_type: str) -> int:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_two_ranks_match_one_process(case: Case, distributed_results: dict[Any, Any]) -> None:
     """Every rank's logits equal the single-process model's, each rank holds its share of the
@@ -288,6 +290,8 @@ def test_two_ranks_match_one_process(case: Case, distributed_results: dict[Any, 
 SAVED = [pytest.param(case, id=case.id) for case in CASES if case.save]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", SAVED)
 def test_saved_checkpoint_reloads_on_one_process(case: Case, distributed_results: dict[Any, Any]) -> None:
     """``save_pretrained`` on every rank gathers a full checkpoint that one process loads, as the
@@ -329,6 +333,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_readme_distributed_commands_print_what_the_readme_shows(tmp_path: Path) -> None:
     """The README's "Distributed" commands run as written (this environment's binaries, a port
     the OS picked instead of 29500) and print its text, logit differences masked and checked."""

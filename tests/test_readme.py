@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from defuser.tables import supported_models_markdown
 
 ROOT = Path(__file__).parents[1]
@@ -42,8 +44,8 @@ def _defuser(*args: str) -> str:
     return result.stdout.strip("\n")
 
 
+@pytest.mark.subprocess
 def test_readme_shows_real_demo_and_inspect_output(tmp_path):
-    import pytest
     from transformers import CONFIG_MAPPING
 
     from defuser.tiny import tiny_config

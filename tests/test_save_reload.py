@@ -338,12 +338,16 @@ def _assert_reloads(reloads: Reloads, key: str) -> None:
         assert _works(stock) or _works(patched), f"{key}: no reload (stock: {_describe(stock)})"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", _params(list(DECLARED)))
 def test_saved_defused_model_reloads(model_type: str, reloads: Reloads) -> None:
     """convert_model -> save_pretrained -> the reload the table states gives the fused outputs."""
     _assert_reloads(reloads, f"converted/{model_type}")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", _params([name for name, support in DECLARED.items() if support.preload]))
 def test_model_built_defused_saves_and_reloads(model_type: str, reloads: Reloads) -> None:
     """replace_fused_blocks -> build -> save_pretrained -> the same reload gives its outputs."""
@@ -365,6 +369,8 @@ def _saved_keys(reloads: Reloads, key: str) -> list[str]:
         return list(checkpoint.keys())
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_saved_keys_are_per_expert_under_the_stock_names(reloads: Reloads) -> None:
     """Mixtral's stock mapping merges block_sparse_moe.experts.N.w1/w3/w2: that is what is written."""
     keys = _saved_keys(reloads, "converted/mixtral")
@@ -376,6 +382,8 @@ def test_saved_keys_are_per_expert_under_the_stock_names(reloads: Reloads) -> No
     assert not [key for key in keys if key.endswith(("experts.gate_up_proj", "experts.down_proj"))]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_saved_keys_escape_stock_converters_that_would_fold_them(reloads: Reloads) -> None:
     """Inkling's stock mapping folds gate_proj + up_proj into shared_w13_weight on save; the
     defused shared experts stay per expert."""

@@ -28,10 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "example_plugin"
 BIN = Path(sys.executable).parent / "defuser"
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("hatchling") is None,
-    reason="installing the example plugin offline needs hatchling importable (pip install hatchling)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,
+    pytest.mark.skipif(
+        importlib.util.find_spec("hatchling") is None,
+        reason="installing the example plugin offline needs hatchling importable (pip install hatchling)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

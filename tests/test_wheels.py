@@ -21,10 +21,14 @@ PLUGINS = tuple(f"defuser_{path.name}" for path in PLUGIN_DIRS)
 DISTRIBUTIONS = ("defuser_core", *PLUGINS, "defuser_testkit", "defuser")
 
 _missing = [name for name in ("build", "hatchling") if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(
-    bool(_missing),
-    reason=f"building wheels needs {' and '.join(_missing)} importable (pip install build hatchling)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.subprocess,
+    pytest.mark.skipif(
+        bool(_missing),
+        reason=f"building wheels needs {' and '.join(_missing)} importable (pip install build hatchling)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def test_conflicts_resolve_by_priority_then_name(caplog):
     assert manager.owner_of("toy") == "boss"
 
 
+@pytest.mark.subprocess
 def test_import_defuser_loads_no_plugin():
     code = "import sys, defuser; print(sorted(m for m in sys.modules if m.startswith('defuser_')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

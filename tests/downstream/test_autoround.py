@@ -17,6 +17,8 @@ auto_round = pytest.importorskip("auto_round", reason="auto-round is not install
 from defuser import convert_model  # noqa: E402
 from tests.downstream.conftest import calibration_texts  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 # auto-round packs 4-bit weights in groups whose output width must be a multiple of 32.
 WIDE_EXPERTS = {"moe_intermediate_size": 32, "intermediate_size": 32}
 

@@ -22,6 +22,8 @@ gptqmodel = pytest.importorskip("gptqmodel", reason="GPTQModel is not installed 
 from defuser.engine.experts import DefusedExperts  # noqa: E402
 from tests.downstream.conftest import calibration_texts  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 

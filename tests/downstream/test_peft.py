@@ -19,6 +19,8 @@ peft = pytest.importorskip("peft", reason="PEFT is not installed (nox -s peft in
 from defuser import convert_model  # noqa: E402
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 

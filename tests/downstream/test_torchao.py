@@ -14,6 +14,8 @@ torchao = pytest.importorskip("torchao", reason="torchao is not installed (nox -
 from defuser import convert_model  # noqa: E402
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_torchao_int8_weight_only_on_every_expert(model_type):

@@ -38,7 +38,8 @@ def compile_filter(rules: Sequence[str] | None) -> PathFilter:
         return PathFilter()
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
         raise TypeError(f"filter must be a list of rule strings, got {type(rules).__name__}: {rules!r}")
-    include, exclude = [], []
+    include: list[Any] = []
+    exclude: list[Any] = []
     for rule in rules:
         if not isinstance(rule, str):
             raise TypeError(f"filter rule must be a string, got {type(rule).__name__}: {rule!r}")

@@ -193,7 +193,8 @@ class DefuserPluginManager:
     def register(self, plugin: Any, name: str | None = None) -> LoadedPlugin:
         """Register a plugin object or module by hand (tests, notebooks, private plugins)."""
         with self._lock:
-            return self._register_object(plugin, name or getattr(plugin, "__name__", type(plugin).__name__))
+            fallback: str = getattr(plugin, "__name__", type(plugin).__name__)
+            return self._register_object(plugin, name or fallback)
 
     def unregister(self, name: str) -> None:
         """Forget the plugin registered under ``name``."""
@@ -261,7 +262,7 @@ class DefuserPluginManager:
                 return self._owners[model_type]
             claimants = sorted(
                 (p for p in self.plugins.values() if p.info is not None and p.info.claims(model_type)),
-                key=lambda p: (-p.info.priority, p.name),
+                key=lambda p: (-p.info.priority, p.name),  # type: ignore[union-attr]  # info: filtered above
             )
             owner = claimants[0].name if claimants else None
             if len(claimants) > 1:
@@ -381,8 +382,11 @@ class DefuserPluginManager:
         if candidate is not None and not candidate.refusal:
             # Expected where the plugin was tested on this release (a class it once declared
             # undecorated is decorated now); news otherwise.
-            expected = isinstance(error, DeclarationMismatch) and loaded.info is not None
-            expected = expected and loaded.info.tested_with(installed)
+            expected = (
+                isinstance(error, DeclarationMismatch)
+                and loaded.info is not None
+                and loaded.info.tested_with(installed)
+            )
             level = logging.INFO if expected else logging.WARNING
             level = level if key not in self._reported else logging.DEBUG
             self._reported.add(key)

@@ -49,11 +49,11 @@ def supported_models_markdown() -> str:
     from defuser.engine.generic import GENERIC_PLUGIN_NAME, TESTED_TYPES
 
     entries = [(support.model_type, GENERIC_PLUGIN_NAME, support) for support in TESTED_TYPES]
-    for plugin in list_plugins():
-        if plugin.info is None:
+    for loaded in list_plugins():
+        if loaded.info is None:
             continue
-        for support in plugin.info.model_types:
-            entries.append((support.model_type, plugin.name, support))
+        for support in loaded.info.model_types:
+            entries.append((support.model_type, loaded.name, support))
     for model_type, plugin, support in sorted(entries, key=lambda entry: entry[:2]):
         tested = f"{support.min_transformers}+" if support.min_transformers else f"{MIN_TRANSFORMERS}+"
         rows.append(

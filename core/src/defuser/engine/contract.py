@@ -78,7 +78,7 @@ def class_refusal(cls: type) -> str:
     derives from: a class in between overrides what it computes.  Empty when none does."""
     base = decorated_class(cls)
     overridden = _overrides(cls, base) if base is not None else []
-    if not overridden:
+    if base is None or not overridden:
         return ""
     return (
         f"{', '.join(overridden)} overrides the forward of the decorated {base.__name__}, and the decorator's "

@@ -318,9 +318,10 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
 def _resolve(module: nn.Module, name: str) -> Any:
     *owners, leaf = name.split(".")
     for owner in owners:
-        module = module._modules.get(owner)
-        if module is None:
+        child = module._modules.get(owner)
+        if child is None:
             return None
+        module = child
     return {**module._buffers, **module._parameters}.get(leaf)
 
 

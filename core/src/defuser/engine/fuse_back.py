@@ -19,7 +19,7 @@ store back as they were and raises :class:`FusionError` naming the module.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from torch import nn
 
@@ -41,7 +41,8 @@ class FusionError(RuntimeError):
 
 def _layout(module: nn.Module, kind: Kind) -> ExpertsLayout | DenseLayout | ParallelLayout:
     if kind != "dense":
-        return module.layout
+        # Defused experts and parallel experts keep the layout they were split with.
+        return cast("ExpertsLayout | ParallelLayout", module.layout)
     from defuser.engine.dense import split_dense_layout
 
     layout = split_dense_layout(module)
@@ -58,7 +59,7 @@ def _fused_form(module: nn.Module, kind: Kind, path: str) -> nn.Module:
     if kind == "dense":
         return join_dense_mlp(module, fuse_dense_mlp(module, path))
     if kind == "parallel":
-        return fuse_parallel(module, module.layout, path)
+        return fuse_parallel(module, cast(ParallelLayout, module.layout), path)
     return fuse_experts(module, path)
 
 

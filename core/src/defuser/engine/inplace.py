@@ -213,7 +213,8 @@ def relayout_parameter(
     snapshot = releasing_snapshot(owner)
     parameter = snapshot.owned(owner, name) if snapshot is not None else None
     if (
-        parameter is None
+        snapshot is None
+        or parameter is None
         or tensor.device.type == "meta"
         or tensor.ndim not in (2, 3)
         or (tensor.ndim == 2 and transposed)

@@ -72,7 +72,7 @@ class DefusedParallelExperts(nn.ModuleList):
     def __len__(self) -> int:
         return self.num_experts
 
-    def __getitem__(self, index: int) -> nn.Module:
+    def __getitem__(self, index: int) -> nn.Module:  # type: ignore[override]  # no slices: one expert per index
         return self._modules[str(index % self.num_experts)]
 
     def __iter__(self) -> Any:

@@ -55,5 +55,5 @@ def install_weight_init_window() -> None:
                 _initializing.reset(token)
 
         _initialize_weights.__defuser_window__ = True  # type: ignore[attr-defined]
-        PreTrainedModel._initialize_weights = _initialize_weights
+        PreTrainedModel._initialize_weights = _initialize_weights  # type: ignore[method-assign]  # the window
         _installed = True

@@ -178,7 +178,8 @@ def other_files(checkpoint: Checkpoint) -> tuple[list[str], list[str]]:
     skipped, relative to the folder; each file to copy passes :func:`checked_file` (links to
     folders are not walked)."""
     used = {*checkpoint.shards, INDEX_NAME}
-    files, skipped = [], []
+    files: list[str] = []
+    skipped: list[str] = []
     for root, folders, names in os.walk(checkpoint.folder):
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in sorted(names):

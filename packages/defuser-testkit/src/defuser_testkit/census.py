@@ -18,15 +18,18 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import hashlib
 import importlib
+import json
 import logging
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FusedClass", "built_or_derived", "fused_model_types", "scan_fused_classes"]
+__all__ = ["FusedClass", "built_or_derived", "fused_model_type_names", "fused_model_types", "scan_fused_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,37 @@ def _base_names(node: ast.ClassDef) -> list[str]:
     return names
 
 
+def _may_define_fused(source: str) -> bool:
+    """False only when no class of ``source`` can be one :func:`_kind_of` reports: each kind
+    needs the decorator's name, ``gate_up_proj``, or ``Parameter`` with an experts-like name."""
+    if "use_experts_implementation" in source or "gate_up_proj" in source:
+        return True
+    return "Parameter" in source and ("Expert" in source or _MIXTURE_NAME.search(source) is not None)
+
+
+# A top-level class statement: its name and its parenthesised bases (one level of nesting).
+_CLASS_HEADER = re.compile(r"^class\s+(\w+)\s*(?:\(((?:[^()]|\([^()]*\))*)\))?\s*:", re.MULTILINE)
+_BASE = re.compile(r"\s*(?:\w+\s*\.\s*)*(\w+)\s*")
+_CLASS_LINE = re.compile(r"^class\b", re.MULTILINE)
+
+
+def _class_headers(source: str) -> list[tuple[str, list[str]]] | None:
+    """``(name, base names)`` of each top-level class, as :func:`_base_names` gives them (a
+    dotted base by its last name; keywords and subscripted or called bases left out), or None
+    when a line opening a class is one the pattern cannot read (the file is parsed instead)."""
+    headers = []
+    for match in _CLASS_HEADER.finditer(source):
+        names = []
+        for base in (match.group(2) or "").split(","):
+            plain = _BASE.fullmatch(base)
+            if plain is not None:
+                names.append(plain.group(1))
+        headers.append((match.group(1), names))
+    if len(headers) != len(_CLASS_LINE.findall(source)):
+        return None
+    return headers
+
+
 @functools.lru_cache(maxsize=1)
 def _scan() -> tuple[tuple[FusedClass, ...], dict[str, str]]:
     import transformers
@@ -124,8 +158,16 @@ def _scan() -> tuple[tuple[FusedClass, ...], dict[str, str]]:
     bases: dict[tuple[str, str], list[str]] = {}
     for path in sorted(models.glob("*/modeling_*.py")):
         package = path.parent.name
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in tree.body:
+        source = path.read_text(encoding="utf-8")
+        headers = None if _may_define_fused(source) else _class_headers(source)
+        if headers is not None:
+            # Parsing is most of the scan's time: a file that cannot hold a fused class only
+            # needs its top-level class names and bases, which its class headers give.
+            for name, names in headers:
+                defined_in.setdefault(name, package)
+                bases[(package, name)] = names
+            continue
+        for node in ast.parse(source).body:
             if isinstance(node, ast.ClassDef):
                 defined_in.setdefault(node.name, package)
                 bases[(package, node.name)] = _base_names(node)
@@ -247,3 +289,49 @@ def _fused_model_types(classes: list[FusedClass] | None) -> dict[str, set[FusedC
 def modeling_module(fused: FusedClass) -> object:
     """The imported modeling module that defines ``fused``."""
     return importlib.import_module(f"transformers.models.{fused.package}.modeling_{fused.package}")
+
+
+def fused_model_type_names(cache_dir: Path) -> list[str]:
+    """The sorted keys of :func:`fused_model_types`, kept in a JSON file under ``cache_dir``.
+
+    The scan parses every modeling file and imports every configuration module (tens of
+    seconds); a test suite only needs the names to parametrize over at collection.  The file
+    is named by the installed transformers (version, location, and the name, size and mtime of
+    every modeling and configuration file) and by this module's source, so another release, an
+    edited transformers or a changed scanner gets a scan of its own; it is never reused
+    across them.
+    """
+    path = cache_dir / f"fused-model-types-{_scan_key()}.json"
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            return names
+        logger.warning("ignoring malformed census cache %s", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring unreadable census cache %s: %s", path, error)
+    names = sorted(fused_model_types())
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: a run stopped half-way leaves no truncated list behind.
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(names), encoding="utf-8")
+        partial.replace(path)
+    except OSError as error:  # a read-only checkout: scan again next time
+        logger.warning("cannot write the census cache %s: %s", path, error)
+    return names
+
+
+def _scan_key() -> str:
+    """What the scan's answer depends on: the installed transformers' sources and this module."""
+    import transformers
+
+    package = Path(transformers.__file__).parent
+    digest = hashlib.sha256()
+    digest.update(f"{transformers.__version__}\0{package}\0".encode())
+    digest.update(Path(__file__).read_bytes())
+    for source in sorted([*package.glob("models/*/modeling_*.py"), *package.glob("models/*/configuration_*.py")]):
+        stat = source.stat()
+        digest.update(f"{source.relative_to(package)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return f"{transformers.__version__}-{digest.hexdigest()[:16]}"
