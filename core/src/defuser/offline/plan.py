@@ -301,17 +301,17 @@ def _check_config_fits(specs: dict[str, FusedSpec], checkpoint: Checkpoint, conf
         return OfflineConversionError(f"{config_path}: {named} does not fit the checkpoint: {held} {what}")
 
     for spec in specs.values():
-        key = _held_as(spec, suffixes)
-        if key is not None:
-            entry, shape = checkpoint.tensors[key], tuple(spec.shape)
+        held_key = _held_as(spec, suffixes)
+        if held_key is not None:
+            entry, shape = checkpoint.tensors[held_key], tuple(spec.shape)
             swapped = (*shape[:-2], shape[-1], shape[-2]) if len(shape) >= 2 else shape
             if entry.shape in (shape, swapped):
                 continue
             differs = next((ours for ours, theirs in zip(shape, entry.shape, strict=False) if ours != theirs), shape[0])
             raise refuse(
                 differs,
-                checkpoint.shard_of[key],
-                f"holds {key!r} as {list(entry.shape)}, the model of config.json needs {list(shape)}",
+                checkpoint.shard_of[held_key],
+                f"holds {held_key!r} as {list(entry.shape)}, the model of config.json needs {list(shape)}",
             )
         if spec.role == "dense":
             continue
