@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from defuser.engine.layout import ExpertsLayout
 from defuser.offline.checkpoint import (
     INDEX_NAME,
     Checkpoint,
@@ -315,7 +316,8 @@ def _check_config_fits(specs: dict[str, FusedSpec], checkpoint: Checkpoint, conf
             )
         if spec.role == "dense":
             continue
-        experts = spec.layout.num_experts if spec.role != "parallel" else spec.shape[0]
+        layout = spec.layout
+        experts = layout.num_experts if isinstance(layout, ExpertsLayout) else spec.shape[0]
         leaf = spec.path.rsplit(".", 1)[-1]
         found = expert_indices.get(leaf)
         if found is not None and found + 1 < experts:
