@@ -285,15 +285,27 @@ def split_on_load_converter(source: str, target: str | list[str], operations: li
 
 class PerExpertRenaming(WeightRenaming):
     """Renames one projection of every expert from a checkpoint's name to defuser's on load;
-    its reverse goes back on save.  It is kept for saving whether or not a load used it."""
+    its reverse goes back on save.  It is kept for saving whether or not a load used it.
 
-    def __init__(self, source_patterns: str | list[str], target_patterns: str | list[str]):
-        super().__init__(source_patterns=source_patterns, target_patterns=target_patterns)
-        object.__setattr__(self, "_defuser_patterns", (_single(source_patterns), _single(target_patterns)))
+    Written the way transformers' own mappings are: regexes whose match is replaced by a
+    plain target.  The expert index stays in the key because only the projection's part is
+    matched, behind a lookbehind for ``{before}<index>`` (one branch per index width, since a
+    lookbehind has a fixed width): no back-reference in any pattern, so tools that reverse the
+    mapping and read targets as regexes (auto-round) can."""
+
+    @classmethod
+    def between(cls, before: str, checkpoint_after: str, defused_after: str) -> PerExpertRenaming:
+        """Rename ``{before}<index>{checkpoint_after}`` to ``{before}<index>{defused_after}``."""
+        renaming = cls(source_patterns=_behind_index(before, checkpoint_after), target_patterns=defused_after)
+        object.__setattr__(renaming, "_defuser_pieces", (before, checkpoint_after, defused_after))
+        return renaming
 
     def reverse_transform(self) -> WeightRenaming:
-        source, target = self._defuser_patterns
-        reverse = PerExpertRenaming(_reverse_source(target, source), _reverse_target(source))
+        pieces = self.__dict__.get("_defuser_pieces")
+        if pieces is None:  # a copy transformers made from the patterns alone
+            return super().reverse_transform()
+        before, checkpoint_after, defused_after = pieces
+        reverse = PerExpertRenaming.between(before, defused_after, checkpoint_after)
         for name in ("scope_prefix", "base_model_prefix"):
             if hasattr(self, name):
                 setattr(reverse, name, getattr(self, name))
@@ -303,19 +315,13 @@ class PerExpertRenaming(WeightRenaming):
         return True
 
 
-def _single(patterns: str | list[str]) -> str:
-    return patterns if isinstance(patterns, str) else patterns[0]
+# Expert indices up to this many digits are renamed (a million experts per module).
+_INDEX_DIGITS = 6
 
 
-# Renamings are written as (regex with one ``(\d+)`` group, replacement with ``\1``); their
-# reverse swaps the roles, so both sides are kept in that form.
-def _reverse_source(target: str, source: str) -> str:
-    return re.escape(target).replace(re.escape(r"\1"), r"(\d+)")
-
-
-def _reverse_target(source: str) -> str:
-    plain = _unescape(source.replace(r"(\d+)", "\x00"))
-    return plain.replace("\x00", r"\1")
+def _behind_index(before: str, after: str) -> list[str]:
+    """Patterns matching ``after`` where ``before`` and an expert index precede it."""
+    return [rf"(?<={re.escape(before)}\d{{{width}}}){re.escape(after)}" for width in range(1, _INDEX_DIGITS + 1)]
 
 
 def _unescape(pattern: str) -> str:
@@ -327,8 +333,9 @@ def _renaming(checkpoint_key: str, defused_key: str) -> PerExpertRenaming:
     projection}``; both arguments hold ``\x00`` where the expert index goes."""
     before, after = checkpoint_key.split("\x00")
     ours_before, ours_after = defused_key.split("\x00")
-    source = re.escape(before) + r"(\d+)" + re.escape(after)
-    return PerExpertRenaming(source, ours_before + r"\1" + ours_after)
+    if before != ours_before:
+        raise ValueError(f"a per-expert renaming keeps the part before the index: {before!r} != {ours_before!r}")
+    return PerExpertRenaming.between(before, after, ours_after)
 
 
 def expert_projection_renames(names: dict[str, str]) -> list[WeightRenaming]:
@@ -406,13 +413,16 @@ def per_expert_renames(transform: Any) -> list[PerExpertRenaming]:
 
 
 def attach_save_mapping(model: nn.Module) -> bool:
-    """Make ``model.save_pretrained`` write the defused per-expert keys of a converted model so
-    plain transformers loads them: under the names its stock checkpoint mapping merges on load
-    (Mixtral: ``block_sparse_moe.experts.N.w1``), and out of reach of stock converters whose
-    reverse would fold them back into a fused tensor the model no longer has.  Returns True
-    when the model's save mapping changed."""
+    """Make ``model.save_pretrained`` write a converted model so plain transformers loads it:
+    per-expert keys under the names its stock checkpoint mapping merges on load (Mixtral:
+    ``block_sparse_moe.experts.N.w1``), every other defused module in its fused layout (see
+    :mod:`defuser.engine.save`), out of reach of stock converters whose reverse would fold
+    defused keys into a fused tensor the model no longer has.  Returns True when the model's
+    save mapping changed."""
     from transformers import PreTrainedModel
     from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from defuser.engine.save import fused_on_save_converter, stock_merged_names
 
     if not isinstance(model, PreTrainedModel):
         return False
@@ -426,20 +436,54 @@ def attach_save_mapping(model: nn.Module) -> bool:
     except Exception as error:  # a model transformers cannot map: saving keeps defuser's names
         logger.warning("no save mapping for %s: %s", type(model).__name__, error)
         return False
-    defused = _defused_keys(model)
-    kept = [conversion for conversion in conversions if not _folds_defused_keys(conversion, defused)]
-    known = {_signature(conversion) for conversion in kept}
-    added = [rename for rename in renames if _signature(rename) not in known]
-    if not added and len(kept) == len(conversions):
+    kinds = _defused_kinds(model)
+    if not kinds:
         return False
+    defused = _defused_keys(model)
+    kept = [
+        conversion
+        for conversion in conversions
+        if not _folds_defused_keys(conversion, defused) and not _is_fused_on_save(conversion)
+    ]
+    known = {_signature(conversion) for conversion in kept}
+    added: list[Any] = [rename for rename in renames if _signature(rename) not in known]
+    merged, merged_dense = stock_merged_names(stock)
+    # Last in the list: transformers reverses the list on save, so it takes its keys first.
+    added.append(
+        fused_on_save_converter(
+            merged, merged_dense, experts="experts" in kinds, dense="dense" in kinds, parallel="parallel" in kinds
+        )
+    )
     model._weight_conversions = kept + added
     logger.debug(
-        "save mapping of %s: %d per-expert renaming(s), %d converter(s) left out",
+        "save mapping of %s: %d per-expert renaming(s), fused on save: %s, %d converter(s) left out",
         type(model).__name__,
-        len(added),
+        len(added) - 1,
+        sorted(kinds),
         len(conversions) - len(kept),
     )
     return True
+
+
+def _is_fused_on_save(conversion: Any) -> bool:
+    return "_defuser_save" in getattr(conversion, "__dict__", {})
+
+
+def _defused_kinds(model: nn.Module) -> set[str]:
+    """Which kinds of defused modules ``model`` holds: "experts", "parallel", "dense"."""
+    from defuser.engine.dense import split_dense_layout
+    from defuser.engine.experts import DefusedExperts
+    from defuser.engine.parallel import DefusedParallelExperts
+
+    kinds: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, DefusedExperts):
+            kinds.add("experts")
+        elif isinstance(module, DefusedParallelExperts):
+            kinds.add("parallel")
+        elif split_dense_layout(module) is not None:
+            kinds.add("dense")
+    return kinds
 
 
 def _defused_keys(model: nn.Module) -> list[str]:
