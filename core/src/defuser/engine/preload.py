@@ -522,7 +522,8 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
         if fuses_expert_keys(transform) or _merges_expert_keys(transform, tensor_names):
             # Per-expert checkpoint keys now load as they are (under defuser's names).
             renames.extend(per_expert_renames(transform))
-            merged.update(name for name in [_target_tensor(transform, tensor_names)] if name)
+            if fuses_expert_keys(transform) and (name := _target_tensor(transform, tensor_names)):
+                merged.add(name)  # a plain merge: the per-expert keys load under its names
             continue
         if fuses_dense_halves(transform) and "gate_up_proj" in dense_names:
             merged_dense.add("gate_up_proj")
