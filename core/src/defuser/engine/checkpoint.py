@@ -422,7 +422,7 @@ def attach_save_mapping(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    from defuser.engine.save import fused_on_save_converter, stock_merged_names
+    from defuser.engine.save import fused_on_save_converter, is_fused_on_save
 
     if not isinstance(model, PreTrainedModel):
         return False
@@ -443,15 +443,16 @@ def attach_save_mapping(model: nn.Module) -> bool:
     kept = [
         conversion
         for conversion in conversions
-        if not _folds_defused_keys(conversion, defused) and not _is_fused_on_save(conversion)
+        if not _folds_defused_keys(conversion, defused) and not is_fused_on_save(conversion)
     ]
     known = {_signature(conversion) for conversion in kept}
     added: list[Any] = [rename for rename in renames if _signature(rename) not in known]
-    merged, merged_dense = stock_merged_names(stock)
-    # Last in the list: transformers reverses the list on save, so it takes its keys first.
+    # Last in the list: transformers reverses the list on save, so it takes its keys first; it
+    # then applies the model's own converters (those left out above included) to what it wrote.
+    originals = [conversion for conversion in conversions if not is_fused_on_save(conversion)]
     added.append(
         fused_on_save_converter(
-            merged, merged_dense, experts="experts" in kinds, dense="dense" in kinds, parallel="parallel" in kinds
+            originals, experts="experts" in kinds, dense="dense" in kinds, parallel="parallel" in kinds
         )
     )
     model._weight_conversions = kept + added
@@ -463,10 +464,6 @@ def attach_save_mapping(model: nn.Module) -> bool:
         len(conversions) - len(kept),
     )
     return True
-
-
-def _is_fused_on_save(conversion: Any) -> bool:
-    return "_defuser_save" in getattr(conversion, "__dict__", {})
 
 
 def _defused_kinds(model: nn.Module) -> set[str]:

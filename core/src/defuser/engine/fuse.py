@@ -24,7 +24,15 @@ from torch import nn
 from defuser.engine.candidates import ExpertsLayout, ParallelLayout
 from defuser.engine.layout import FusedTensors, join_gate_up, orient, stacked_expert_weights
 
-__all__ = ["NotFusable", "adjacent_or_cat", "fuse_dense_mlp", "fuse_experts", "fuse_parallel", "fused_names", "skeleton_of"]
+__all__ = [
+    "NotFusable",
+    "adjacent_or_cat",
+    "fuse_dense_mlp",
+    "fuse_experts",
+    "fuse_parallel",
+    "fused_names",
+    "skeleton_of",
+]
 
 
 class NotFusable(TypeError):

@@ -514,19 +514,12 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
     kept: list[Any] = []
     renames: list[Any] = []
     chained: list[Any] = []
-    # Fused tensors whose per-expert (or per-half) checkpoint keys stock transformers merges:
-    # a model built patched saves those per expert, every other defused module fused.
-    merged: set[str] = set()
-    merged_dense: set[str] = set()
     for transform in deepcopy(stock or []):
         if fuses_expert_keys(transform) or _merges_expert_keys(transform, tensor_names):
             # Per-expert checkpoint keys now load as they are (under defuser's names).
             renames.extend(per_expert_renames(transform))
-            if fuses_expert_keys(transform) and (name := _target_tensor(transform, tensor_names)):
-                merged.add(name)  # a plain merge: the per-expert keys load under its names
             continue
         if fuses_dense_halves(transform) and "gate_up_proj" in dense_names:
-            merged_dense.add("gate_up_proj")
             continue
         reordered = _reordering_of_fused_tensor(transform, targets)
         if reordered is not None:
@@ -551,13 +544,10 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
         extra.extend(expert_projection_renames(plan.legacy_projection_names))
     # At most one converter takes a key: parallel places after the dense splits.
     parallel = parallel_converters([active.parallel for active in owners if active.parallel])
-    # Last: transformers reverses the mapping on save, so this takes its keys first.
+    # Last: transformers reverses the mapping on save, so this takes its keys first and writes
+    # them as stock transformers writes the fused model.
     on_save = fused_on_save_converter(
-        frozenset(merged),
-        frozenset(merged_dense),
-        experts=bool(tensor_names),
-        dense=bool(dense_names),
-        parallel=bool(parallel),
+        stock or [], experts=bool(tensor_names), dense=bool(dense_names), parallel=bool(parallel)
     )
     return kept + renames + extra + chained + splits + parallel + [on_save]
 

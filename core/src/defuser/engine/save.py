@@ -37,20 +37,26 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from defuser.engine.candidates import DenseLayout, ExpertsLayout, ParallelLayout
 from defuser.engine.layout import join_gate_up, orient
 
-__all__ = ["FusedOnSave", "fused_on_save_converter", "stock_merged_names"]
+__all__ = ["FusedOnSave", "fused_on_save_converter", "is_fused_on_save", "stock_merged_names"]
 
 logger = logging.getLogger(__name__)
 
-# The key every matched tensor of one module is grouped under (the match replaced by this);
+# The key the matched tensors of one layer are grouped under (the match replaced by this);
 # it names no tensor of any model.
 _GROUP = ".defuser_fused_on_save"
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_EXPERT_PATTERNS = tuple(rf"\.\d+\.{projection}\.{part}" for projection in _PROJECTIONS for part in ("weight", "bias"))
-_PARALLEL_PATTERNS = (r"\.\d+\.linear\.weight",)
-_DENSE_PATTERNS = tuple(rf"\.{half}\.{part}" for half in ("gate_proj", "up_proj") for part in ("weight", "bias"))
-_KEY = re.compile(r"(?P<path>.+?)(?:\.(?P<index>\d+))?\.(?P<projection>gate_proj|up_proj|down_proj|linear)\.(?P<part>weight|bias)")
+# Each pattern starts its match at the first index of the key (a decoder layer): every defused
+# module of one layer falls in one group, so the stock conversions that read several of them
+# (ERNIE-VL's text and vision experts into one checkpoint tensor) see them together.
+_LAYER = r"(?:\.\d+(?:\.[^.]+)+?)?"
+_EXPERT_TAILS = tuple(rf"\.\d+\.{projection}\.{part}" for projection in _PROJECTIONS for part in ("weight", "bias"))
+_PARALLEL_TAILS = (r"\.\d+\.linear\.weight",)
+_DENSE_TAILS = tuple(rf"\.{half}\.{part}" for half in ("gate_proj", "up_proj") for part in ("weight", "bias"))
+_KEY = re.compile(
+    r"(?P<path>.+?)(?:\.(?P<index>\d+))?\.(?P<projection>gate_proj|up_proj|down_proj|linear)\.(?P<part>weight|bias)"
+)
 
-# (model class, module path) pairs already warned about: a quantized model saved twice warns once.
+# (model class, projection class) pairs already warned about: a quantized model warns once.
 _warned: set[tuple[str, str]] = set()
 
 
@@ -64,7 +70,9 @@ class FusedOnSave(ConversionOps):
     def __repr__(self) -> str:
         return f"FusedOnSave({self.direction!r})"
 
-    def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any):
+    def convert(
+        self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
+    ):
         raise NotImplementedError("FusedOnSave is applied by its converter on save only")
 
     @property
@@ -72,20 +80,53 @@ class FusedOnSave(ConversionOps):
         return FusedOnSave("save" if self.direction == "load" else "load")
 
 
+class _SaveState:
+    """What the converter and its reverse share: which fused names stock merges from per-expert
+    keys, the stock converters applied after fusing, the key patterns.  Shared, not copied, by
+    the copies transformers makes of the reverse for each group of keys."""
+
+    def __init__(self, patterns: tuple[str, ...], merged: frozenset[str], merged_dense: frozenset[str], stock: list):
+        self.patterns = patterns
+        self.merged = merged
+        self.merged_dense = merged_dense
+        self.stock = stock
+        self.reverses: list[WeightConverter] | None = None
+        self.matcher = re.compile("|".join(f"(?:{pattern})(?!\\w)" for pattern in patterns))
+
+    def __deepcopy__(self, memo: dict) -> _SaveState:
+        return self
+
+    def stock_reverses(self) -> list[WeightConverter]:
+        """The reverses of the stock converters (computed on the first save)."""
+        if self.reverses is None:
+            reverses = []
+            # transformers matches the reverses in the reverse order of the mapping.
+            for converter in reversed(self.stock):
+                try:
+                    reverses.append(converter.reverse_transform())
+                except Exception as error:  # not reversible: transformers cannot save through it either
+                    logger.debug("stock converter %r has no reverse: %s", converter, error)
+            self.reverses = reverses
+        return self.reverses
+
+
 class _FusedOnSaveConverter(WeightConverter):
     """See :func:`fused_on_save_converter`.  Load direction: matches no checkpoint key."""
 
     def reverse_transform(self) -> WeightConverter:
-        state = self.__dict__["_defuser_save"]
+        state: _SaveState = self.__dict__["_defuser_save"]
         reverse = _FusingConverter(
-            source_patterns=list(state["patterns"]), target_patterns=_GROUP, operations=[FusedOnSave("save")]
+            source_patterns=list(state.patterns), target_patterns=_GROUP, operations=[FusedOnSave("save")]
         )
         reverse.__dict__["_defuser_save"] = state
+        for name in ("scope_prefix", "base_model_prefix"):
+            if getattr(self, name, None) is not None:
+                setattr(reverse, name, getattr(self, name))
         return reverse
 
 
 class _FusingConverter(WeightConverter):
-    """The reverse of :class:`_FusedOnSaveConverter`: one instance per group of matched keys."""
+    """The reverse of :class:`_FusedOnSaveConverter`: one copy per group of matched keys."""
 
     def add_tensor(self, target_key: str, source_key: str, source_pattern: str, future: Any) -> None:
         self.__dict__.setdefault("_defuser_tensors", []).append((source_key, future))
@@ -95,11 +136,12 @@ class _FusingConverter(WeightConverter):
 
     def convert(self, layer_name: str, model: nn.Module | None = None, config: Any = None, **kwargs: Any):
         tensors = self.__dict__.pop("_defuser_tensors", [])
-        # ``layer_name`` is the key prefix (renamed as transformers renamed it so far) followed
-        # by the group name: written keys keep that prefix and their own tail.
+        # ``layer_name`` is the key up to the match, renamed as transformers renamed it so far,
+        # followed by the group name: written keys keep that prefix and their own tail.
         renamed_prefix = layer_name.removesuffix(_GROUP)
-        state = self.__dict__["_defuser_save"]
-        return _save_form(model, tensors, renamed_prefix, state)
+        state: _SaveState = self.__dict__["_defuser_save"]
+        written = _save_form(model, tensors, renamed_prefix, state)
+        return _through_stock(written, state.stock_reverses(), model)
 
 
 def stock_merged_names(stock: Iterable[Any]) -> tuple[frozenset[str], frozenset[str]]:
@@ -121,38 +163,48 @@ def stock_merged_names(stock: Iterable[Any]) -> tuple[frozenset[str], frozenset[
 
 
 def fused_on_save_converter(
-    stock_merged: frozenset[str] = frozenset(),
-    stock_merged_dense: frozenset[str] = frozenset(),
+    stock: Iterable[Any] = (),
     experts: bool = True,
     dense: bool = True,
     parallel: bool = True,
 ) -> WeightConverter:
-    """A converter whose reverse (applied by ``save_pretrained``) writes defused modules in the
-    layout stock transformers loads: per-expert keys for fused tensors named in
-    ``stock_merged`` (experts) or ``stock_merged_dense`` (dense gate-up), the module's fused
-    layout otherwise.  ``experts``, ``dense`` and ``parallel`` choose which keys it takes (a
-    model without split dense MLPs leaves every ``gate_proj`` key to the other converters)."""
-    patterns = [
-        *(_EXPERT_PATTERNS if experts else ()),
-        *(_PARALLEL_PATTERNS if parallel else ()),
-        *(_DENSE_PATTERNS if dense else ()),
+    """A converter whose reverse (applied by ``save_pretrained``) writes defused modules the way
+    stock transformers saves the fused model: per-expert keys where a stock converter of
+    ``stock`` (the type's stock checkpoint mapping) merges them on load, each other defused
+    module in its fused layout; then ``stock``'s converters are reversed on what it wrote, as
+    transformers reverses them on a fused model.  ``experts``, ``dense`` and ``parallel``
+    choose which keys it takes (a model without split dense MLPs leaves every ``gate_proj`` key
+    to the other converters)."""
+    tails = [
+        *(_EXPERT_TAILS if experts else ()),
+        *(_PARALLEL_TAILS if parallel else ()),
+        *(_DENSE_TAILS if dense else ()),
     ]
+    stock = [transform for transform in stock if isinstance(transform, WeightConverter) and not _is_ours(transform)]
+    merged, merged_dense = stock_merged_names(stock)
+    patterns = tuple(_LAYER + tail for tail in tails) or (r"(?!)defuser-never",)
+    # The load direction matches no checkpoint key; its targets name what the reverse reads.
     converter = _FusedOnSaveConverter(
-        source_patterns=_GROUP, target_patterns=patterns or [r"\.defuser_nothing"], operations=[FusedOnSave("load")]
+        source_patterns=_GROUP, target_patterns=tails or [r"\.defuser_nothing"], operations=[FusedOnSave("load")]
     )
-    converter.__dict__["_defuser_save"] = {
-        "patterns": tuple(patterns) or (r"(?!)defuser-never",),
-        "stock_merged": frozenset(stock_merged),
-        "stock_merged_dense": frozenset(stock_merged_dense),
-    }
+    converter.__dict__["_defuser_save"] = _SaveState(patterns, merged, merged_dense, stock)
     return converter
+
+
+def _is_ours(transform: Any) -> bool:
+    return "_defuser_save" in getattr(transform, "__dict__", {}) or type(transform).__name__ == "_LoadOnlyConverter"
+
+
+def is_fused_on_save(transform: Any) -> bool:
+    """True for a converter made by :func:`fused_on_save_converter`."""
+    return "_defuser_save" in getattr(transform, "__dict__", {})
 
 
 # --- the save form of one group of keys ----------------------------------------------------
 
 
 def _save_form(
-    model: nn.Module | None, tensors: list[tuple[str, torch.Tensor]], renamed_prefix: str, state: dict[str, Any]
+    model: nn.Module | None, tensors: list[tuple[str, torch.Tensor]], renamed_prefix: str, state: _SaveState
 ) -> dict[str, torch.Tensor]:
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors:
@@ -161,20 +213,73 @@ def _save_form(
         by_module.setdefault(path, []).append((key, tensor))
     result: dict[str, torch.Tensor] = {}
     for path, items in by_module.items():
+        start = _match_start(state, items[0][0])
         module = _module_at(model, path)
         fused = _fused_form(model, path, module, items, state) if module is not None else None
         if fused is None:  # written as they are
             for key, tensor in items:
-                result[_renamed(key, path, renamed_prefix)] = tensor
+                result[_written_key(renamed_prefix, key, _match_start(state, key))] = tensor
             continue
         for name, tensor in fused.items():
-            result[f"{renamed_prefix or path}.{name}"] = tensor
+            result[_written_key(renamed_prefix, f"{path}.{name}", start)] = tensor
     return result
 
 
-def _renamed(key: str, path: str, renamed_prefix: str) -> str:
-    """``key`` with its module path replaced by the prefix transformers renamed it to."""
-    return renamed_prefix + key[len(path) :] if renamed_prefix else key
+def _match_start(state: _SaveState, key: str) -> int | None:
+    match = state.matcher.search(key)
+    return None if match is None else match.start()
+
+
+def _written_key(renamed_prefix: str, key: str, start: int | None) -> str:
+    """``key`` with the part before the match replaced by the prefix transformers renamed it to."""
+    return key if start is None else renamed_prefix + key[start:]
+
+
+def _through_stock(
+    written: dict[str, torch.Tensor], reverses: list[WeightConverter], model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """``written`` after the stock reverse converters, applied as transformers applies them on
+    save: at most one per key, keys renamed to the same name converted together."""
+    from copy import deepcopy
+
+    from transformers.core_model_loading import dot_natural_key
+
+    result: dict[str, torch.Tensor] = {}
+    groups: dict[str, WeightConverter] = {}
+    for key in sorted(written, key=dot_natural_key):
+        for reverse in reverses:
+            renamed, pattern = reverse.rename_source_key(key)
+            if pattern is not None:
+                group = groups.get(renamed)
+                if group is None:
+                    group = groups[renamed] = deepcopy(reverse)
+                group.add_tensor(renamed, key, pattern, written[key])
+                break
+        else:
+            result[key] = written[key]
+    config = getattr(model, "config", None)
+    seen = _WithFusedTensors(model, written) if model is not None else None
+    for renamed, group in groups.items():
+        for name, value in group.convert(renamed, model=seen, config=config).items():
+            result[name] = value[0] if isinstance(value, list) else value
+    return result
+
+
+class _WithFusedTensors:
+    """``model`` as a stock reverse converter reads it: a transpose that compares the tensor with
+    the model's parameter (``Transpose(check_dims=True)``) finds the fused tensor just written,
+    which the defused model no longer holds."""
+
+    def __init__(self, model: nn.Module, written: dict[str, torch.Tensor]):
+        self._model = model
+        self._written = written
+
+    def get_parameter(self, target: str) -> torch.Tensor:
+        tensor = self._written.get(target)
+        return tensor if tensor is not None else self._model.get_parameter(target)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def _module_at(model: nn.Module | None, path: str) -> nn.Module | None:
@@ -187,7 +292,7 @@ def _module_at(model: nn.Module | None, path: str) -> nn.Module | None:
 
 
 def _fused_form(
-    model: nn.Module | None, path: str, module: nn.Module, items: list[tuple[str, torch.Tensor]], state: dict[str, Any]
+    model: nn.Module | None, path: str, module: nn.Module, items: list[tuple[str, torch.Tensor]], state: _SaveState
 ) -> dict[str, torch.Tensor] | None:
     """``{fused tensor name: tensor}`` for ``module`` (relative to ``path``), or None when its
     keys are written per expert."""
@@ -198,9 +303,11 @@ def _fused_form(
     if isinstance(module, DefusedExperts):
         layout: ExpertsLayout = module.layout
         names = _fused_names(layout)
-        if {name.rpartition(".")[2] for name in names if not name.endswith("_bias")} <= state["stock_merged"]:
+        if {name.rpartition(".")[2] for name in names if not name.endswith("_bias")} <= state.merged:
             return None  # the stock mapping merges the per-expert keys on load
-        if not _plain_linears(model, path, [getattr(e, p, None) for e in module for p in _PROJECTIONS if hasattr(e, p)]):
+        if not _plain_linears(
+            model, path, [getattr(e, p, None) for e in module for p in _PROJECTIONS if hasattr(e, p)]
+        ):
             return None
         return _fused_experts(module, layout, path, items)
     if isinstance(module, DefusedParallelExperts):
@@ -209,7 +316,7 @@ def _fused_form(
         return _fused_parallel(module, module.layout, path, items)
     dense_layout = split_dense_layout(module)
     if dense_layout is not None:
-        if dense_layout.fused_name in state["stock_merged_dense"]:
+        if dense_layout.fused_name in state.merged_dense:
             return None
         if not _plain_linears(model, path, [module._modules.get("gate_proj"), module._modules.get("up_proj")]):
             return None
@@ -223,12 +330,14 @@ def _plain_linears(model: nn.Module | None, path: str, projections: list[Any]) -
     odd = next((p for p in projections if type(p) is not nn.Linear), None)
     if odd is None:
         return True
-    where = (type(model).__name__, path)
+    where = (type(model).__name__, type(odd).__name__)
     if where not in _warned:
         _warned.add(where)
         logger.warning(
-            "%s: projections are %s, not plain nn.Linear: saved per expert; load the checkpoint into a model "
-            "built after defuser.replace_fused_blocks(model_type), or with the quantizer's own loader",
+            "%s: projections of defused modules (%s first) are %s, not plain nn.Linear: saved per expert; "
+            "load the checkpoint into a model built after defuser.replace_fused_blocks(model_type), or with "
+            "the quantizer's own loader",
+            type(model).__name__,
             path,
             type(odd).__name__,
         )
@@ -251,14 +360,30 @@ def _per_expert(
         match = _KEY.fullmatch(key)
         if match is None or match["index"] is None:
             return None
+        if not _plain_tensor(tensor):
+            logger.warning(
+                "%s: %s is a %s %s, not a plain float tensor: saved per expert",
+                path,
+                key,
+                type(tensor).__name__,
+                tensor.dtype,
+            )
+            return None
         found.setdefault((match["projection"], match["part"]), {})[int(match["index"])] = tensor
     result = {}
     for name, tensors in found.items():
         if sorted(tensors) != list(range(count)):
-            logger.warning("%s: %s holds experts %s, not 0..%d: saved per expert", path, name, sorted(tensors)[:4], count - 1)
+            logger.warning(
+                "%s: %s holds experts %s, not 0..%d: saved per expert", path, name, sorted(tensors)[:4], count - 1
+            )
             return None
         result[name] = [tensors[index] for index in range(count)]
     return result
+
+
+def _plain_tensor(tensor: torch.Tensor) -> bool:
+    """True for a plain floating tensor (a quantizer's packed or wrapped weight is neither)."""
+    return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.dtype.is_floating_point
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -362,7 +487,9 @@ def _fused_parallel(
     return {layout.weight_name: orient(_stacked(stacks[("linear", "weight")]), layout.transposed)}
 
 
-def _fused_dense(layout: DenseLayout, path: str, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _fused_dense(
+    layout: DenseLayout, path: str, items: list[tuple[str, torch.Tensor]]
+) -> dict[str, torch.Tensor] | None:
     from defuser.engine.fuse import adjacent_or_cat
 
     halves: dict[tuple[str, str], torch.Tensor] = {}
@@ -370,6 +497,15 @@ def _fused_dense(layout: DenseLayout, path: str, items: list[tuple[str, torch.Te
         match = _KEY.fullmatch(key)
         if match is None or match["index"] is not None:
             raise ValueError(f"{path}: {key!r} is not a half of its split dense MLP")
+        if not _plain_tensor(tensor):
+            logger.warning(
+                "%s: %s is a %s %s, not a plain float tensor: saved as it is",
+                path,
+                key,
+                type(tensor).__name__,
+                tensor.dtype,
+            )
+            return None
         halves[(match["projection"], match["part"])] = tensor
     result = {}
     for part in ("weight", "bias"):
