@@ -373,8 +373,14 @@ def _per_expert(
     result = {}
     for name, tensors in found.items():
         if sorted(tensors) != list(range(count)):
+            # Experts held by other ranks, or an offloaded save whose shard ends inside the module.
             logger.warning(
-                "%s: %s holds experts %s, not 0..%d: saved per expert", path, name, sorted(tensors)[:4], count - 1
+                "%s: the state dict handed over holds experts %s of %s, not 0..%d: saved per expert, which only a "
+                "model built after replace_fused_blocks loads",
+                path,
+                sorted(tensors)[:4],
+                ".".join(name),
+                count - 1,
             )
             return None
         result[name] = [tensors[index] for index in range(count)]
