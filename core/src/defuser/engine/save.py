@@ -304,7 +304,10 @@ def _fused_form(
         layout: ExpertsLayout = module.layout
         names = _fused_names(layout)
         if {name.rpartition(".")[2] for name in names if not name.endswith("_bias")} <= state.merged:
-            return None  # the stock mapping merges the per-expert keys on load
+            # The stock mapping merges the per-expert keys on load: written per expert, with the
+            # identity experts' zero rows the stock fused tensor holds past the routed ones.
+            items.extend(_identity_expert_keys(module, layout, path, items))
+            return None
         if not _plain_linears(
             model, path, [getattr(e, p, None) for e in module for p in _PROJECTIONS if hasattr(e, p)]
         ):
@@ -322,6 +325,36 @@ def _fused_form(
             return None
         return _fused_dense(dense_layout, path, items)
     return None
+
+
+def _identity_expert_keys(
+    module: nn.Module, layout: ExpertsLayout, path: str, items: list[tuple[str, torch.Tensor]]
+) -> list[tuple[str, torch.Tensor]]:
+    """Zero per-expert tensors for the identity experts a fused tensor holds rows for past the
+    routed experts (LongCat-Flash before 5.25.0): stock checkpoints have keys for them, the
+    defused module does not (their rows are never read; ``fuse_model`` zeroes them too)."""
+    shapes = module.__dict__.get("_fused_tensor_shapes") or {}
+    if not layout.identity_experts or layout.flattened:
+        return []
+    padding = []
+    for key, tensor in items:
+        match = _KEY.fullmatch(key)
+        if match is None or match["index"] != "0":
+            continue
+        projection, part = match["projection"], match["part"]
+        shape = shapes.get(_fused_name_of(layout, projection) + ("_bias" if part == "bias" else ""))
+        for index in range(layout.num_experts, shape[0] if shape else 0):
+            padding.append((f"{path}.{index}.{projection}.{part}", torch.zeros_like(tensor)))
+    return padding
+
+
+def _fused_name_of(layout: ExpertsLayout, projection: str) -> str:
+    """The fused tensor ``projection`` of every expert is read from."""
+    if projection == "down_proj":
+        return layout.down_name
+    if layout.separate_gate_up:
+        return layout.gate_name if projection == "gate_proj" else layout.up_name
+    return layout.first_name
 
 
 def _plain_linears(model: nn.Module | None, path: str, projections: list[Any]) -> bool:
