@@ -320,8 +320,15 @@ _INDEX_DIGITS = 6
 
 
 def _behind_index(before: str, after: str) -> list[str]:
-    """Patterns matching ``after`` where ``before`` and an expert index precede it."""
-    return [rf"(?<={re.escape(before)}\d{{{width}}}){re.escape(after)}" for width in range(1, _INDEX_DIGITS + 1)]
+    """Patterns matching ``after`` where ``before`` and an expert index precede it, written with
+    character classes rather than backslash escapes: tools that reverse the mapping also read
+    patterns as replacement templates (auto-round), where ``\\d`` is an error."""
+    return [rf"(?<={_literal(before)}[0-9]{{{width}}}){_literal(after)}" for width in range(1, _INDEX_DIGITS + 1)]
+
+
+def _literal(text: str) -> str:
+    """A regex matching ``text`` exactly: dots as ``[.]``, other specials escaped."""
+    return "".join("[.]" if char == "." else re.escape(char) for char in text)
 
 
 def _unescape(pattern: str) -> str:

@@ -48,10 +48,14 @@ _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Each pattern starts its match at the first index of the key (a decoder layer): every defused
 # module of one layer falls in one group, so the stock conversions that read several of them
 # (ERNIE-VL's text and vision experts into one checkpoint tensor) see them together.
-_LAYER = r"(?:\.\d+(?:\.[^.]+)+?)?"
-_EXPERT_TAILS = tuple(rf"\.\d+\.{projection}\.{part}" for projection in _PROJECTIONS for part in ("weight", "bias"))
-_PARALLEL_TAILS = (r"\.\d+\.linear\.weight",)
-_DENSE_TAILS = tuple(rf"\.{half}\.{part}" for half in ("gate_proj", "up_proj") for part in ("weight", "bias"))
+# Written with character classes, not backslash escapes: tools that reverse the mapping read
+# these patterns as replacement templates too (auto-round), where ``\\d`` is an error.
+_LAYER = r"(?:[.][0-9]+(?:[.][^.]+)+?)?"
+_EXPERT_TAILS = tuple(
+    rf"[.][0-9]+[.]{projection}[.]{part}" for projection in _PROJECTIONS for part in ("weight", "bias")
+)
+_PARALLEL_TAILS = (r"[.][0-9]+[.]linear[.]weight",)
+_DENSE_TAILS = tuple(rf"[.]{half}[.]{part}" for half in ("gate_proj", "up_proj") for part in ("weight", "bias"))
 _KEY = re.compile(
     r"(?P<path>.+?)(?:\.(?P<index>\d+))?\.(?P<projection>gate_proj|up_proj|down_proj|linear)\.(?P<part>weight|bias)"
 )
@@ -182,10 +186,10 @@ def fused_on_save_converter(
     ]
     stock = [transform for transform in stock if isinstance(transform, WeightConverter) and not _is_ours(transform)]
     merged, merged_dense = stock_merged_names(stock)
-    patterns = tuple(_LAYER + tail for tail in tails) or (r"(?!)defuser-never",)
+    patterns = tuple(_LAYER + tail for tail in tails) or ("(?!)defuser-never",)
     # The load direction matches no checkpoint key; its targets name what the reverse reads.
     converter = _FusedOnSaveConverter(
-        source_patterns=_GROUP, target_patterns=tails or [r"\.defuser_nothing"], operations=[FusedOnSave("load")]
+        source_patterns=_GROUP, target_patterns=tails or [".defuser_nothing"], operations=[FusedOnSave("load")]
     )
     converter.__dict__["_defuser_save"] = _SaveState(patterns, merged, merged_dense, stock)
     return converter
