@@ -480,6 +480,25 @@ def test_save_mapping_has_no_back_references(model_type: str) -> None:
             empty.expand(pattern)
 
 
+@pytest.mark.parametrize("model_type", ["jetmoe", "glm4", "dbrx"])
+def test_fused_tensors_written_are_views_where_the_experts_lie_as_fused(model_type: str) -> None:
+    """A zero-copy conversion saves without copying: each fused tensor the save writes (stacked
+    parallel experts, a dense gate-up, flattened dbrx down/w1) is a view of the model's storage."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = build_tiny_model(model_type)
+    assert convert_model(model)
+    state = model.state_dict()
+    storages = {tensor.untyped_storage().data_ptr() for tensor in state.values()}
+    written = revert_weight_conversion(model, dict(state))
+    fused = {key: tensor for key, tensor in written.items() if key not in state}
+    assert fused, "nothing was written fused"
+    views = [key for key, tensor in fused.items() if tensor.untyped_storage().data_ptr() in storages]
+    # dbrx: w2 is stored transposed and flattened, which no view of the experts can be.
+    expected = {"jetmoe": len(fused), "glm4": len(fused), "dbrx": 4}[model_type]
+    assert len(views) >= expected, sorted(set(fused) - set(views))
+
+
 class _QuantizedLinear(nn.Linear):
     """Stands for a quantizer's layer: not a plain nn.Linear."""
 

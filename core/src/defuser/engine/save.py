@@ -1,26 +1,31 @@
-"""Saving a defused model in the checkpoint layout plain transformers loads.
+"""Saving a defused model as stock transformers saves the fused model.
 
 ``save_pretrained`` reverses the weight conversions a model carries (``model._weight_conversions``,
 or the checkpoint mapping of its type) before it writes: each reversed converter receives the
 state-dict tensors its source patterns match, grouped by the key the match is renamed to.
-:func:`fused_on_save_converter` is one such converter.  Its reverse takes the per-expert keys
-of defused modules (``experts.N.gate_proj.weight``, ``experts.N.linear.weight``) and the
-``gate_proj``/``up_proj`` halves of split dense MLPs, finds the module each key belongs to, and
-writes what plain transformers loads:
+:func:`fused_on_save_converter` is one such converter, placed so that it takes its keys first.
+Its reverse takes the per-expert keys of defused modules (``experts.N.gate_proj.weight``,
+``experts.N.linear.weight``) and the ``gate_proj``/``up_proj`` halves of split dense MLPs, one
+decoder layer per group, finds the module each key belongs to and writes:
 
 - the per-expert keys as they are, where the stock checkpoint mapping merges per-expert keys
   into that fused tensor on load (Mixtral: renamings elsewhere in the mapping give them the
-  stock names);
+  stock names; identity experts get the zero keys stock checkpoints hold for them);
 - otherwise the fused tensors, in the exact layout of the fused module (transposed,
-  interleaved, flattened, padded with identity experts), read from the module's own layout.
+  interleaved, flattened, padded with identity experts), read from the module's own layout;
 
-Fused tensors are built one module at a time and are views of the per-expert storage where
-the experts still lie as the fused tensor did (a zero-copy defusion); a layout that is only a
-transposed view is made contiguous by transformers' writer one tensor at a time.  Other
-layouts (interleaved gate-up, separately stored halves) cost one copy of that module's tensors.
+then hands what it wrote (and the other keys of the layer it took) to the model's stock
+converters, reversed, as transformers does for the fused model.  The result is the checkpoint
+stock transformers writes for the fused model, which it loads with defuser never imported.
+
+Memory: a fused tensor is a view of the per-expert storage where the experts still lie as the
+fused tensor did (a zero-copy defusion), or a transposed view of one stacked copy that
+transformers' writer makes contiguous one tensor at a time; interleaved or separately stored
+halves are joined into a new tensor, held (as transformers holds every tensor its reversal
+produces) until the write: one copy of those experts' weights, never a copy of the model.
 
 Projections that are no longer plain ``nn.Linear`` (a quantizer replaced them) keep their
-per-expert keys, and a warning names the loader they need (``replace_fused_blocks``).
+per-expert keys, and one warning names the loader they need (``replace_fused_blocks``).
 """
 
 from __future__ import annotations
