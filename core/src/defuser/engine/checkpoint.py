@@ -9,10 +9,10 @@ interleaved, biased, flattened, with identity rows).
 Saving: ``save_pretrained`` reverses the conversions the model knows of.  Stock mappings that
 merge per-expert checkpoint keys (``experts.*.w1.weight`` -> ``experts.gate_up_proj``) tell
 which per-expert names a checkpoint uses; :func:`per_expert_renames` turns them into renamings
-whose reverse writes the defused per-expert keys under those names, so plain transformers
-loads the saved checkpoint.  :func:`attach_save_mapping` gives a converted model those
-renamings, and leaves out stock converters whose reverse would fold defused keys back into a
-fused tensor the model no longer has.
+whose reverse writes the defused per-expert keys under those names.  Every other defused
+module is written in its fused layout by :mod:`defuser.engine.save`.  :func:`attach_save_mapping`
+gives a converted model both, so plain transformers loads the saved checkpoint.  Renamings are
+written as transformers' own are (no regex back-references).
 """
 
 from __future__ import annotations

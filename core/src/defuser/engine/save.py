@@ -30,6 +30,7 @@ per-expert keys, and one warning names the loader they need (``replace_fused_blo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterable
@@ -481,10 +482,18 @@ def _pad(tensor: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
 def _fused_experts(
     module: nn.Module, layout: ExpertsLayout, path: str, items: list[tuple[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor] | None:
+    shapes = {name: tuple(shape) for name, shape in (module.__dict__.get("_fused_tensor_shapes") or {}).items()}
+    sharded = module.__dict__.get("_defuser_sharded")
+    if sharded is not None and getattr(sharded, "shapes", None):
+        # Sharded over ranks: the state dict was gathered whole, the fused shapes recorded whole.
+        shapes = {name: tuple(shape) for name, shape in sharded.shapes.items()}
+        rows = [shape[0] for name, shape in shapes.items() if shape and not name.endswith("_bias")]
+        if getattr(sharded, "kind", None) == "expert" and not layout.flattened and rows:
+            # Routed experts: the fewest rows (identity experts add rows to some tensors only).
+            layout = dataclasses.replace(layout, num_experts=min(rows))
     stacks = _per_expert(items, path, layout.num_experts)
     if stacks is None:
         return None
-    shapes = {name: tuple(shape) for name, shape in (module.__dict__.get("_fused_tensor_shapes") or {}).items()}
 
     def stack(projection: str, part: str) -> torch.Tensor | None:
         tensors = stacks.get((projection, part))
