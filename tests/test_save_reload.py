@@ -499,6 +499,34 @@ def test_fused_tensors_written_are_views_where_the_experts_lie_as_fused(model_ty
     assert len(views) >= expected, sorted(set(fused) - set(views))
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "phi3", "mixtral", "qwen3_vl_moe_text", "jetmoe", "dbrx"])
+def test_models_loaded_with_from_pretrained_save_as_stock_does(model_type: str, tmp_path: Path) -> None:
+    """A model loaded with from_pretrained (patched, or stock then convert_model) carries the
+    mapping of its load, not the type's: its save still equals stock's save of the fused model."""
+    from safetensors.torch import load_file
+
+    support = DECLARED[model_type]
+    if reason := _unavailable(support):
+        pytest.skip(reason)
+    stock = build_tiny_model(model_type)
+    with _without_config_validation(stock):
+        stock.save_pretrained(tmp_path / "stock")
+    expected = load_file(str(tmp_path / "stock" / "model.safetensors"))
+    loaded = {}
+    if _preload_here(support):
+        with defused_blocks(model_type):
+            loaded["patched"] = type(stock).from_pretrained(tmp_path / "stock", config=stock.config)
+    loaded["converted"] = type(stock).from_pretrained(tmp_path / "stock", config=stock.config)
+    assert convert_model(loaded["converted"])
+    for way, model in loaded.items():
+        assert find_candidates(model) == [], way
+        with _without_config_validation(model):
+            model.save_pretrained(tmp_path / way)
+        written = load_file(str(tmp_path / way / "model.safetensors"))
+        assert sorted(written) == sorted(expected), way
+        assert all(torch.equal(written[key], expected[key]) for key in expected), way
+
+
 class _QuantizedLinear(nn.Linear):
     """Stands for a quantizer's layer: not a plain nn.Linear."""
 

@@ -123,6 +123,11 @@ class _SaveState:
 class _FusedOnSaveConverter(WeightConverter):
     """See :func:`fused_on_save_converter`.  Load direction: matches no checkpoint key."""
 
+    def was_used(self) -> bool:
+        # from_pretrained keeps in the model's mapping only the transforms a load used; this
+        # one matches no checkpoint key and is there for the save.
+        return True
+
     def reverse_transform(self) -> WeightConverter:
         state: _SaveState = self.__dict__["_defuser_save"]
         reverse = _FusingConverter(
