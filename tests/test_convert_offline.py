@@ -9,7 +9,8 @@ and run against the fused original, and converted back, byte for byte.
 
 How a per-expert result loads depends on the stock checkpoint mapping (``save_pretrained``
 after ``convert_model`` writes the stock fused layout instead, which loads stock everywhere):
-- where it merges per-expert keys into every fused tensor (qwen3_moe, mixtral): plain
+- where it merges per-expert keys into every fused tensor (qwen3_moe, mixtral; longcat_flash
+  from 5.25.0, whose identity experts before it hold rows the result leaves out): plain
   transformers, in a subprocess that never imports defuser (checked);
 - elsewhere (gpt_oss, phi3, llama4_text, qwen3_vl_moe, longcat_flash, jetmoe):
   ``defuser.replace_fused_blocks(model_type)``, then ``from_pretrained``, in the same subprocess
@@ -86,6 +87,10 @@ def _reload_way(model_type: str) -> str:
         layout = candidate.layout
         if isinstance(layout, ExpertsLayout):
             if not {name for name in fused_names(layout) if not name.endswith("_bias")} <= merged:
+                return RELOAD_PATCHED
+            tensors = fused_tensors_of(candidate).values()
+            if layout.identity_experts and any(tensor.shape[0] > layout.num_experts for tensor in tensors):
+                # The result leaves out identity experts' rows, which the stock fused tensor holds.
                 return RELOAD_PATCHED
         elif not (isinstance(layout, DenseLayout) and layout.fused_name in merged_dense):
             return RELOAD_PATCHED
