@@ -10,9 +10,7 @@ plugin = Family(
     name="phi",
     description="Microsoft Phi: Phi-3, Phi-4-multimodal, PhiMoE",
     model_types=[
-        TypeSupport(
-            "phi3", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("phi3", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
         TypeSupport(
             "phi4_multimodal",
             preload=True,
