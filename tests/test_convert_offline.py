@@ -1,18 +1,18 @@
 """`defuser convert`: offline fused <-> per-expert conversion of safetensors checkpoints.
 
 A tiny model per layout family is written in the fused layout and converted offline.  The
-result must hold what ``save_pretrained`` writes for ``convert_model(model)``: the converted
-model's tensors, the per-expert ones under the names transformers' reversal of the model's
-weight conversions gives (Mixtral's stock ``block_sparse_moe.experts.N.w1``; defuser's own
-``gate_proj``/``up_proj``/``down_proj`` where transformers has no per-expert names).  Each
-result is then loaded with ``from_pretrained`` and run against the fused original, and
-converted back, byte for byte.
+result must hold ``convert_model(model)``'s tensors, the per-expert ones under the names
+transformers' reversal of the model's weight conversions gives them (Mixtral's stock
+``block_sparse_moe.experts.N.w1``; defuser's own ``gate_proj``/``up_proj``/``down_proj`` where
+transformers has no per-expert names).  Each result is then loaded with ``from_pretrained``
+and run against the fused original, and converted back, byte for byte.
 
-How a result loads is the family's README "reload" column (``TypeSupport.reload`` of the
-installed plugins), the same as for a checkpoint saved after ``convert_model``:
-- "stock" (qwen3_moe, mixtral): plain transformers, which merges the per-expert keys into its
-  fused model, in a subprocess that never imports defuser (checked);
-- "replace_fused_blocks" (gpt_oss, phi3, llama4_text, qwen3_vl_moe, longcat_flash, jetmoe):
+How a per-expert result loads depends on the stock checkpoint mapping (``save_pretrained``
+after ``convert_model`` writes the stock fused layout instead, which loads stock everywhere):
+- where it merges per-expert keys into every fused tensor (qwen3_moe, mixtral; longcat_flash
+  from 5.25.0, whose identity experts before it hold rows the result leaves out): plain
+  transformers, in a subprocess that never imports defuser (checked);
+- elsewhere (gpt_oss, phi3, llama4_text, qwen3_vl_moe, longcat_flash, jetmoe):
   ``defuser.replace_fused_blocks(model_type)``, then ``from_pretrained``, in the same subprocess
   after the stock loads (one subprocess for every load).
 
@@ -41,10 +41,10 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from defuser import convert_model
 from defuser.api import find_candidates
+from defuser.engine.save import is_fused_on_save
 from defuser.offline import OfflineConversionError, convert_checkpoint, execute_plan, plan_conversion
 from defuser.offline.safetensors_io import ShardWriter
 from defuser.plugin_info import RELOAD_PATCHED, RELOAD_STOCK
-from defuser.plugins import list_plugins
 from defuser.report import fused_tensors_of
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
 
@@ -71,17 +71,31 @@ CASES = {
 
 
 def _reload_way(model_type: str) -> str:
-    """The README "reload" column of ``model_type``: how a checkpoint of its converted model loads."""
-    ways = [
-        support.reload
-        for plugin in list_plugins()
-        if plugin.info is not None
-        for support in plugin.info.model_types
-        if support.model_type == model_type
-    ]
-    assert len(ways) == 1, f"{model_type}: declared {len(ways)} times"
-    assert ways[0] in (RELOAD_STOCK, RELOAD_PATCHED), f"{model_type}: a result that cannot load ({ways[0]})"
-    return ways[0]
+    """How the per-expert result of ``model_type`` loads: stock where transformers' stock
+    checkpoint mapping merges per-expert keys into every fused tensor of the model (Mixtral,
+    Qwen3-MoE), else into a model built after ``replace_fused_blocks`` (a per-expert checkpoint
+    of a type stock stores fused)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from defuser.api import find_candidates
+    from defuser.engine.candidates import DenseLayout, ExpertsLayout
+    from defuser.engine.fuse import fused_names
+    from defuser.engine.save import stock_merged_names
+
+    model = build_tiny_model(model_type, dtype=CASES[model_type][2], **CASES[model_type][3])
+    merged, merged_dense = stock_merged_names(get_model_conversion_mapping(model, add_legacy=False))
+    for candidate in find_candidates(model):
+        layout = candidate.layout
+        if isinstance(layout, ExpertsLayout):
+            if not {name for name in fused_names(layout) if not name.endswith("_bias")} <= merged:
+                return RELOAD_PATCHED
+            tensors = fused_tensors_of(candidate).values()
+            if layout.identity_experts and any(tensor.shape[0] > layout.num_experts for tensor in tensors):
+                # The result leaves out identity experts' rows, which the stock fused tensor holds.
+                return RELOAD_PATCHED
+        elif not (isinstance(layout, DenseLayout) and layout.fused_name in merged_dense):
+            return RELOAD_PATCHED
+    return RELOAD_STOCK
 
 
 RELOAD = {model_type: _reload_way(model_type) for model_type in CASES}
@@ -185,13 +199,15 @@ def _build(model_type: str, zero_identity_rows: bool = True) -> torch.nn.Module:
 
 
 def _saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``convert_model(model).state_dict()`` with each per-expert tensor under the name
-    ``save_pretrained`` writes it (transformers' reversal of the model's weight conversions),
-    the other tensors under their own names (the fused source keeps them so)."""
+    """``convert_model(model).state_dict()`` with each per-expert tensor under its per-expert
+    checkpoint name (transformers' reversal of the model's weight conversions without the one
+    that writes defused modules fused), the other tensors under their own names (the fused
+    source keeps them so)."""
     fused_keys = set(model.state_dict())
     assert convert_model(model)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}  # distinct objects
     by_identity = {id(tensor): name for name, tensor in state.items()}
+    model._weight_conversions = [entry for entry in model._weight_conversions if not is_fused_on_save(entry)]
     reverted = revert_weight_conversion(model, dict(state))
     saved = {by_identity[id(tensor)]: key for key, tensor in reverted.items() if id(tensor) in by_identity}
     per_expert = [name for name in state if name not in fused_keys]
@@ -269,9 +285,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", list(CASES))
-def test_result_is_what_save_pretrained_writes(world, model_type):
-    """The result holds convert_model's tensors under save_pretrained's names (source names for
-    the tensors copied unchanged)."""
+def test_result_holds_the_converted_tensors_under_per_expert_names(world, model_type):
+    """The result holds convert_model's tensors under their per-expert checkpoint names (source
+    names for the tensors copied unchanged)."""
     case = world["cases"][model_type]
     _assert_same_bytes(_checkpoint(case["result"]), _saved_state_dict(_build(model_type)))
 
@@ -279,7 +295,7 @@ def test_result_is_what_save_pretrained_writes(world, model_type):
 @pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", list(CASES))
 def test_result_loads_with_from_pretrained_and_equal_outputs(world, model_type):
-    """Loaded as the README "reload" column says: stock into the fused model (defuser never
+    """Loaded as the stock mapping allows: stock into the fused model (defuser never
     imported), or after replace_fused_blocks into the defused one."""
     case = world["cases"][model_type]
     stock = RELOAD[model_type] == RELOAD_STOCK

@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -143,6 +144,8 @@ class Saved:
     model_class: type
     left_fused: list[str] = field(default_factory=list)
     error: str | None = None
+    # Where stock transformers saved the same model before it was defused ("converted" only).
+    stock_folder: Path | None = None
 
     @property
     def key(self) -> str:
@@ -171,12 +174,29 @@ def _save(model: nn.Module, saved: Saved, reference: torch.Tensor) -> None:
     (saved.folder / "config.pkl").write_bytes(pickle.dumps(model.config))
 
 
+def _zero_identity_rows(model: nn.Module) -> None:
+    """Zero the rows identity experts hold past the routed ones in a fused tensor (LongCat-Flash
+    before 5.25.0): never read, dropped by conversion, saved as zeros (as fuse_model leaves them)."""
+    from defuser.report import fused_tensors_of
+
+    for candidate in find_candidates(model):
+        routed = getattr(candidate.layout, "num_experts", 0)
+        if candidate.kind == "experts" and candidate.layout.identity_experts:
+            for tensor in fused_tensors_of(candidate).values():
+                if tensor.shape[0] > routed:
+                    tensor.data[routed:] = 0
+
+
 def _save_converted(model_type: str, root: Path) -> Saved:
     saved = Saved(model_type, "converted", root / "converted" / model_type, nn.Module)
     try:
         model = build_tiny_model(model_type, **BUILD_OVERRIDES.get(model_type, {}))
         saved.model_class = type(model)
+        _zero_identity_rows(model)
         reference = tiny_forward(model, tiny_inputs(model))
+        saved.stock_folder = root / "stock" / model_type
+        with _without_config_validation(model):
+            model.save_pretrained(saved.stock_folder)
         assert convert_model(model) is True, "nothing was defused"
         _save(model, saved, reference)  # the fused model's output
     except Exception as error:
@@ -384,15 +404,181 @@ def test_saved_keys_are_per_expert_under_the_stock_names(reloads: Reloads) -> No
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_saved_keys_escape_stock_converters_that_would_fold_them(reloads: Reloads) -> None:
-    """Inkling's stock mapping folds gate_proj + up_proj into shared_w13_weight on save; the
-    defused shared experts stay per expert."""
-    if "converted/inkling_mm_model" not in reloads.saved:
-        pytest.skip(f"inkling_mm_model does not exist in transformers {_version()}")
-    for kind in ("converted", "built"):
-        keys = _saved_keys(reloads, f"{kind}/inkling_mm_model")
-        assert not [key for key in keys if "shared_w13_weight" in key], kind
-        assert any(".shared_experts.0.gate_proj.weight" in key for key in keys), kind
+def test_saved_keys_are_fused_where_stock_checkpoints_are(reloads: Reloads) -> None:
+    """gpt_oss keeps its experts fused (interleaved, transposed, biased) in checkpoints, GLM-4
+    its dense gate_up_proj, JetMoE its stacked input_linear: that is what is written."""
+    keys = _saved_keys(reloads, "converted/gpt_oss")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys and "model.layers.0.mlp.experts.gate_up_proj_bias" in keys
+    assert not [key for key in keys if ".experts.0." in key]
+    keys = _saved_keys(reloads, "converted/glm4")
+    assert "model.layers.0.mlp.gate_up_proj.weight" in keys
+    assert not [key for key in keys if "mlp.gate_proj" in key]
+    keys = _saved_keys(reloads, "converted/jetmoe")
+    assert "model.layers.0.mlp.input_linear.weight" in keys
+    assert not [key for key in keys if ".linear.weight" in key and ".input_linear" not in key]
+
+
+def _available_params(names: list[str]) -> list[Any]:
+    return [
+        pytest.param(
+            name, id=name, marks=[pytest.mark.skip(reason=reason)] if (reason := _unavailable(DECLARED[name])) else []
+        )
+        for name in sorted(names)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.parametrize("model_type", _available_params(list(DECLARED)))
+def test_defused_save_equals_the_stock_save_of_the_fused_model(model_type: str, reloads: Reloads) -> None:
+    """``save_pretrained`` after ``convert_model`` writes the checkpoint stock transformers
+    writes for the fused model: the same keys, and tensors equal to the last bit."""
+    from safetensors.torch import load_file
+
+    saved = reloads.saved[f"converted/{model_type}"]
+    assert saved.error is None, saved.error
+    stock = load_file(str(saved.stock_folder / "model.safetensors"))
+    defused = load_file(str(saved.folder / "model.safetensors"))
+    assert sorted(set(stock) - set(defused))[:4] == [], "keys stock writes and the defused save does not"
+    assert sorted(set(defused) - set(stock))[:4] == [], "keys the defused save writes and stock does not"
+    unequal = [
+        key for key in stock if stock[key].shape != defused[key].shape or not torch.equal(stock[key], defused[key])
+    ]
+    assert unequal[:4] == [], "tensors that differ from stock's"
+
+
+# --- the save mapping a converted model carries ---------------------------------------------
+
+_BACK_REFERENCE = re.compile(r"\\(?:\d|g<)")
+
+
+def _census_types() -> list[str]:
+    # The cached names (see tests/test_census.py): collection does not scan transformers.
+    from defuser_testkit.census import fused_model_type_names
+
+    return fused_model_type_names(Path(__file__).resolve().parents[1] / ".cache" / "census")
+
+
+def _defuser_entries(model: nn.Module) -> list[Any]:
+    return [entry for entry in model._weight_conversions if type(entry).__module__.startswith("defuser")]
+
+
+def _patterns(entry: Any) -> list[str]:
+    patterns = []
+    for name in ("source_patterns", "target_patterns", "_original_source_patterns", "_original_target_patterns"):
+        value = getattr(entry, name, None) or []
+        patterns += [value] if isinstance(value, str) else list(value)
+    return patterns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", _census_types())
+def test_save_mapping_has_no_back_references(model_type: str) -> None:
+    """The entries convert_model adds to ``model._weight_conversions`` are written like
+    transformers' own: no ``\\1`` in any pattern of them or of their reverses, and every
+    pattern is both a regex and a replacement template (auto-round reads them both ways)."""
+    model = build_tiny_model(model_type, **BUILD_OVERRIDES.get(model_type, {}))
+    if not convert_model(model):
+        pytest.skip(f"nothing in {model_type} is defused (its fused dense Linears are kept)")
+    entries = _defuser_entries(model)
+    assert entries, "convert_model attached no save mapping"
+    empty = re.match("", "")
+    for entry in entries:
+        reverse = entry.reverse_transform()
+        for pattern in _patterns(entry) + _patterns(reverse):
+            assert not _BACK_REFERENCE.search(pattern), f"{type(entry).__name__}: back-reference in {pattern!r}"
+            # auto-round reads each side as a pattern and as a replacement template.
+            re.compile(pattern)
+            empty.expand(pattern)
+
+
+@pytest.mark.parametrize("model_type", ["jetmoe", "glm4"])
+def test_fused_tensors_written_are_views_where_the_experts_lie_as_fused(model_type: str) -> None:
+    """A zero-copy conversion saves without copying: each fused tensor the save writes (stacked
+    parallel experts, a dense gate-up) is a view of the model's storage."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = build_tiny_model(model_type)
+    assert convert_model(model)
+    state = model.state_dict()
+    storages = {tensor.untyped_storage().data_ptr() for tensor in state.values()}
+    written = revert_weight_conversion(model, dict(state))
+    fused = {key: tensor for key, tensor in written.items() if key not in state}
+    assert fused, "nothing was written fused"
+    views = [key for key, tensor in fused.items() if tensor.untyped_storage().data_ptr() in storages]
+    assert sorted(views) == sorted(fused), sorted(set(fused) - set(views))
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "phi3", "mixtral", "qwen3_vl_moe_text", "jetmoe", "dbrx"])
+def test_models_loaded_with_from_pretrained_save_as_stock_does(model_type: str, tmp_path: Path) -> None:
+    """A model loaded with from_pretrained (patched, or stock then convert_model) carries the
+    mapping of its load, not the type's: its save still equals stock's save of the fused model."""
+    from safetensors.torch import load_file
+
+    support = DECLARED[model_type]
+    if reason := _unavailable(support):
+        pytest.skip(reason)
+    stock = build_tiny_model(model_type)
+    with _without_config_validation(stock):
+        stock.save_pretrained(tmp_path / "stock")
+    expected = load_file(str(tmp_path / "stock" / "model.safetensors"))
+    loaded = {}
+    if _preload_here(support):
+        with defused_blocks(model_type):
+            loaded["patched"] = type(stock).from_pretrained(tmp_path / "stock", config=stock.config)
+    loaded["converted"] = type(stock).from_pretrained(tmp_path / "stock", config=stock.config)
+    assert convert_model(loaded["converted"])
+    for way, model in loaded.items():
+        assert find_candidates(model) == [], way
+        with _without_config_validation(model):
+            model.save_pretrained(tmp_path / way)
+        written = load_file(str(tmp_path / way / "model.safetensors"))
+        assert sorted(written) == sorted(expected), way
+        assert all(torch.equal(written[key], expected[key]) for key in expected), way
+
+
+class _QuantizedLinear(nn.Linear):
+    """Stands for a quantizer's layer: not a plain nn.Linear."""
+
+
+def test_projections_a_quantizer_replaced_are_saved_per_expert(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Experts whose projections are no longer plain Linears keep their per-expert keys, one
+    warning names the loader, and replace_fused_blocks loads them back."""
+    model = build_tiny_model("gpt_oss")
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    assert convert_model(model)
+    for module in model.modules():
+        if isinstance(module, DefusedExperts):
+            for expert in module:
+                for name, linear in [
+                    (name, child) for name, child in expert.named_children() if type(child) is nn.Linear
+                ]:
+                    replacement = _QuantizedLinear(
+                        linear.in_features, linear.out_features, bias=linear.bias is not None
+                    )
+                    replacement.load_state_dict(linear.state_dict())
+                    setattr(expert, name, replacement)
+    with caplog.at_level("WARNING", logger="defuser.engine.save"):
+        model.save_pretrained(tmp_path / "first")
+        model.save_pretrained(tmp_path / "second")
+    warnings = [record for record in caplog.records if "replace_fused_blocks" in record.getMessage()]
+    assert len(warnings) == 1, [record.getMessage() for record in caplog.records]
+    keys = _keys_in(tmp_path / "first")
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in keys
+    assert not [key for key in keys if key.endswith("experts.gate_up_proj")]
+    with defused_blocks("gpt_oss"):
+        loaded = type(model).from_pretrained(tmp_path / "first", config=model.config).eval()
+    assert (tiny_forward(loaded, inputs) - reference).abs().max().item() <= ATOL
+
+
+def _keys_in(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as checkpoint:
+        return list(checkpoint.keys())
 
 
 def test_every_declared_type_has_a_reload_row() -> None:

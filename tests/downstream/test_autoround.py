@@ -8,8 +8,6 @@ noxfile.py.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 auto_round = pytest.importorskip("auto_round", reason="auto-round is not installed (nox -s autoround installs it)")
@@ -23,22 +21,7 @@ pytestmark = pytest.mark.slow
 WIDE_EXPERTS = {"moe_intermediate_size": 32, "intermediate_size": 32}
 
 
-@pytest.mark.parametrize(
-    "model_type",
-    [
-        "qwen3_moe",
-        "gpt_oss",
-        pytest.param(
-            "mixtral",
-            marks=pytest.mark.xfail(
-                raises=re.error,
-                strict=True,
-                reason="the save mapping's targets hold regex back-references, which auto-round reverses as "
-                "patterns (issue 16, point 5: done on another branch)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "mixtral"])
 def test_autoround_quantizes_every_expert_projection(model_type, tiny_checkpoint):
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer

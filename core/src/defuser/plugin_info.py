@@ -26,9 +26,10 @@ DENSE_KEPT = "kept"
 DENSE_WAYS = ("", DENSE_SPLIT, DENSE_KEPT)
 
 # How a checkpoint saved after ``convert_model`` (or from a model built after
-# ``replace_fused_blocks``) loads again: plain transformers maps its per-expert keys onto the
-# stock fused model; or the model is built with ``replace_fused_blocks`` first; or neither
-# works (``reload_blocker`` says why).
+# ``replace_fused_blocks``) loads again: plain transformers loads it into the stock fused model
+# (the default: defuser saves what stock transformers saves for the fused model, see
+# defuser.engine.save); or only a model built with ``replace_fused_blocks`` first loads it; or
+# neither works (``reload_blocker`` says why).  Every first-party type declares stock.
 RELOAD_STOCK = "stock"
 RELOAD_PATCHED = "replace_fused_blocks"
 RELOAD_NONE = "none"

@@ -9,10 +9,10 @@ interleaved, biased, flattened, with identity rows).
 Saving: ``save_pretrained`` reverses the conversions the model knows of.  Stock mappings that
 merge per-expert checkpoint keys (``experts.*.w1.weight`` -> ``experts.gate_up_proj``) tell
 which per-expert names a checkpoint uses; :func:`per_expert_renames` turns them into renamings
-whose reverse writes the defused per-expert keys under those names, so plain transformers
-loads the saved checkpoint.  :func:`attach_save_mapping` gives a converted model those
-renamings, and leaves out stock converters whose reverse would fold defused keys back into a
-fused tensor the model no longer has.
+whose reverse writes the defused per-expert keys under those names.  Every other defused
+module is written in its fused layout by :mod:`defuser.engine.save`.  :func:`attach_save_mapping`
+gives a converted model both, so plain transformers loads the saved checkpoint.  Renamings are
+written as transformers' own are (no regex back-references).
 """
 
 from __future__ import annotations
@@ -286,15 +286,27 @@ def split_on_load_converter(source: str, target: str | list[str], operations: li
 
 class PerExpertRenaming(WeightRenaming):
     """Renames one projection of every expert from a checkpoint's name to defuser's on load;
-    its reverse goes back on save.  It is kept for saving whether or not a load used it."""
+    its reverse goes back on save.  It is kept for saving whether or not a load used it.
 
-    def __init__(self, source_patterns: str | list[str], target_patterns: str | list[str]):
-        super().__init__(source_patterns=source_patterns, target_patterns=target_patterns)
-        object.__setattr__(self, "_defuser_patterns", (_single(source_patterns), _single(target_patterns)))
+    Written the way transformers' own mappings are: regexes whose match is replaced by a
+    plain target.  The expert index stays in the key because only the projection's part is
+    matched, behind a lookbehind for ``{before}<index>`` (one branch per index width, since a
+    lookbehind has a fixed width): no back-reference in any pattern, so tools that reverse the
+    mapping and read targets as regexes (auto-round) can."""
+
+    @classmethod
+    def between(cls, before: str, checkpoint_after: str, defused_after: str) -> PerExpertRenaming:
+        """Rename ``{before}<index>{checkpoint_after}`` to ``{before}<index>{defused_after}``."""
+        renaming = cls(source_patterns=_behind_index(before, checkpoint_after), target_patterns=defused_after)
+        object.__setattr__(renaming, "_defuser_pieces", (before, checkpoint_after, defused_after))
+        return renaming
 
     def reverse_transform(self) -> WeightRenaming:
-        source, target = self._defuser_patterns
-        reverse = PerExpertRenaming(_reverse_source(target, source), _reverse_target(source))
+        pieces = self.__dict__.get("_defuser_pieces")
+        if pieces is None:  # a copy transformers made from the patterns alone
+            return super().reverse_transform()
+        before, checkpoint_after, defused_after = pieces
+        reverse = PerExpertRenaming.between(before, defused_after, checkpoint_after)
         for name in ("scope_prefix", "base_model_prefix"):
             if hasattr(self, name):
                 setattr(reverse, name, getattr(self, name))
@@ -304,19 +316,20 @@ class PerExpertRenaming(WeightRenaming):
         return True
 
 
-def _single(patterns: str | list[str]) -> str:
-    return patterns if isinstance(patterns, str) else patterns[0]
+# Expert indices up to this many digits are renamed (a million experts per module).
+_INDEX_DIGITS = 6
 
 
-# Renamings are written as (regex with one ``(\d+)`` group, replacement with ``\1``); their
-# reverse swaps the roles, so both sides are kept in that form.
-def _reverse_source(target: str, source: str) -> str:
-    return re.escape(target).replace(re.escape(r"\1"), r"(\d+)")
+def _behind_index(before: str, after: str) -> list[str]:
+    """Patterns matching ``after`` where ``before`` and an expert index precede it, written with
+    character classes rather than backslash escapes: tools that reverse the mapping also read
+    patterns as replacement templates (auto-round), where ``\\d`` is an error."""
+    return [rf"(?<={_literal(before)}[0-9]{{{width}}}){_literal(after)}" for width in range(1, _INDEX_DIGITS + 1)]
 
 
-def _reverse_target(source: str) -> str:
-    plain = _unescape(source.replace(r"(\d+)", "\x00"))
-    return plain.replace("\x00", r"\1")
+def _literal(text: str) -> str:
+    """A regex matching ``text`` exactly: dots as ``[.]``, other specials escaped."""
+    return "".join("[.]" if char == "." else re.escape(char) for char in text)
 
 
 def _unescape(pattern: str) -> str:
@@ -328,8 +341,9 @@ def _renaming(checkpoint_key: str, defused_key: str) -> PerExpertRenaming:
     projection}``; both arguments hold ``\x00`` where the expert index goes."""
     before, after = checkpoint_key.split("\x00")
     ours_before, ours_after = defused_key.split("\x00")
-    source = re.escape(before) + r"(\d+)" + re.escape(after)
-    return PerExpertRenaming(source, ours_before + r"\1" + ours_after)
+    if before != ours_before:
+        raise ValueError(f"a per-expert renaming keeps the part before the index: {before!r} != {ours_before!r}")
+    return PerExpertRenaming.between(before, after, ours_after)
 
 
 def expert_projection_renames(names: dict[str, str]) -> list[WeightRenaming]:
@@ -424,13 +438,16 @@ def stock_save_conversions(model: nn.Module) -> list[Any] | None:
 
 
 def attach_save_mapping(model: nn.Module, stock: list[Any] | None = None) -> bool:
-    """Make ``model.save_pretrained`` write the defused per-expert keys of a converted model so
-    plain transformers loads them: under the names its stock checkpoint mapping merges on load
-    (Mixtral: ``block_sparse_moe.experts.N.w1``), and out of reach of stock converters whose
-    reverse would fold them back into a fused tensor the model no longer has.  ``stock`` is
+    """Make ``model.save_pretrained`` write a converted model so plain transformers loads it:
+    per-expert keys under the names its stock checkpoint mapping merges on load (Mixtral:
+    ``block_sparse_moe.experts.N.w1``), every other defused module in its fused layout (see
+    :mod:`defuser.engine.save`), out of reach of stock converters whose reverse would fold
+    defused keys into a fused tensor the model no longer has.  ``stock`` is
     :func:`stock_save_conversions` read before the conversion (read now when None).  Returns
     True when the model's save mapping changed."""
     from transformers import PreTrainedModel
+
+    from defuser.engine.save import fused_on_save_converter, is_fused_on_save
 
     if not isinstance(model, PreTrainedModel):
         return False
@@ -447,30 +464,45 @@ def attach_save_mapping(model: nn.Module, stock: list[Any] | None = None) -> boo
     except Exception as error:  # a model transformers cannot map: saving keeps defuser's names
         logger.warning("no save mapping for %s: %s", type(model).__name__, error)
         return False
-    defused = _defused_keys(model)
-    kept = [conversion for conversion in conversions if not _folds_defused_keys(conversion, defused)]
-    known = {_signature(conversion) for conversion in kept}
-    added = [rename for rename in renames if _signature(rename) not in known]
-    if not added and len(kept) == len(conversions):
+    defused, kinds = _defused_keys(model)
+    if not kinds:
         return False
+    kept = [
+        conversion
+        for conversion in conversions
+        if not _folds_defused_keys(conversion, defused) and not is_fused_on_save(conversion)
+    ]
+    known = {_signature(conversion) for conversion in kept}
+    added: list[Any] = [rename for rename in renames if _signature(rename) not in known]
+    # Last in the list: transformers reverses the list on save, so it takes its keys first; it
+    # then applies the model's own converters (those left out above included) to what it wrote.
+    originals = [conversion for conversion in conversions if not is_fused_on_save(conversion)]
+    added.append(
+        fused_on_save_converter(
+            originals, experts="experts" in kinds, dense="dense" in kinds, parallel="parallel" in kinds
+        )
+    )
     model._weight_conversions = kept + added
     logger.debug(
-        "save mapping of %s: %d per-expert renaming(s), %d converter(s) left out",
+        "save mapping of %s: %d per-expert renaming(s), fused on save: %s, %d converter(s) left out",
         type(model).__name__,
-        len(added),
+        len(added) - 1,
+        sorted(kinds),
         len(conversions) - len(kept),
     )
     return True
 
 
-def _defused_keys(model: nn.Module) -> list[str]:
+def _defused_keys(model: nn.Module) -> tuple[list[str], set[str]]:
     """State-dict keys standing for the defused modules of ``model`` (experts and split dense
-    MLPs).  Converter patterns match any expert index, so expert 0's keys stand for every
+    MLPs), and which kinds of defused modules it holds ("experts", "parallel", "dense"), in
+    one walk.  Converter patterns match any expert index, so expert 0's keys stand for every
     expert: a full state-dict walk would cost more than the zero-copy conversion itself."""
     from defuser.engine.dense import split_dense_layout
     from defuser.engine.experts import DefusedExperts
     from defuser.engine.parallel import DefusedParallelExperts
 
+    kinds: set[str] = set()
     keys: dict[str, str] = {}  # key with layer numbers as 0 -> the first real key of that form
 
     def add(key: str) -> None:
@@ -482,18 +514,20 @@ def _defused_keys(model: nn.Module) -> list[str]:
         path, module = pending.pop()
         prefix = f"{path}." if path else ""
         if isinstance(module, (DefusedExperts, DefusedParallelExperts)):
+            kinds.add("experts" if isinstance(module, DefusedExperts) else "parallel")
             first = module._modules.get("0")
             if first is not None:
                 for name, _ in first.named_parameters():
                     add(f"{prefix}0.{name}")
             continue  # nothing defused inside the experts
         if split_dense_layout(module) is not None:
+            kinds.add("dense")
             for half in ("gate_proj", "up_proj"):
                 for name, _ in module._modules[half].named_parameters():
                     add(f"{prefix}{half}.{name}")
         children = reversed(module._modules.items())
         pending += [(f"{prefix}{name}", child) for name, child in children if child is not None]
-    return list(keys.values())
+    return list(keys.values()), kinds
 
 
 _ANY_INDEX = re.compile(r"\.\d+\.")

@@ -24,7 +24,15 @@ from torch import nn
 from defuser.engine.candidates import ExpertsLayout, ParallelLayout
 from defuser.engine.layout import FusedTensors, join_gate_up, orient, stacked_expert_weights
 
-__all__ = ["NotFusable", "fuse_dense_mlp", "fuse_experts", "fuse_parallel", "fused_names", "skeleton_of"]
+__all__ = [
+    "NotFusable",
+    "adjacent_or_cat",
+    "fuse_dense_mlp",
+    "fuse_experts",
+    "fuse_parallel",
+    "fused_names",
+    "skeleton_of",
+]
 
 
 class NotFusable(TypeError):
@@ -324,14 +332,14 @@ def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
         raise NotFusable(f"{path}: only one of gate_proj and up_proj has a bias")
     first, second = (gate, up) if layout.gate_first else (up, gate)
     linear = skeleton_of(skeleton, [])
-    weight = _adjacent_or_cat(first.weight.detach(), second.weight.detach())
+    weight = adjacent_or_cat(first.weight.detach(), second.weight.detach())
     weight_grad = _shared_grad(
         [(f"{path}.gate_proj.weight", gate.weight), (f"{path}.up_proj.weight", up.weight)],
         f"{path}.{layout.fused_name}.weight",
     )
     linear._parameters["weight"] = nn.Parameter(weight, requires_grad=weight_grad)
     if first.bias is not None:
-        bias = _adjacent_or_cat(first.bias.detach(), second.bias.detach())
+        bias = adjacent_or_cat(first.bias.detach(), second.bias.detach())
         bias_grad = _shared_grad(
             [(f"{path}.gate_proj.bias", gate.bias), (f"{path}.up_proj.bias", up.bias)],
             f"{path}.{layout.fused_name}.bias",
@@ -341,7 +349,7 @@ def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
     return linear
 
 
-def _adjacent_or_cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def adjacent_or_cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``cat((first, second))`` along dim 0, as a view when ``second`` directly follows ``first``."""
     if first.device.type != "meta" and first.is_contiguous() and second.is_contiguous():
         joined = _view_of_storage(first, (first.shape[0] + second.shape[0], *first.shape[1:]))

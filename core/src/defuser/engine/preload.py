@@ -503,6 +503,7 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
         per_expert_renames,
         split_on_load_converter,
     )
+    from defuser.engine.save import fused_on_save_converter
 
     targets: dict[str, str] = {}
     for active in owners:
@@ -543,7 +544,12 @@ def _patched_mapping(stock: list[Any] | None, owners: list[_Active]) -> list[Any
         extra.extend(expert_projection_renames(plan.legacy_projection_names))
     # At most one converter takes a key: parallel places after the dense splits.
     parallel = parallel_converters([active.parallel for active in owners if active.parallel])
-    return kept + renames + extra + chained + splits + parallel
+    # Last: transformers reverses the mapping on save, so this takes its keys first and writes
+    # them as stock transformers writes the fused model.
+    on_save = fused_on_save_converter(
+        stock or [], experts=bool(tensor_names), dense=bool(dense_names), parallel=bool(parallel)
+    )
+    return kept + renames + extra + chained + splits + parallel + [on_save]
 
 
 def _target_tensor(transform: Any, tensor_names: list[str]) -> str | None:

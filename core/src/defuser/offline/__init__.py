@@ -6,8 +6,9 @@ are fused and how: the installed plugins' candidates give each fused tensor's la
 engine's own slicing functions (:mod:`defuser.engine.layout`) cut it per expert, and converting
 the meta model with :func:`defuser.convert_model` gives the names and shapes the result must
 have; a plan that disagrees with it is refused before anything is written.  The per-expert
-tensors are written under the names ``save_pretrained`` of the converted model writes (stock
-per-expert names where transformers has them, Mixtral's ``block_sparse_moe.experts.N.w1``);
+tensors are written under transformers' stock per-expert names where it has them (Mixtral's
+``block_sparse_moe.experts.N.w1``), else the converted model's own (``save_pretrained`` of the
+converted model writes the stock fused layout instead where stock checkpoints are fused);
 ``--reverse`` reads either those or the converted model's state-dict names.
 
 Tensors are read with plain file reads into one buffer each.  ``safetensors.safe_open`` maps

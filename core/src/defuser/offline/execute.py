@@ -240,8 +240,8 @@ def convert_checkpoint(
     progress: bool | None = None,
 ) -> ConversionReport:
     """Convert the safetensors checkpoint in ``source`` from the fused layout to the per-expert
-    layout that ``convert_model`` gives, under the names ``save_pretrained`` writes for it
-    (``reverse=True``: back to fused, from either naming) into the new folder ``destination``,
+    layout that ``convert_model`` gives, under transformers' stock per-expert names where it has
+    them (``reverse=True``: back to fused, from either naming) into the new folder ``destination``,
     tensor by tensor; ``dry_run`` only plans.  See :func:`plan_conversion` for
     the checks and :func:`execute_plan` for the writing."""
     plan = plan_conversion(source, destination, reverse=reverse, overwrite=overwrite)

@@ -4,10 +4,11 @@ meta model with :func:`defuser.convert_model` gives the names and shapes the per
 tensors must have.  The engine's own slicing functions (:mod:`defuser.engine.layout`) cut a
 fused tensor into those pieces and join them back.
 
-A converted model saves its per-expert tensors under other names where transformers has stock
-per-expert names (Mixtral's ``block_sparse_moe.experts.N.w1.weight``): ``save_pretrained``
+Per-expert tensors are named as transformers names per-expert checkpoint keys where it has
+stock per-expert names (Mixtral's ``block_sparse_moe.experts.N.w1.weight``): ``save_pretrained``
 reverses the model's weight conversions, among them the renamings ``convert_model`` attaches.
-The same reversal, run on the meta pieces, gives each piece its saved name."""
+The same reversal, run on the meta pieces without the conversion that writes defused modules
+fused (:mod:`defuser.engine.save`), gives each piece its per-expert name."""
 
 from __future__ import annotations
 
@@ -227,8 +228,14 @@ def _saved_names(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> 
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # an older transformers saves state-dict names
         return {}
+    from defuser.engine.save import is_fused_on_save
+
     tensors = {name: torch.empty(shape, dtype=torch.int8, device="meta") for name, shape in shapes.items()}
     by_identity = {id(tensor): name for name, tensor in tensors.items()}
+    # The per-expert names only: without the conversion that writes other modules fused.
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is not None:
+        model._weight_conversions = [conversion for conversion in conversions if not is_fused_on_save(conversion)]
     try:
         reverted = revert_weight_conversion(model, dict(tensors))
     except Exception as error:  # a mapping that cannot run on meta tensors: keep defuser's names

@@ -12,7 +12,6 @@ plugin = Family(
         TypeSupport(
             "ergo",
             preload=True,
-            reload="replace_fused_blocks",
             notes="not gated, transposed; per-expert RMSNorm after each route kept",
             min_transformers="5.25.0",
         ),

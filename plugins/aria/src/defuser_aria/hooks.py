@@ -13,13 +13,11 @@ plugin = Family(
         TypeSupport(
             "aria",
             preload=True,
-            reload="replace_fused_blocks",
             notes="transposed experts; 5.3.0: grouped GEMM experts split",
         ),
         TypeSupport(
             "aria_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text model built alone",
         ),
     ],

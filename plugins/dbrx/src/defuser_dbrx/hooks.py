@@ -25,7 +25,7 @@ plugin = Family(
     name="dbrx",
     description="Databricks DBRX",
     model_types=[
-        TypeSupport("dbrx", preload=True, reload="replace_fused_blocks", notes="undecorated, flattened 2D w1/v1/w2"),
+        TypeSupport("dbrx", preload=True, notes="undecorated, flattened 2D w1/v1/w2"),
     ],
     # Flattened [E*F, H] tensors under experts.mlp: w1 gate, v1 up, w2 down; the orientation
     # changed after 5.3.0 (x @ w1.T, @ w2 now; x @ w1, @ w2.T then).

@@ -13,7 +13,6 @@ plugin = Family(
         TypeSupport(
             "deepseek_ocr2_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text model built alone",
             min_transformers="5.24.0",
         ),

@@ -13,13 +13,11 @@ plugin = Family(
         TypeSupport(
             "ernie4_5_vl_moe",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text and vision expert sets of different sizes",
         ),
         TypeSupport(
             "ernie4_5_vl_moe_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text model built alone",
             min_transformers="5.24.0",
         ),

@@ -12,28 +12,24 @@ plugin = Family(
         TypeSupport(
             "diffusion_gemma",
             preload=True,
-            reload="replace_fused_blocks",
             notes="experts in the decoder layer",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "diffusion_gemma_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text model built alone",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "gemma4",
             preload=True,
-            reload="replace_fused_blocks",
             notes="experts in the decoder layer (enable_moe_block)",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "gemma4_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="experts in the decoder layer",
             min_transformers="5.24.0",
         ),

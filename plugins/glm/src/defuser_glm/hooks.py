@@ -13,25 +13,15 @@ plugin = Family(
     name="glm",
     description="GLM (Zhipu AI): GLM, GLM-4, GLM-4V, GLM-4.5/4.6 MoE, GLM-5-Next, GLM-Image, GLM-OCR",
     model_types=[
-        TypeSupport(
-            "glm", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split", dense=DENSE_SPLIT
-        ),
-        TypeSupport(
-            "glm4", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split", dense=DENSE_SPLIT
-        ),
-        TypeSupport(
-            "glm46v", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("glm", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
+        TypeSupport("glm4", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
+        TypeSupport("glm46v", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport("glm4_moe", preload=True, notes="shared experts kept"),
         TypeSupport("glm4_moe_lite", preload=True, notes="shared experts kept"),
-        TypeSupport(
-            "glm4v", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("glm4v", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport("glm4v_moe", preload=True, notes="shared experts kept"),
-        TypeSupport("glm4v_moe_text", preload=True, reload="replace_fused_blocks", notes="text model built alone"),
-        TypeSupport(
-            "glm4v_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("glm4v_moe_text", preload=True, notes="text model built alone"),
+        TypeSupport("glm4v_text", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport("glm5_next", preload=True, notes="clamped SwiGLU (own gate function)", min_transformers="5.24.0"),
         TypeSupport(
             "glm5_next_text",
@@ -39,27 +29,19 @@ plugin = Family(
             notes="clamped SwiGLU; text model built alone",
             min_transformers="5.24.0",
         ),
-        TypeSupport(
-            "glm_image", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("glm_image", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport(
             "glm_image_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="dense text MLP split",
             dense=DENSE_SPLIT,
         ),
         TypeSupport("glm_moe_dsa", preload=True),
-        TypeSupport(
-            "glm_ocr", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
-        ),
-        TypeSupport(
-            "glm_ocr_text", preload=True, reload="replace_fused_blocks", notes="dense text MLP split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("glm_ocr", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm_ocr_text", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport(
             "glmga",
             preload=True,
-            reload="replace_fused_blocks",
             notes="dense text MLP split",
             min_transformers="5.24.0",
             dense=DENSE_SPLIT,

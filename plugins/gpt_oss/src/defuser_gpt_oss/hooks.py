@@ -12,13 +12,11 @@ plugin = Family(
         TypeSupport(
             "gpt_oss",
             preload=True,
-            reload="replace_fused_blocks",
             notes="interleaved, transposed, biased gate-up; clamped GLU (own gate function)",
         ),
         TypeSupport(
             "openai_privacy_filter",
             preload=True,
-            reload="replace_fused_blocks",
             notes="concatenated, transposed, biased gate-up; clamped GLU",
             min_transformers="5.24.0",
         ),

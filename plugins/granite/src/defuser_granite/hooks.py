@@ -13,21 +13,18 @@ plugin = Family(
         TypeSupport(
             "granitemoe",
             preload=True,
-            reload="replace_fused_blocks",
             notes="5.3.0: parallel experts as input_linear.N.linear / output_linear.N.linear",
         ),
-        TypeSupport("granitemoe_swa", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
+        TypeSupport("granitemoe_swa", preload=True, min_transformers="5.24.0"),
         TypeSupport(
             "granitemoehybrid",
             preload=True,
-            reload="replace_fused_blocks",
             notes="shared MLP input_linear kept; 5.3.0: parallel experts (input_linear.N.linear)",
             dense=DENSE_KEPT,
         ),
         TypeSupport(
             "granitemoeshared",
             preload=True,
-            reload="replace_fused_blocks",
             notes="shared MLP input_linear kept; 5.3.0: parallel experts (input_linear.N.linear)",
             dense=DENSE_KEPT,
         ),

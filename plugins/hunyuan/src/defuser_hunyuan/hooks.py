@@ -14,21 +14,18 @@ plugin = Family(
         TypeSupport(
             "hy_v4",
             preload=True,
-            reload="replace_fused_blocks",
             notes="clamped SwiGLU (own gate function)",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "hy_v4_vl",
             preload=True,
-            reload="replace_fused_blocks",
             notes="clamped SwiGLU",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "hy_v4_vl_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text model built alone",
             min_transformers="5.24.0",
         ),

@@ -13,7 +13,6 @@ plugin = Family(
         TypeSupport(
             "jetmoe",
             preload=True,
-            reload="replace_fused_blocks",
             notes="parallel experts (MLP and attention MoA) as input_linear.N.linear, output_linear.N.linear",
         ),
     ],

@@ -12,10 +12,9 @@ plugin = Family(
         TypeSupport(
             "llama4",
             preload=True,
-            reload="replace_fused_blocks",
             notes="undecorated experts; expert-major input, every token through every expert",
         ),
-        TypeSupport("llama4_text", preload=True, reload="replace_fused_blocks", notes="text model built alone"),
+        TypeSupport("llama4_text", preload=True, notes="text model built alone"),
     ],
     # Undecorated: [E, H, 2I] / [E, I, H] storage, forward(hidden_states[E*T, H]).
     experts_classes={"Llama4TextExperts": {"is_transposed": True, "contract": "expert_major"}},

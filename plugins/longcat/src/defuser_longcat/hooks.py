@@ -12,8 +12,6 @@ plugin = Family(
         TypeSupport(
             "longcat_flash",
             preload=True,
-            reload="replace_fused_blocks",
-            stock_reload_from="5.25.0",
             notes=(
                 "undecorated before 5.25.0, its identity (zero) experts kept; decorated from 5.25.0 "
                 "(identity experts in the MoE block), read from its flags"

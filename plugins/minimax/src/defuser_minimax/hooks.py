@@ -21,7 +21,6 @@ plugin = Family(
         TypeSupport(
             "minimax_m3_vl_text",
             preload=True,
-            reload="replace_fused_blocks",
             notes="text model built alone",
             min_transformers="5.24.0",
             dense=DENSE_KEPT,

@@ -11,7 +11,7 @@ plugin = Family(
     name="mixtral",
     description="Mistral AI: Mixtral, Mistral 4, Mistral Large 4",
     model_types=[
-        TypeSupport("mistral4", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
+        TypeSupport("mistral4", preload=True, min_transformers="5.24.0"),
         TypeSupport("mistral_large4", preload=True, min_transformers="5.24.0"),
         TypeSupport("mistral_large4_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
         TypeSupport("mixtral", preload=True, notes="legacy block_sparse_moe w1/w2/w3 keys load"),

@@ -10,20 +10,16 @@ plugin = Family(
     name="phi",
     description="Microsoft Phi: Phi-3, Phi-4-multimodal, PhiMoE",
     model_types=[
-        TypeSupport(
-            "phi3", preload=True, reload="replace_fused_blocks", notes="dense gate_up_proj split", dense=DENSE_SPLIT
-        ),
+        TypeSupport("phi3", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
         TypeSupport(
             "phi4_multimodal",
             preload=True,
-            reload="replace_fused_blocks",
             notes="dense MLPs split; audio MLP halves reversed (up first)",
             dense=DENSE_SPLIT,
         ),
         TypeSupport(
             "phi4_multimodal_audio",
             preload=True,
-            reload="replace_fused_blocks",
             notes="audio MLP halves reversed (up first)",
             min_transformers="5.24.0",
             dense=DENSE_SPLIT,

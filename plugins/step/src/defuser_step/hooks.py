@@ -12,14 +12,12 @@ plugin = Family(
         TypeSupport(
             "step3p5",
             preload=True,
-            reload="replace_fused_blocks",
             notes="Step 3.7 experts",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "step3p7",
             preload=True,
-            reload="replace_fused_blocks",
             notes="own gate: activation clamped (per-layer limit); undecorated before 5.25.0",
             min_transformers="5.24.0",
         ),

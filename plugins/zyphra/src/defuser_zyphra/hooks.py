@@ -13,11 +13,10 @@ plugin = Family(
         TypeSupport(
             "zamba2",
             preload=True,
-            reload="replace_fused_blocks",
             notes="shared block's fused MLP split; adapters kept",
             dense=DENSE_SPLIT,
         ),
-        TypeSupport("zaya", preload=True, reload="replace_fused_blocks", min_transformers="5.24.0"),
+        TypeSupport("zaya", preload=True, min_transformers="5.24.0"),
     ],
     # Split where ModelCloud's Defuser splits it (the adapters add to each half).
     dense_classes={"Zamba2MLP": DenseLayout()},
