@@ -198,3 +198,103 @@ def test_unsupported_transformers_is_one_line_and_non_zero():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip() == "defuser demo: error: needs transformers>=5.3.0, found 5.2.0"
+
+
+@pytest.mark.parametrize(
+    ("typed", "suggested"),
+    [("qwen3moe", "qwen3_moe"), ("Mixtral", "mixtral"), ("QWEN3-MOE", "qwen3_moe")],
+)
+def test_mistyped_model_type_is_one_line_with_close_matches(typed, suggested, capsys):
+    from defuser.cli import main
+
+    assert main(["demo", "--model-type", typed]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert repr(typed) in line and "did you mean" in line
+    named = line.split("did you mean", 1)[1].strip(" ?").split(", ")
+    assert suggested in named and len(named) <= 3
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_before_or_after_the_subcommand_lowers_transformers_and_restores(where, monkeypatch, capsys):
+    import os
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    import defuser.cli as cli
+
+    seen = {}
+
+    def fake_plugins(args):
+        seen["quiet"] = args.quiet
+        seen["verbosity"] = transformers_logging.get_verbosity()
+        seen["tqdm"] = os.environ.get("TQDM_DISABLE")
+        seen["bars"] = transformers_logging.is_progress_bar_enabled()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("a warning the user asked not to see", UserWarning, stacklevel=1)
+        seen["warnings"] = len(caught)
+        return 0
+
+    monkeypatch.setattr(cli, "_plugins", fake_plugins)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    transformers_logging.set_verbosity_warning()
+    transformers_logging.enable_progress_bar()
+    argv = ["--quiet", "plugins"] if where == "before" else ["plugins", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 0
+        assert seen == {
+            "quiet": True,
+            "verbosity": transformers_logging.ERROR,
+            "tqdm": "1",
+            "bars": False,
+            "warnings": 0,
+        }
+        assert transformers_logging.get_verbosity() == transformers_logging.WARNING
+        assert transformers_logging.is_progress_bar_enabled()
+        assert "TQDM_DISABLE" not in os.environ
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("seen again", UserWarning, stacklevel=1)
+        assert len(caught) == 1
+
+
+def test_quiet_puts_back_a_tqdm_disable_the_user_had(monkeypatch):
+    import os
+
+    import defuser.cli as cli
+
+    monkeypatch.setattr(cli, "_plugins", lambda args: 0)
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert cli.main(["plugins", "--quiet"]) == 0
+    assert os.environ["TQDM_DISABLE"] == "0"
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_max_layers_must_be_positive(command, value, capsys):
+    from defuser.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "somewhere", "--max-layers", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-layers" in err and "1 or more" in err and value in err
+
+
+@pytest.mark.subprocess
+def test_demo_lists_parallel_experts_with_their_last_index():
+    import re
+
+    result = _run("demo", "--model-type", "jetmoe")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"mlp\.input_linear\.0\.\.\d+: ", result.stdout), result.stdout
+    assert ".0..:" not in result.stdout
+
+
+@pytest.mark.subprocess
+def test_quiet_after_the_subcommand_hides_progress_bars(qwen_folder):
+    quiet = _run("verify", str(qwen_folder), "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading weights" not in quiet.stderr and "it/s" not in quiet.stderr

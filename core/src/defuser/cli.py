@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 __all__ = ["main"]
 
 logger = logging.getLogger("defuser")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more (``convert_model`` rejects 0 layers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -23,6 +37,31 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def _shape(tensor: object) -> str:
     return "x".join(str(d) for d in getattr(tensor, "shape", ()))
+
+
+def _squeezed(model_type: str) -> str:
+    return model_type.lower().replace("_", "").replace("-", "")
+
+
+def _unknown_model_type(model_type: str) -> str | None:
+    """None when transformers knows ``model_type``, else one line naming it and up to three
+    close matches (case, ``_`` and ``-`` ignored when comparing)."""
+    from transformers import CONFIG_MAPPING
+
+    known = list(CONFIG_MAPPING.keys())
+    if model_type in known:
+        return None
+    by_squeezed: dict[str, list[str]] = {}
+    for name in known:
+        by_squeezed.setdefault(_squeezed(name), []).append(name)
+    squeezed = _squeezed(model_type)
+    matches = list(by_squeezed.get(squeezed, []))
+    for close in difflib.get_close_matches(squeezed, list(by_squeezed), n=3, cutoff=0.6):
+        matches += [name for name in by_squeezed[close] if name not in matches]
+    line = f"unknown model type {model_type!r}"
+    if matches:
+        line += f"; did you mean {', '.join(matches[:3])}?"
+    return line
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -74,7 +113,13 @@ def _demo(args: argparse.Namespace) -> int:
                 for name, layer in module[0].named_modules()
                 if isinstance(layer, nn.Linear)
             ]
-            rows.append((c.path, f"{type(module).__name__}[{len(module)}]", f"{c.path}.0..: {', '.join(linears)}"))
+            rows.append(
+                (
+                    c.path,
+                    f"{type(module).__name__}[{len(module)}]",
+                    f"{c.path}.0..{len(module) - 1}: {', '.join(linears)}",
+                )
+            )
         else:
             rows.append(
                 (
@@ -259,54 +304,113 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_types_of(args: argparse.Namespace) -> list[str]:
+    """The model types named on the command line (checked against transformers before running)."""
+    value = getattr(args, "model_type", None)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``defuser`` command."""
     parser = argparse.ArgumentParser(
         prog="defuser", description="Defuse fused MoE experts and MLPs of transformers models."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, errors only in the log")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or warnings, errors only")
+    # The same switches after the subcommand; SUPPRESS keeps a subcommand's absent switch from
+    # overwriting one given before it.
+    switches = argparse.ArgumentParser(add_help=False)
+    switches.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    switches.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="defuse a built-in tiny model and show before/after")
+    demo = commands.add_parser("demo", parents=[switches], help="defuse a built-in tiny model and show before/after")
     demo.add_argument("--model-type", default="qwen3_moe", help="any supported model type (default: qwen3_moe)")
     demo.set_defaults(run=_demo)
-    inspect = commands.add_parser("inspect", help="show what defusion would do, from the config alone")
+    inspect = commands.add_parser(
+        "inspect", parents=[switches], help="show what defusion would do, from the config alone"
+    )
     inspect.add_argument("source", help="a local model folder, a config.json, or a hub id already in the cache")
     inspect.add_argument(
         "--filter", action="append", metavar="RULE", help="PCRE rule (+:re, -:re, re), repeatable; write --filter=-:re"
     )
-    inspect.add_argument("--max-layers", type=int, help="preview converting decoder layers 0..N-1 only")
+    inspect.add_argument("--max-layers", type=_positive_int, help="preview converting decoder layers 0..N-1 only")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_inspect)
-    verify = commands.add_parser("verify", help="defuse a local model and compare its outputs")
+    verify = commands.add_parser("verify", parents=[switches], help="defuse a local model and compare its outputs")
     verify.add_argument("source", help="a local model folder (weights are loaded)")
     verify.add_argument("--atol", type=float, default=1e-5, help="largest allowed absolute difference")
     verify.add_argument("--filter", action="append", metavar="RULE", help="PCRE rule; repeatable")
-    verify.add_argument("--max-layers", type=int, help="convert decoder layers 0..N-1 only")
-    verify.add_argument("--batch", type=int, default=2)
-    verify.add_argument("--length", type=int, default=16)
+    verify.add_argument("--max-layers", type=_positive_int, help="convert decoder layers 0..N-1 only")
+    verify.add_argument("--batch", type=_positive_int, default=2)
+    verify.add_argument("--length", type=_positive_int, default=16)
     verify.add_argument("--seed", type=int, default=1)
     verify.set_defaults(run=_verify)
-    convert = commands.add_parser("convert", help="rewrite a safetensors checkpoint fused -> per-expert, offline")
+    convert = commands.add_parser(
+        "convert", parents=[switches], help="rewrite a safetensors checkpoint fused -> per-expert, offline"
+    )
     convert.add_argument("source", help="a local model folder with config.json and safetensors weights")
     convert.add_argument("destination", help="a new folder for the result (written beside it, then renamed)")
     convert.add_argument("--reverse", action="store_true", help="per-expert -> fused instead")
     convert.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.set_defaults(run=_convert)
-    plugins = commands.add_parser("plugins", help="list installed plugins")
+    plugins = commands.add_parser("plugins", parents=[switches], help="list installed plugins")
     plugins.set_defaults(run=_plugins)
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it for every bar, transformers' included
+    with _quieted(args.quiet):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _quieted(quiet: bool) -> Iterator[None]:
+    """With ``quiet``: no progress bars, no Python warnings and transformers' log at errors
+    only, until the command returns (``main`` also runs in-process: all is put back)."""
+    if not quiet:
+        yield
+        return
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
+    # Set before transformers imports tqdm, which reads it once then for every bar.
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # `defuser plugins` runs without transformers
+        transformers_logging = None
+    verbosity = transformers_logging.get_verbosity() if transformers_logging else None
+    bars = transformers_logging.is_progress_bar_enabled() if transformers_logging else False
+    if transformers_logging:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if transformers_logging and verbosity is not None:
+            transformers_logging.set_verbosity(verbosity)
+            if bars:
+                transformers_logging.enable_progress_bar()
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
+
+
+def _run(args: argparse.Namespace) -> int:
     from defuser.compat import MIN_TRANSFORMERS, supported_transformers_installed, transformers_version
 
     if args.command != "plugins" and not supported_transformers_installed():
         found = transformers_version() or "none"
         print(f"defuser {args.command}: error: needs transformers>={MIN_TRANSFORMERS}, found {found}", file=sys.stderr)
         return 1
+    for model_type in _model_types_of(args):
+        unknown = _unknown_model_type(model_type)
+        if unknown:
+            print(f"defuser {args.command}: error: {unknown}", file=sys.stderr)
+            return 2  # a usage error, as argparse's own
     try:
         return args.run(args)
     except Exception as error:
