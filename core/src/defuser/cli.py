@@ -1,4 +1,5 @@
-"""The ``defuser`` command: ``demo``, ``inspect``, ``verify``, ``convert`` and ``plugins``."""
+"""The ``defuser`` command: ``demo``, ``inspect``, ``verify``, ``convert``, ``plugins`` and
+``new-plugin``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -94,7 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
     assert convert_model(model)
     after = tiny_forward(model, inputs)
     modules = dict(model.named_modules())
-    rows = []
+    layout: list[tuple[str, str, str]] = []
     for c in candidates:
         module = modules[c.path]
         if isinstance(module, DefusedExperts):
@@ -104,7 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
                 for n in ("gate_proj", "up_proj", "down_proj")
                 if hasattr(expert, n)
             )
-            rows.append(
+            layout.append(
                 (c.path, f"{type(module).__name__}[{len(module)}]", f"{c.path}.0..{len(module) - 1}: {projections}")
             )
         elif isinstance(module, DefusedParallelExperts):
@@ -113,7 +115,7 @@ def _demo(args: argparse.Namespace) -> int:
                 for name, layer in module[0].named_modules()
                 if isinstance(layer, nn.Linear)
             ]
-            rows.append(
+            layout.append(
                 (
                     c.path,
                     f"{type(module).__name__}[{len(module)}]",
@@ -121,7 +123,7 @@ def _demo(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            rows.append(
+            layout.append(
                 (
                     c.path,
                     type(module).__name__,
@@ -129,7 +131,7 @@ def _demo(args: argparse.Namespace) -> int:
                 )
             )
     print("\nafter: per-expert nn.Linear layout")
-    print(_table(("module", "now", "nn.Linear projections"), rows))
+    print(_table(("module", "now", "nn.Linear projections"), layout))
     difference = (after - before).abs().max().item()
     print(f"\nmax abs difference of the output before/after: {difference:.3e}")
     return 0 if difference <= 1e-5 else 2
@@ -220,7 +222,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if worst <= args.atol else 1
 
 
-def _outputs(model: object, inputs: dict) -> dict:
+def _outputs(model: Any, inputs: dict) -> dict:
     """Every floating-point tensor the model returns, by output name (no cache, seeded)."""
     import torch
 
@@ -292,6 +294,24 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_name(text: str) -> str:
+    """argparse type: a valid plugin name (see :func:`defuser.scaffold.check_plugin_name`)."""
+    from defuser.scaffold import check_plugin_name
+
+    try:
+        return check_plugin_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _new_plugin(args: argparse.Namespace) -> int:
+    from defuser.scaffold import new_plugin
+
+    folder = new_plugin(args.name, args.model_type or (), args.dest)
+    print(f"wrote {folder}: pip install -e {folder} defuser-testkit, then run pytest there")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from defuser.offline import execute_plan, format_plan, plan_conversion
 
@@ -358,6 +378,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.set_defaults(run=_convert)
     plugins = commands.add_parser("plugins", parents=[switches], help="list installed plugins")
     plugins.set_defaults(run=_plugins)
+    scaffold = commands.add_parser(
+        "new-plugin", parents=[switches], help="write a third-party plugin distribution to start from"
+    )
+    scaffold.add_argument("name", type=_plugin_name, help="entry-point name; the package is defuser_NAME")
+    scaffold.add_argument(
+        "--model-type", action="append", metavar="T", help="a model type the plugin claims; repeatable"
+    )
+    scaffold.add_argument("--dest", help="a new folder for it (default: ./defuser-NAME)")
+    scaffold.set_defaults(run=_new_plugin)
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -375,6 +404,7 @@ def _quieted(quiet: bool) -> Iterator[None]:
     tqdm_disable = os.environ.get("TQDM_DISABLE")
     # Set before transformers imports tqdm, which reads it once then for every bar.
     os.environ["TQDM_DISABLE"] = "1"
+    transformers_logging: Any
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:  # `defuser plugins` runs without transformers
