@@ -727,9 +727,11 @@ def bad_inputs_markdown() -> str:
     return "\n".join(rows)
 
 
-def _table_in(text: str) -> str:
-    match = re.search(r"^\| input \|.*?(?=\n\n|\n?\Z)", text, flags=re.MULTILINE | re.DOTALL)
-    assert match, f"no bad-input table in {BAD_INPUTS_DOC}"
+def _table_in(text: str, first_cell: str = "input") -> str:
+    """The markdown table of ``text`` whose header starts with ``first_cell``."""
+    pattern = rf"^\| {re.escape(first_cell)} \|.*?(?=\n\n|\n?\Z)"
+    match = re.search(pattern, text, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"no {first_cell!r} table in {BAD_INPUTS_DOC}"
     return match.group(0)
 
 
@@ -965,9 +967,7 @@ def convert_bad_inputs_markdown() -> str:
 
 
 def _convert_table_in(text: str) -> str:
-    match = re.search(r"^\| `defuser convert SRC DST` input \|.*?(?=\n\n|\n?\Z)", text, flags=re.MULTILINE | re.DOTALL)
-    assert match, f"no defuser convert table in {BAD_INPUTS_DOC}"
-    return match.group(0)
+    return _table_in(text, "`defuser convert SRC DST` input")
 
 
 def test_the_convert_bad_input_table_is_true():

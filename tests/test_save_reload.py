@@ -47,6 +47,7 @@ from defuser.plugin_info import RELOAD_NONE, RELOAD_PATCHED, RELOAD_STOCK, TypeS
 from defuser.plugins import list_plugins
 from defuser.tables import reload_cell
 from defuser.tiny import build_tiny_model, tiny_forward, tiny_inputs
+from defuser_testkit.checks import zero_identity_rows
 
 ATOL = 1e-5
 
@@ -174,25 +175,12 @@ def _save(model: nn.Module, saved: Saved, reference: torch.Tensor) -> None:
     (saved.folder / "config.pkl").write_bytes(pickle.dumps(model.config))
 
 
-def _zero_identity_rows(model: nn.Module) -> None:
-    """Zero the rows identity experts hold past the routed ones in a fused tensor (LongCat-Flash
-    before 5.25.0): never read, dropped by conversion, saved as zeros (as fuse_model leaves them)."""
-    from defuser.report import fused_tensors_of
-
-    for candidate in find_candidates(model):
-        routed = getattr(candidate.layout, "num_experts", 0)
-        if candidate.kind == "experts" and candidate.layout.identity_experts:
-            for tensor in fused_tensors_of(candidate).values():
-                if tensor.shape[0] > routed:
-                    tensor.data[routed:] = 0
-
-
 def _save_converted(model_type: str, root: Path) -> Saved:
     saved = Saved(model_type, "converted", root / "converted" / model_type, nn.Module)
     try:
         model = build_tiny_model(model_type, **BUILD_OVERRIDES.get(model_type, {}))
         saved.model_class = type(model)
-        _zero_identity_rows(model)
+        zero_identity_rows(model)
         reference = tiny_forward(model, tiny_inputs(model))
         saved.stock_folder = root / "stock" / model_type
         with _without_config_validation(model):

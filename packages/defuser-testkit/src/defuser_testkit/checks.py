@@ -38,6 +38,7 @@ __all__ = [
     "fused_names_of",
     "model_output",
     "preload_patched",
+    "zero_identity_rows",
 ]
 
 ATOL = 1e-5
@@ -295,7 +296,7 @@ def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return saved
 
 
-def _zero_identity_rows(model: nn.Module) -> None:
+def zero_identity_rows(model: nn.Module) -> None:
     """Zero the rows identity experts hold past the routed ones in a fused tensor (LongCat-Flash
     before 5.25.0): never read, dropped by conversion and saved as zeros (as ``fuse_model``
     leaves them), so stock's save of the fused model holds zeros there too."""
@@ -334,7 +335,7 @@ def assert_saves_and_reloads(
         except Exception as error:
             reason = " ".join(str(error).split())  # one line: pytest shows a skip reason's first line only
             raise TinyConfigInvalid(f"the tiny {model_type} config is refused by transformers: {reason}") from error
-    _zero_identity_rows(model)
+    zero_identity_rows(model)
     reference = model_output(model, inputs) if inputs is not None else None
     model.save_pretrained(tmp_path / "stock")
     paths = [candidate.path for candidate in find_candidates(model)]
