@@ -298,3 +298,67 @@ def test_quiet_after_the_subcommand_hides_progress_bars(qwen_folder):
     quiet = _run("verify", str(qwen_folder), "--quiet")
     assert quiet.returncode == 0, quiet.stderr
     assert "Loading weights" not in quiet.stderr and "it/s" not in quiet.stderr
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_folders(tmp_path_factory):
+    """A tiny fused gpt_oss checkpoint and the per-expert one `defuser convert` writes from it:
+    stock transformers has no mapping that loads the per-expert experts into the fused model."""
+    from defuser.offline import convert_checkpoint
+    from defuser.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("gpt_oss")
+    build_tiny_model("gpt_oss").save_pretrained(root / "fused")
+    convert_checkpoint(root / "fused", root / "per_expert")
+    return root / "fused", root / "per_expert"
+
+
+@pytest.mark.subprocess
+def test_verify_loads_a_per_expert_checkpoint_through_replace_fused_blocks(gpt_oss_folders):
+    result = _run("verify", str(gpt_oss_folders[1]))
+    assert result.returncode == 0, result.stderr
+    assert "loaded through replace_fused_blocks" in result.stdout and " ok" in result.stdout
+
+
+def test_verify_loads_the_per_expert_weights_not_random_ones(gpt_oss_folders):
+    import torch
+
+    from defuser import restore_fused_blocks
+    from defuser.cli import _load_for_verify, _outputs
+    from defuser.report import load_config
+    from defuser.tiny import tiny_inputs
+
+    fused, per_expert = (str(folder) for folder in gpt_oss_folders)
+    reference, how = _load_for_verify(fused, load_config(fused))
+    assert how == "stock"
+    loaded, how = _load_for_verify(per_expert, load_config(per_expert))
+    assert how == "replace_fused_blocks"
+    assert restore_fused_blocks() == []  # the patch lasted only for the load
+    inputs = tiny_inputs(reference)
+    torch.testing.assert_close(_outputs(loaded, inputs)["logits"], _outputs(reference, inputs)["logits"])
+
+
+@pytest.mark.subprocess
+def test_verify_fails_on_a_weight_missing_from_the_checkpoint(tmp_path, gpt_oss_folders):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gpt_oss_folders[0], broken)
+    tensors = load_file(broken / "model.safetensors")
+    dropped = next(name for name in tensors if name.endswith("mlp.experts.down_proj"))
+    del tensors[dropped]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result = _run("verify", str(broken))
+    assert result.returncode == 1
+    assert "does not load completely" in result.stderr and "1 missing" in result.stderr and dropped in result.stderr
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_model_type_that_is_no_string_names_the_file_and_field(tmp_path, command):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": ["qwen3_moe"]}))
+    result = _run(command, str(tmp_path))
+    assert result.returncode == 1
+    assert "config.json: field model_type is ['qwen3_moe'], not a string" in result.stderr

@@ -190,27 +190,77 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _load_report_problems(info: dict) -> list[str]:
+    """What a ``from_pretrained(..., output_loading_info=True)`` report says went wrong: keys
+    missing from the checkpoint (initialised at random), unexpected or mismatched."""
+    problems = []
+    for field, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched")):
+        keys = sorted(str(key) for key in info.get(field) or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    return problems
+
+
+def _load_for_verify(source: str, config: Any) -> tuple[Any, str]:
+    """The model at ``source`` loaded with every weight accounted for, and how it was loaded.
+
+    Stock transformers first (the fused model); a checkpoint it cannot load completely (a
+    per-expert one whose family has no stock mapping, as ``defuser convert`` writes for
+    gpt_oss) is loaded again into a model built by ``replace_fused_blocks``, as the README's
+    reload column says.  Any missing, unexpected or mismatched weight left is an error.
+    """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from defuser import convert_model
+    from defuser import defused_blocks
+
+    auto = next((a for a in (AutoModelForCausalLM, AutoModel) if type(config) in getattr(a, "_model_mapping", {})), None)
+    if auto is None:
+        raise ValueError(f"{source}: no Auto class loads model type {config.model_type!r}")
+
+    def load() -> tuple[Any, list[str]]:
+        model, info = auto.from_pretrained(source, local_files_only=True, dtype="auto", output_loading_info=True)
+        return model.eval(), _load_report_problems(info)
+
+    model, stock_problems = load()
+    if not stock_problems:
+        return model, "stock"
+    del model
+    problems: list[str] = []
+    with defused_blocks(config.model_type) as patched:
+        if patched:
+            model, problems = load()
+            if not problems:
+                return model, "replace_fused_blocks"
+    raise ValueError(
+        f"{source}: the checkpoint does not load completely into {config.model_type!r}: "
+        + "; ".join(stock_problems)
+        + ("" if not patched else f" (and through replace_fused_blocks: {'; '.join(problems)})")
+    )
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from defuser import convert_model, fuse_model
     from defuser.report import load_config
     from defuser.tiny import tiny_inputs
 
     config = load_config(args.source)
-    model = None
-    for auto in (AutoModelForCausalLM, AutoModel):
-        if type(config) in getattr(auto, "_model_mapping", {}):
-            model = auto.from_pretrained(args.source, local_files_only=True, dtype="auto").eval()
-            break
-    if model is None:
-        raise ValueError(f"{args.source}: no Auto class loads model type {config.model_type!r}")
+    model, loaded_by = _load_for_verify(args.source, config)
     inputs = tiny_inputs(model, batch=args.batch, length=args.length, seed=args.seed)
-    before = _outputs(model, inputs)
-    if not convert_model(model, filter=args.filter, max_layers=args.max_layers):
-        raise ValueError(f"{args.source}: nothing to defuse in {config.model_type}")
-    after = _outputs(model, inputs)
+    if loaded_by == "stock":
+        before = _outputs(model, inputs)
+        if not convert_model(model, filter=args.filter, max_layers=args.max_layers):
+            raise ValueError(f"{args.source}: nothing to defuse in {config.model_type}")
+        after = _outputs(model, inputs)
+    else:
+        # Built defused: the fused reference is the same weights fused back.
+        after = _outputs(model, inputs)
+        if not fuse_model(model, filter=args.filter):
+            raise ValueError(f"{args.source}: the model built by replace_fused_blocks has nothing to fuse back")
+        before = _outputs(model, inputs)
     print(f"model: {type(model).__name__} ({config.model_type}), inputs {args.batch}x{args.length} (seed {args.seed})")
+    if loaded_by != "stock":
+        print("loaded through replace_fused_blocks (stock transformers cannot load this checkpoint completely)")
     rows, worst = [], 0.0
     for name, reference in before.items():
         absolute = (after[name].float() - reference.float()).abs()

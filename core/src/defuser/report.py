@@ -37,6 +37,11 @@ def load_config(source: str) -> Any:
         raise SourceError(f"{source}: no config.json there")
     elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise SourceError(f"{source}: no such file or directory")
+    if path.is_dir():
+        from defuser.offline.plan import check_config_file
+
+        # Plain JSON first: a field transformers would choke on is named with its file.
+        check_config_file(path)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:

@@ -27,7 +27,7 @@ from defuser.offline.checkpoint import (
 from defuser.offline.model_layout import FusedSpec, ModelLayout, describe_model_layout
 from defuser.offline.safetensors_io import DTYPE_SIZES, OfflineConversionError, OutputTensor, TensorEntry
 
-__all__ = ["ConversionPlan", "ShardPlan", "Step", "format_plan", "plan_conversion"]
+__all__ = ["ConversionPlan", "ShardPlan", "Step", "check_config_file", "format_plan", "plan_conversion"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def plan_conversion(
         raise OfflineConversionError(f"{src}: no such folder")
     check_destination(src, dst, overwrite)
     checkpoint = open_checkpoint(src)
-    config_path = _check_config_file(src)
+    config_path = check_config_file(src)
     try:
         config = load_config(str(src))
     except (TypeError, AttributeError, RecursionError) as error:  # a field of a type transformers does not expect
@@ -226,7 +226,7 @@ def plan_conversion(
     )
 
 
-def _check_config_file(folder: Path) -> Path:
+def check_config_file(folder: Path) -> Path:
     """``config.json`` of ``folder`` read as plain JSON first, so that a file transformers
     would choke on (bad JSON, nested too deep, an over-long integer, a ``model_type`` that is
     no string) gets an error naming the file and the field."""
