@@ -194,8 +194,8 @@ def _load_report_problems(info: dict) -> list[str]:
     """What a ``from_pretrained(..., output_loading_info=True)`` report says went wrong: keys
     missing from the checkpoint (initialised at random), unexpected or mismatched."""
     problems = []
-    for field, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched")):
-        keys = sorted(str(key) for key in info.get(field) or ())
+    for label in ("missing", "unexpected", "mismatched"):
+        keys = sorted(str(key) for key in info.get(f"{label}_keys") or ())
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             problems.append(f"{len(keys)} {label} ({shown})")
@@ -214,7 +214,8 @@ def _load_for_verify(source: str, config: Any) -> tuple[Any, str]:
 
     from defuser import defused_blocks
 
-    auto = next((a for a in (AutoModelForCausalLM, AutoModel) if type(config) in getattr(a, "_model_mapping", {})), None)
+    autos = (AutoModelForCausalLM, AutoModel)
+    auto = next((a for a in autos if type(config) in getattr(a, "_model_mapping", {})), None)
     if auto is None:
         raise ValueError(f"{source}: no Auto class loads model type {config.model_type!r}")
 
