@@ -14,7 +14,8 @@ experts: their :class:`ExpertsLayout` fields), ``parallel_classes`` (stacked per
 projections routed by the parent) and ``layout_overrides`` (quirks of decorated classes, and
 subclasses of them that override ``forward``, which nothing else describes); ``model_patches``
 maps a model type to a function patching a converted model's runtime behaviour (returns what
-it patched).
+it patched); ``tiny_models`` gives the recipes of tiny random models its types need beyond
+core's generic shrinking (:class:`defuser.plugin_info.TinyModel`).
 Override a method (keeping its ``@hookimpl``) only for what declarations cannot say.
 
 A class the family does not declare is held to its decorator's flags: a subclass overriding
@@ -46,7 +47,7 @@ from defuser.engine.parallel import parallel_weight
 from defuser.engine.preload import PreloadPlan
 from defuser.errors import DeclarationMismatch
 from defuser.hookspecs import hookimpl
-from defuser.plugin_info import PluginInfo, TypeSupport
+from defuser.plugin_info import PluginInfo, TinyModel, TypeSupport
 
 __all__ = ["Family", "modeling_module_for", "modeling_modules_for", "preload_plan_for"]
 
@@ -82,6 +83,7 @@ class Family:
         priority: int = 0,
         description: str = "",
         tested_on: Iterable[str] = (),
+        tiny_models: Mapping[str, TinyModel] | None = None,
     ):
         self.info = PluginInfo(
             name=name,
@@ -91,6 +93,7 @@ class Family:
             priority=priority,
             description=description,
             tested_on=tuple(tested_on),
+            tiny_models=dict(tiny_models or {}),
         )
         self.dense_classes = dict(dense_classes or {})
         self.experts_classes = {key: dict(value) for key, value in (experts_classes or {}).items()}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "DENSE_KEPT",
@@ -13,6 +15,7 @@ __all__ = [
     "RELOAD_STOCK",
     "RELOAD_WAYS",
     "PluginInfo",
+    "TinyModel",
     "TypeSupport",
 ]
 
@@ -78,11 +81,42 @@ class TypeSupport:
 
 
 @dataclass(frozen=True)
+class TinyModel:
+    """What building a tiny random model of one model type needs beyond core's generic shrinking
+    (``defuser demo``, the self-check's stand-in model, the testkit and the census tests).
+
+    ``config``: attribute -> value set on the shrunk config of that model type (a dotted name
+    sets an attribute of a sub-config: ``"attn_config.rope_theta"``); each is set even when the
+    default config lacks the attribute.  ``inputs``: ``"module:function"`` building the forward
+    inputs as ``function(model, batch, length, generator) -> dict`` for a model that token ids
+    alone cannot drive (imported when first used, so declaring it costs no import).
+    ``embeds_only``: the model cannot embed ids itself; it is fed their embeddings.
+    ``multimodal_rope``: the model reads a default ``mrope_section`` when its config has none,
+    so the sections are rescaled to the shrunk head.
+    """
+
+    config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    inputs: str = ""
+    embeds_only: bool = False
+    multimodal_rope: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, Mapping) or not all(isinstance(name, str) and name for name in self.config):
+            raise ValueError(f"TinyModel.config maps attribute names to values, got {self.config!r}")
+        object.__setattr__(self, "config", dict(self.config))  # a copy: the caller's dict may change
+        module, colon, function = self.inputs.partition(":")
+        if self.inputs and not (colon and module and function.isidentifier()):
+            raise ValueError(f"TinyModel.inputs is 'module:function', got {self.inputs!r}")
+
+
+@dataclass(frozen=True)
 class PluginInfo:
     """Self-description a plugin returns from ``defuser_plugin_info``.
 
     ``tested_on`` lists the transformers releases the plugin was tested on (``"5.25.0"``);
     ``defuser plugins`` says "untested on X" for an installed release outside it.
+    ``tiny_models`` maps a model type (a claimed one, or a sub-model of one) to the
+    :class:`TinyModel` recipe its tiny random models need.
     """
 
     name: str
@@ -93,9 +127,15 @@ class PluginInfo:
     description: str = ""
     distribution: str | None = field(default=None, compare=False)
     tested_on: tuple[str, ...] = ()
+    tiny_models: Mapping[str, TinyModel] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         from packaging.version import InvalidVersion, Version
+
+        for model_type, recipe in self.tiny_models.items():
+            if not isinstance(recipe, TinyModel):
+                raise ValueError(f"plugin {self.name!r}: tiny_models[{model_type!r}] is {recipe!r}, not a TinyModel")
+        object.__setattr__(self, "tiny_models", dict(self.tiny_models))
 
         for release in self.tested_on:
             try:

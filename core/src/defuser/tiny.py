@@ -3,28 +3,34 @@
 :func:`tiny_config` shrinks the default config of a model type (and every sub-config) to a
 few thousand parameters while keeping its structure: several experts, top-k > 1, two
 decoder layers, every layer sparse.  Generic rules (:data:`SHRINK` and the ``_fit_*``
-helpers) do most of it; :data:`TINY_OVERRIDES` holds what a model type needs beyond them.
+helpers) do most of it; what a model type needs beyond them is the plugins' knowledge, in the
+:class:`~defuser.plugin_info.TinyModel` recipes they declare (:func:`tiny_recipe`).
 :func:`build_tiny_model` instantiates it with the first Auto class that fits, else with the
 model class of the config's own modeling module, or with an explicit class.
-:func:`tiny_inputs` makes inputs (token ids, or the tensors of :data:`TINY_INPUTS` for models
-that token ids cannot drive) and :func:`tiny_forward` runs a model on them.
+:func:`tiny_inputs` makes inputs (token ids, or what a recipe's builder makes for models that
+token ids cannot drive) and :func:`tiny_forward` runs a model on them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib
 import inspect
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from defuser.plugin_info import TinyModel
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "SHRINK",
-    "TINY_INPUTS",
-    "TINY_OVERRIDES",
     "TinyModelDependencyError",
     "build_tiny_model",
     "model_from_config",
@@ -32,6 +38,7 @@ __all__ = [
     "tiny_forward",
     "tiny_inputs",
     "tiny_model_like",
+    "tiny_recipe",
 ]
 
 # Attribute -> small value; applied wherever a config (or sub-config) has the attribute.
@@ -144,73 +151,40 @@ SHRINK: dict[str, Any] = {
 }
 
 
-# Per model type (of a config or any sub-config): values the generic rules cannot guess.  A dotted
-# name sets an attribute of a sub-config ("attn_config.rope_theta").
-TINY_OVERRIDES: dict[str, dict[str, Any]] = {
-    # dbrx: the default attention config lacks rope_theta; attention always clamps q/k/v and torch
-    # refuses a clamp without bounds; 5.3.0's experts run ffn_hidden_size wide, so it must be the
-    # hidden size.
-    "dbrx": {"attn_config.rope_theta": 10_000.0, "attn_config.clip_qkv": 8.0, "ffn_config.ffn_hidden_size": 32},
-    # The shipped default configs lack attributes their models read.
-    "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 16},
-    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151_652},
-    "qwen3_omni_moe": {"talker_config.spatial_merge_size": 2},
-    # Its height and width rope sections must be equal: a rotary half of 6 splits [2, 2, 2].
-    "ernie4_5_vl_moe_text": {"head_dim": 12},
-    # 5.3.0 leaves the layer kinds unset; newer versions read the legacy names as linear/full attention.
-    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
-    # 5.3.0's model always applies the shared-block rotary embedding.
-    "zamba2": {"use_mem_rope": True},
-    # Optional parts that the default leaves unset but the model always builds.
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
-    "qwen4_exp_text": {
-        "indexer_n_heads": 2,
-        "indexer_kv_heads": 1,
-        "indexer_head_dim": 8,
-        "indexer_budget": 4,
-        "indexer_compress_ratio": 2,
-        "hc_lowrank": 8,
-        "ple_embed_dim": 32,
-    },
-    # Trunk widths the generic names miss; the single inputs are the atom encoder output plus the
-    # residue features (2 * 33 + 1).
-    "esmfold2": {
-        "pairwise_hidden_size": 16,
-        "pair_transition_intermediate_size": 32,
-        "folding_trunk_num_hidden_layers": 2,
-        "num_loops": 1,
-        "single_inputs_size": 32 + 67,
-        "atom_encoder.output_dim": 32,
-        "structure_head.diffusion_module.atom_encoder.output_dim": 32,
-        # 3 spatial + 1 uid rotary pairs fill the 4 rotary pairs of an 8-wide head.
-        "atom_encoder.num_spatial_rope_pairs_per_axis": 1,
-        "atom_encoder.num_uid_rope_pairs": 1,
-        "structure_head.diffusion_module.atom_encoder.num_spatial_rope_pairs_per_axis": 1,
-        "structure_head.diffusion_module.atom_encoder.num_uid_rope_pairs": 1,
-    },
-    # The vision tower plans one layer per patch-size prime factor; fewer layers than that make it
-    # solve an assignment problem with scipy.  Patches of 2 x 2 x 2 plan 3 layers.
-    "inkling_vision": {"patch_size": 2, "temporal_patch_size": 2, "n_layers": 3},
-    # Its conformer stack counts blocks, not layers.
-    "phi4_multimodal_audio": {"num_blocks": 2},
-    # The canvas of tokens the decoder refines.
-    "diffusion_gemma": {"canvas_length": 8},
-    # The image tokenizer's codebook and latent widths have names of their own.
-    "glm_image_vqmodel": {"embed_dim": 32, "num_embeddings": 64, "latent_channels": 32},
-    # NVFP4 fake quantisation of K/V works on blocks of 16: the head must be a multiple of 16.
-    # Of the two layers, the indexed-attention one (1) indexes, with as many heads as a key head
-    # serves, and reads its own K/V.
-    "kolibri1_1": {"head_dim": 16, "index_layers": [1], "kv_source_layers": [0, 1], "index_num_heads": 2},
-    # The composite model always builds a sliding-window mask.
-    "step3p5": {
-        "sliding_window": 4,
-        "layer_types": ["sliding_attention", "full_attention"],
-        "num_sliding_attention_heads": 4,
-    },
-}
-
-
 _MISSING = object()
+_NO_RECIPE = TinyModel()
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_recipes() -> dict[str, TinyModel]:
+    # Every installed plugin's recipes, whatever plugins the active configuration loads: tiny
+    # models of a type are the same whichever plugin defuses it.
+    from importlib.metadata import entry_points
+
+    from defuser.plugins import ENTRY_POINT_GROUP
+
+    found: dict[str, TinyModel] = {}
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda point: point.name):
+        try:
+            info = entry_point.load().defuser_plugin_info()
+        except Exception as error:  # the plugin manager reports a broken plugin; here it has no recipes
+            logger.debug("tiny-model recipes of plugin %s unavailable: %s", entry_point.name, error)
+            continue
+        for model_type, recipe in getattr(info, "tiny_models", {}).items():
+            found.setdefault(model_type, recipe)
+    return found
+
+
+def tiny_recipe(model_type: str) -> TinyModel:
+    """The :class:`~defuser.plugin_info.TinyModel` recipe a plugin gives ``model_type``
+    (a plugin registered by hand first, then the installed ones), or an empty one."""
+    from defuser.plugins import get_plugin_manager
+
+    for loaded in list(get_plugin_manager().plugins.values()):
+        recipe = getattr(loaded.info, "tiny_models", {}).get(model_type)
+        if recipe is not None:
+            return recipe
+    return _installed_recipes().get(model_type, _NO_RECIPE)
 
 
 def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
@@ -219,8 +193,12 @@ def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
     seen.add(id(config))
     per_layer = _detach_per_layer(config)
     before = _own_values(config)
-    values = {**SHRINK, **TINY_OVERRIDES.get(getattr(config, "model_type", ""), {}), **overrides}
-    forced = set(TINY_OVERRIDES.get(getattr(config, "model_type", ""), {})) | set(overrides)
+    recipe = tiny_recipe(getattr(config, "model_type", ""))
+    forced = set(recipe.config) | set(overrides)
+    # Forced values come last: a generic name that is an alias of a forced one
+    # (``num_local_experts`` of ``num_experts``) must not overwrite it.
+    generic = {name: value for name, value in SHRINK.items() if name not in forced}
+    values = {**generic, **recipe.config, **overrides}
     for name, value in values.items():
         if "." in name:
             continue
@@ -384,18 +362,6 @@ def _fit_token_ids(config: Any) -> None:
             setattr(config, name, [v if v < vocab else vocab - 1 for v in value])
 
 
-# Text configs whose model reads a default mrope_section when the config has none.
-# (configs that say they skip mrope_section validation are multimodal-rope ones too).
-_MROPE_BY_DEFAULT = {
-    "glm4v_text",
-    "glm4v_moe_text",
-    "glm46v_text",
-    "glm_image_text",
-    "glm_ocr_text",
-    "ernie4_5_vl_moe_text",
-}
-
-
 def _fit_mla_dims(config: Any) -> None:
     # Multi-head latent attention caches its derived head size at init; its keys have one head per
     # query head, and its rotary part is the whole (shrunk) head_dim.
@@ -422,7 +388,7 @@ def _fit_rope_sections(config: Any) -> None:
     mrope = "mrope_section" in rope or "mrope_section" in (
         getattr(config, "ignore_keys_at_rope_validation", None) or ()
     )
-    if not mrope and getattr(config, "model_type", "") not in _MROPE_BY_DEFAULT:
+    if not mrope and not tiny_recipe(getattr(config, "model_type", "")).multimodal_rope:
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary = int(head_dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
@@ -573,114 +539,18 @@ def _config_model_class(config: Any) -> type[nn.Module] | None:
 
 
 def tiny_inputs(model: nn.Module, batch: int = 2, length: int = 7, seed: int = 1) -> dict[str, Any]:
-    """Random inputs for a tiny model: ``input_ids`` and an attention mask, or the tensors of
-    :data:`TINY_INPUTS` for models that token ids alone cannot drive."""
+    """Random inputs for a tiny model: ``input_ids`` and an attention mask, or what the
+    ``inputs`` builder of its plugin's :class:`~defuser.plugin_info.TinyModel` recipe makes for
+    a model that token ids alone cannot drive."""
     generator = torch.Generator().manual_seed(seed)
-    builder = TINY_INPUTS.get(getattr(model.config, "model_type", ""))
-    if builder is not None:
+    recipe = tiny_recipe(getattr(model.config, "model_type", ""))
+    if recipe.inputs:
+        module_name, _, function = recipe.inputs.partition(":")
+        builder = getattr(importlib.import_module(module_name), function)
         return builder(model, batch, length, generator)
     vocab = getattr(model.config, "vocab_size", None) or model.config.get_text_config().vocab_size
     input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-
-
-InputBuilder = Callable[[nn.Module, int, int, torch.Generator], dict[str, Any]]
-
-
-def _dia_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    # Text ids for the encoder, (batch, length, channels) audio codes for the decoder.
-    config = model.config
-    decoder = config.decoder_config
-    text = torch.randint(0, config.encoder_config.vocab_size, (batch, length), generator=generator)
-    codes = torch.randint(0, decoder.vocab_size, (batch, length, decoder.num_channels), generator=generator)
-    return {"input_ids": text, "attention_mask": torch.ones_like(text), "decoder_input_ids": codes}
-
-
-def _diffusion_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    # A prompt and a fixed canvas (left out, the model samples the canvas at random).
-    config = model.config
-    vocab = config.get_text_config().vocab_size
-    prompt = torch.randint(0, vocab, (batch, length), generator=generator)
-    canvas = torch.randint(0, vocab, (batch, config.canvas_length), generator=generator)
-    return {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "decoder_input_ids": canvas}
-
-
-def _dia_decoder_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    config = model.config
-    codes = torch.randint(0, config.vocab_size, (batch, length, config.num_channels), generator=generator)
-    encoded = torch.randn(batch, length, config.cross_hidden_size, generator=generator)
-    return {"input_ids": codes, "encoder_hidden_states": encoded}
-
-
-def _dots3_audio_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    # Mel features of ``length`` tokens per chunk (the conv stem downsamples time by 8).
-    config = model.config
-    frames = length * 8
-    features = torch.randn(batch, config.feature_size, frames, generator=generator)
-    return {"input_features": features, "chunk_sample_lengths": torch.full((batch,), frames * config.hop_length)}
-
-
-def _phi4_audio_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    config = model.config
-    features = torch.randn(batch, length * config.time_reduction, config.input_size, generator=generator)
-    return {"hidden_states": features, "mask": None}
-
-
-def _vision_patch_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    # ``batch`` images of 4 x 4 patches, flattened the way the image processor hands them over.
-    config = model.config
-    patch = config.num_channels * config.patch_size**2 * getattr(config, "temporal_patch_size", 1)
-    grid = torch.tensor([[1, 4, 4]] * batch)
-    return {"pixel_values": torch.randn(16 * batch, patch, generator=generator), "grid_thw": grid}
-
-
-def _esmfold2_inputs(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
-    # One protein chain of ``length`` residues with two reference atoms each; no MSA, no language model.
-    from transformers.models.esmfold2.modeling_esmfold2 import EsmFold2AtomInputs
-
-    config = model.config
-    atoms = 2 * length
-    positions = torch.arange(length).expand(batch, length)
-    zeros = torch.zeros(batch, length, dtype=torch.long)
-    atom_to_token = torch.arange(length).repeat_interleave(2).expand(batch, atoms)
-    atom_inputs = EsmFold2AtomInputs(
-        ref_pos=torch.randn(batch, atoms, 3, generator=generator),
-        ref_charge=torch.zeros(batch, atoms),
-        atom_attention_mask=torch.ones(batch, atoms, dtype=torch.bool),
-        ref_element=torch.randint(1, config.max_atomic_number, (batch, atoms), generator=generator),
-        ref_atom_name_chars=torch.randint(
-            0, config.char_vocab_size, (batch, atoms, config.max_chars), generator=generator
-        ),
-        ref_space_uid=atom_to_token.clone(),
-        atom_to_token=atom_to_token.clone(),
-    )
-    return {
-        "token_index": positions.clone(),
-        "residue_index": positions.clone(),
-        "asym_id": zeros,
-        "sym_id": zeros.clone(),
-        "entity_id": zeros.clone(),
-        "mol_type": zeros.clone(),
-        "res_type": torch.randint(0, 20, (batch, length), generator=generator),
-        "token_bonds": torch.zeros(batch, length, length, 1),
-        "attention_mask": torch.ones(batch, length, dtype=torch.long),
-        "atom_inputs": atom_inputs,
-    }
-
-
-TINY_INPUTS: dict[str, InputBuilder] = {
-    "esmfold2": _esmfold2_inputs,
-    "dia": _dia_inputs,
-    "dia_decoder": _dia_decoder_inputs,
-    "diffusion_gemma": _diffusion_inputs,
-    "dots3_note_audio_encoder": _dots3_audio_inputs,
-    "dots3_note_vision_encoder": _vision_patch_inputs,
-    "phi4_multimodal_audio": _phi4_audio_inputs,
-}
-
-# Models whose forward cannot embed token ids itself (Qwen3-Omni's talker has no embed_tokens):
-# tiny_forward feeds them the embeddings of the ids.
-_EMBEDS_ONLY = {"qwen3_omni_moe_talker_text"}
 
 
 def tiny_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -696,7 +566,7 @@ def tiny_forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     if type(model).forward is nn.Module.forward:
         model = next((child for child in model.children() if type(child).forward is not nn.Module.forward), model)
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", "") in _EMBEDS_ONLY and "input_ids" in kwargs:
+    if tiny_recipe(getattr(config, "model_type", "")).embeds_only and "input_ids" in kwargs:
         kwargs["inputs_embeds"] = model.get_input_embeddings()(kwargs.pop("input_ids"))
     # Hybrid (mamba) models choke on a cache built for a plain forward.  Heads pass use_cache through
     # **kwargs; a config with use_cache marks a model that takes it.

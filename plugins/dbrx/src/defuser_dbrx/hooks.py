@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -42,4 +42,12 @@ plugin = Family(
         }
     },
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # The default attention config lacks rope_theta; attention always clamps q/k/v and torch
+        # refuses a clamp without bounds; 5.3.0's experts run ffn_hidden_size wide, so it must be
+        # the hidden size.
+        "dbrx": TinyModel(
+            config={"attn_config.rope_theta": 10_000.0, "attn_config.clip_qkv": 8.0, "ffn_config.ffn_hidden_size": 32}
+        ),
+    },
 )

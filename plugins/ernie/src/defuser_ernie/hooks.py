@@ -1,7 +1,7 @@
 """Baidu ERNIE 4.5 MoE: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -23,4 +23,8 @@ plugin = Family(
         ),
     ],
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # Its height and width rope sections must be equal: a rotary half of 6 splits [2, 2, 2].
+        "ernie4_5_vl_moe_text": TinyModel(config={"head_dim": 12}, multimodal_rope=True),
+    },
 )

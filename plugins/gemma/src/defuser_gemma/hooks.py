@@ -1,7 +1,7 @@
 """Google Gemma 4 MoE: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -35,4 +35,8 @@ plugin = Family(
         ),
     ],
     tested_on=["5.24.0", "5.25.0"],
+    tiny_models={
+        # The canvas of tokens the decoder refines.
+        "diffusion_gemma": TinyModel(config={"canvas_length": 8}, inputs="defuser_gemma.tiny_inputs:diffusion_inputs"),
+    },
 )

@@ -3,7 +3,7 @@ whose gate and up projections share one ``gate_up_proj`` Linear (GLM, GLM-4, GLM
 
 from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import DENSE_SPLIT, TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -52,4 +52,14 @@ plugin = Family(
     dense_classes={name: _DENSE for name in ("GlmMLP", "Glm4MLP", "Glm4vTextMLP", "GlmImageTextMLP", "GlmOcrTextMLP")},
     dense_key_patterns={"glm4v": ("mlp.gate_up_proj.weight",)},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # The image tokenizer's codebook and latent widths have names of their own.
+        "glm_image_vqmodel": TinyModel(config={"embed_dim": 32, "num_embeddings": 64, "latent_channels": 32}),
+        # Text models that read a default mrope_section when the config has none.
+        "glm4v_text": TinyModel(multimodal_rope=True),
+        "glm4v_moe_text": TinyModel(multimodal_rope=True),
+        "glm46v_text": TinyModel(multimodal_rope=True),
+        "glm_image_text": TinyModel(multimodal_rope=True),
+        "glm_ocr_text": TinyModel(multimodal_rope=True),
+    },
 )

@@ -2,7 +2,7 @@
 
 from defuser.engine.candidates import ParallelLayout
 from defuser.family import Family
-from defuser.plugin_info import DENSE_KEPT, TypeSupport
+from defuser.plugin_info import DENSE_KEPT, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -37,4 +37,8 @@ plugin = Family(
         for name in ("GraniteMoeParallelExperts", "GraniteMoeSharedParallelExperts", "GraniteMoeHybridParallelExperts")
     },
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # 5.3.0 leaves the layer kinds unset; newer releases read the legacy names as linear/full attention.
+        "granitemoehybrid": TinyModel(config={"layer_types": ["mamba", "attention"]}),
+    },
 )

@@ -1,7 +1,7 @@
 """Inkling, Inkling 2: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -49,4 +49,9 @@ plugin = Family(
     # Shared experts: stacked gate/up/down, every token through each, scaled by gammas.
     experts_classes={"InklingSharedExperts": {"separate_gate_up": True, "contract": "weighted_all"}},
     tested_on=["5.24.0", "5.25.0"],
+    tiny_models={
+        # The vision tower plans one layer per patch-size prime factor; fewer layers than that make
+        # it solve an assignment problem with scipy.  Patches of 2 x 2 x 2 plan 3 layers.
+        "inkling_vision": TinyModel(config={"patch_size": 2, "temporal_patch_size": 2, "n_layers": 3}),
+    },
 )

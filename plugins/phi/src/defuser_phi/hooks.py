@@ -2,7 +2,7 @@
 
 from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import DENSE_SPLIT, TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -33,4 +33,10 @@ plugin = Family(
         "Phi4MultimodalAudioMLP": DenseLayout(gate_first=False),
     },
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # Its conformer stack counts blocks, not layers.
+        "phi4_multimodal_audio": TinyModel(
+            config={"num_blocks": 2}, inputs="defuser_phi.tiny_inputs:phi4_audio_inputs"
+        ),
+    },
 )

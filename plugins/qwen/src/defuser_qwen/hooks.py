@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import TinyModel, TypeSupport
 
 __all__ = ["plugin", "qwen3_omni_text_runtime"]
 
@@ -78,4 +78,24 @@ plugin = Family(
     ],
     model_patches={"qwen3_omni_moe": qwen3_omni_text_runtime},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # The shipped default configs lack attributes their models read.
+        "qwen3_omni_moe_talker_text": TinyModel(
+            config={"shared_expert_intermediate_size": 16},
+            embeds_only=True,  # the talker has no embed_tokens: it is fed embeddings
+        ),
+        "qwen3_omni_moe_thinker": TinyModel(config={"vision_start_token_id": 151_652}),
+        "qwen3_omni_moe": TinyModel(config={"talker_config.spatial_merge_size": 2}),
+        "qwen4_exp_text": TinyModel(
+            config={
+                "indexer_n_heads": 2,
+                "indexer_kv_heads": 1,
+                "indexer_head_dim": 8,
+                "indexer_budget": 4,
+                "indexer_compress_ratio": 2,
+                "hc_lowrank": 8,
+                "ple_embed_dim": 32,
+            }
+        ),
+    },
 )

@@ -1,7 +1,7 @@
 """rednote dots: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import DENSE_KEPT, TypeSupport
+from defuser.plugin_info import DENSE_KEPT, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -26,4 +26,8 @@ plugin = Family(
         ),
     ],
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        "dots3_note_audio_encoder": TinyModel(inputs="defuser_rednote.tiny_inputs:dots3_audio_inputs"),
+        "dots3_note_vision_encoder": TinyModel(inputs="defuser_rednote.tiny_inputs:vision_patch_inputs"),
+    },
 )

@@ -1,7 +1,7 @@
 """StepFun Step 3.5 / 3.7: the model types this plugin claims, and what differs from the generic engine."""
 
 from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin_info import TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -26,4 +26,14 @@ plugin = Family(
     # decorates it (the flags and its own gate describe it there).
     experts_classes={"Step3p7Experts": {"gate_style": "module"}},
     tested_on=["5.24.0", "5.25.0"],
+    tiny_models={
+        # The composite model always builds a sliding-window mask.
+        "step3p5": TinyModel(
+            config={
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "num_sliding_attention_heads": 4,
+            }
+        ),
+    },
 )

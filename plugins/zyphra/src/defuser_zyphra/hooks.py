@@ -2,7 +2,7 @@
 
 from defuser.engine.candidates import DenseLayout
 from defuser.family import Family
-from defuser.plugin_info import DENSE_SPLIT, TypeSupport
+from defuser.plugin_info import DENSE_SPLIT, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -21,4 +21,8 @@ plugin = Family(
     # Split where ModelCloud's Defuser splits it (the adapters add to each half).
     dense_classes={"Zamba2MLP": DenseLayout()},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
+    tiny_models={
+        # 5.3.0's model always applies the shared-block rotary embedding.
+        "zamba2": TinyModel(config={"use_mem_rope": True}),
+    },
 )
