@@ -275,6 +275,8 @@ def _shape_problem(module: nn.Module, layout: ExpertsLayout) -> str:
 
 
 def _check_activation(module: nn.Module, layout: ExpertsLayout, where: str) -> None:
+    if layout.has_gate and layout.gate_style == "module":
+        return  # the class's own _apply_gate combines gate and up: it may need no activation attribute
     found: Any = module
     for part in layout.activation.split("."):
         found = getattr(found, part, None)
