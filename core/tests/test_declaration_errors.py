@@ -124,6 +124,16 @@ def test_a_wrong_value_or_impossible_combination_fails_at_construction(fields, e
     assert expected in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("argument", "kind"), [("dense_classes", "DenseLayout"), ("parallel_classes", "ParallelLayout")]
+)
+def test_dense_and_parallel_declarations_take_their_layout_classes(argument, kind):
+    from defuser.errors import DeclarationError
+
+    with pytest.raises(DeclarationError, match=rf"^plugin 'p', class 'Mlp': {argument} takes a {kind}, got dict"):
+        _family(**{argument: {"Mlp": {"fused_name": "w12"}}})
+
+
 def test_typed_declarations_are_frozen_checked_and_kept_in_line_with_the_layout():
     from defuser.family import ExpertsDecl, LayoutOverride
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -55,7 +55,7 @@ from defuser.engine.contract import contract_refusal, decorated_class
 from defuser.engine.generic import dense_layout_of
 from defuser.engine.parallel import parallel_weight
 from defuser.engine.preload import PreloadPlan
-from defuser.errors import DeclarationMismatch
+from defuser.errors import DeclarationError, DeclarationMismatch
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TypeSupport
 
@@ -110,9 +110,9 @@ class Family:
             description=description,
             tested_on=tuple(tested_on),
         )
-        self.dense_classes = dict(dense_classes or {})
+        self.dense_classes = _layouts_of(name, "dense_classes", DenseLayout, dense_classes or {})
         self.experts_classes = dict(experts_classes or {})
-        self.parallel_classes = dict(parallel_classes or {})
+        self.parallel_classes = _layouts_of(name, "parallel_classes", ParallelLayout, parallel_classes or {})
         self.layout_overrides = dict(layout_overrides or {})
         self.key_renames = {key: tuple(value) for key, value in (key_renames or {}).items()}
         self.legacy_projection_names = {key: dict(value) for key, value in (legacy_projection_names or {}).items()}
@@ -206,6 +206,20 @@ class Family:
             dense_key_patterns=self.dense_key_patterns.get(model_type, ()),
             parallel_classes=dict(self.parallel_classes),
         )
+
+
+_L = TypeVar("_L", DenseLayout, ParallelLayout)
+
+
+def _layouts_of(plugin: str, argument: str, kind: type[_L], declared: Mapping[str, _L]) -> dict[str, _L]:
+    """``declared`` as a dict, each value checked to be a ``kind`` (DeclarationError if not)."""
+    for class_name, layout in declared.items():
+        if not isinstance(layout, kind):
+            raise DeclarationError(
+                f"plugin {plugin!r}, class {class_name!r}: {argument} takes a {kind.__name__}, "
+                f"got {type(layout).__name__} {layout!r}"
+            )
+    return dict(declared)
 
 
 def preload_plan_for(model_type: str, related_types: Iterable[str] = (), **declarations: Any) -> PreloadPlan | None:

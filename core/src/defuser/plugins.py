@@ -176,7 +176,8 @@ def _distribution_requirements(entry_point: Any) -> dict[str, str]:
             continue
         package = canonicalize_name(requirement.name)
         if package in _CHECKED_PACKAGES and str(requirement.specifier):
-            ranges[package] = str(requirement.specifier)
+            # Several lines for one package (under different markers) all hold.
+            ranges[package] = ",".join(filter(None, (ranges.get(package), str(requirement.specifier))))
     return ranges
 
 
