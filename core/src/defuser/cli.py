@@ -292,11 +292,65 @@ def _outputs(model: Any, inputs: dict) -> dict:
     return outputs or {"main output": tiny_forward(model, inputs)}
 
 
+def _plugins_json() -> dict[str, Any]:
+    """What ``defuser plugins --json`` prints: the installed releases, each plugin (ranges,
+    tested releases, model types, hooks implemented, load error) and the contested types."""
+    import dataclasses
+
+    from defuser import __version__
+    from defuser.compat import transformers_version
+    from defuser.engine.generic import GENERIC_PLUGIN_NAME
+    from defuser.fit import untested_here
+    from defuser.plugins import get_plugin_manager, list_plugins
+
+    found = transformers_version()
+    listed = []
+    claimants: dict[str, list[str]] = {}
+    for plugin in list_plugins():
+        info = plugin.info
+        for support in info.model_types if info else ():
+            claimants.setdefault(support.model_type, []).append(plugin.name)
+        untested = untested_here(info) if plugin.name != GENERIC_PLUGIN_NAME and not plugin.error else None
+        listed.append(
+            {
+                "name": plugin.name,
+                "distribution": plugin.distribution,
+                "version": plugin.version,
+                "status": "error" if plugin.error else "ok",
+                "error": plugin.error,
+                "transformers": info.transformers if info else None,
+                "core": info.core if info else None,
+                "tested_on": list(info.tested_on) if info else [],
+                "untested_on": None if untested is None else str(untested),
+                "priority": info.priority if info else None,
+                "description": info.description if info else "",
+                "model_types": [dataclasses.asdict(support) for support in info.model_types] if info else [],
+                "hooks": list(plugin.hooks),
+            }
+        )
+    manager = get_plugin_manager()
+    return {
+        "transformers": None if found is None else str(found),
+        "defuser_core": __version__,
+        "plugins": listed,
+        "conflicts": {
+            model_type: {"claimants": names, "winner": manager.owner_of(model_type)}
+            for model_type, names in sorted(claimants.items())
+            if len(names) > 1
+        },
+    }
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from defuser.engine.generic import GENERIC_PLUGIN_NAME
     from defuser.fit import absent_declarations, claimed_here, generic_takeovers, untested_here
     from defuser.plugins import list_plugins
 
+    if args.json:
+        import json
+
+        print(json.dumps(_plugins_json(), indent=2))
+        return 0
     rows = []
     untested = []
     for plugin in list_plugins():
@@ -317,6 +371,10 @@ def _plugins(args: argparse.Namespace) -> int:
             )
         )
     print(_table(("plugin", "distribution", "version", "transformers", "tested on", "model types", "status"), rows))
+    print("\nhooks implemented:")
+    for plugin in list_plugins():
+        hooks = ", ".join(hook.removeprefix("defuser_") for hook in plugin.hooks) or "(none: not loaded)"
+        print(f"  {plugin.name}: {hooks}")
     for plugin in untested:
         print(f"\n{plugin.name}: untested on transformers {untested_here(plugin.info)}; handled generically there:")
         if not claimed_here(plugin.info):
@@ -428,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.set_defaults(run=_convert)
     plugins = commands.add_parser("plugins", parents=[switches], help="list installed plugins")
+    plugins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     plugins.set_defaults(run=_plugins)
     scaffold = commands.add_parser(
         "new-plugin", parents=[switches], help="write a third-party plugin distribution to start from"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConversionError", "DeclarationMismatch"]
+__all__ = ["ConversionError", "DeclarationError", "DeclarationMismatch"]
 
 
 class ConversionError(RuntimeError):
@@ -18,3 +18,11 @@ class DeclarationMismatch(RuntimeError):
     """A plugin's declaration does not fit the installed transformers (a class it declares
     undecorated is decorated now, an attribute it reads is gone).  Raised from detection; the
     plugin manager then lets the generic engine take the module, or refuses it."""
+
+
+class DeclarationError(ValueError):
+    """A plugin's declaration is wrong in itself: an unknown field, a value of the wrong type,
+    an impossible combination, a tensor or activation name the declared class does not have.
+    The message names the plugin, the class and the field.  Raised when the plugin is built
+    (``Family(...)``, so the plugin fails to load) or when a module of the class is first
+    detected (``convert_model`` then refuses it before changing anything)."""

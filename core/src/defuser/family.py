@@ -10,9 +10,14 @@ A plugin module creates one :class:`Family` and exposes it through its entry poi
 The family claims its model types; decorated experts are read from transformers' own flags
 and dense ``gate_up_proj`` MLPs are found by shape.  What differs is declared per class name:
 ``dense_classes`` (another fused name, reversed halves), ``experts_classes`` (undecorated
-experts: their :class:`ExpertsLayout` fields), ``parallel_classes`` (stacked per-expert
-projections routed by the parent) and ``layout_overrides`` (quirks of decorated classes, and
-subclasses of them that override ``forward``, which nothing else describes); ``model_patches``
+experts: an :class:`ExpertsDecl` of their :class:`ExpertsLayout` fields), ``parallel_classes``
+(stacked per-expert projections routed by the parent) and ``layout_overrides`` (a
+:class:`LayoutOverride` of the quirks of decorated classes, and subclasses of them that
+override ``forward``, which nothing else describes; both also take a plain mapping of the
+fields, converted).  A wrong declaration (an unknown field, an impossible combination) raises
+:class:`~defuser.errors.DeclarationError` naming plugin, class and field when the family is
+built; a tensor or activation name the class lacks, when a module of it is first detected.
+``model_patches``
 maps a model type to a function patching a converted model's runtime behaviour (returns what
 it patched); ``tiny_models`` gives the recipes of tiny random models its types need beyond
 core's generic shrinking (:class:`defuser.plugin_info.TinyModel`).
@@ -29,27 +34,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
 from defuser.compat import transformers_version
+from defuser.declarations import (
+    ExpertsDecl,
+    LayoutOverride,
+    checked_override,
+    experts_declaration,
+    layout_override,
+)
 from defuser.engine.candidates import (
     Candidate,
     DenseLayout,
     ParallelLayout,
-    declared_experts_layout,
     read_experts_layout,
 )
 from defuser.engine.contract import contract_refusal, decorated_class
 from defuser.engine.generic import dense_layout_of
 from defuser.engine.parallel import parallel_weight
 from defuser.engine.preload import PreloadPlan
-from defuser.errors import DeclarationMismatch
+from defuser.errors import DeclarationError, DeclarationMismatch
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TinyModel, TypeSupport
 
-__all__ = ["Family", "modeling_module_for", "modeling_modules_for", "preload_plan_for"]
+__all__ = [
+    "ExpertsDecl",
+    "Family",
+    "LayoutOverride",
+    "modeling_module_for",
+    "modeling_modules_for",
+    "preload_plan_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +89,9 @@ class Family:
         model_types: Iterable[TypeSupport],
         *,
         dense_classes: Mapping[str, DenseLayout] | None = None,
-        experts_classes: Mapping[str, Mapping[str, Any]] | None = None,
+        experts_classes: Mapping[str, ExpertsDecl | Mapping[str, Any]] | None = None,
         parallel_classes: Mapping[str, ParallelLayout] | None = None,
-        layout_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        layout_overrides: Mapping[str, LayoutOverride | Mapping[str, Any]] | None = None,
         key_renames: Mapping[str, Iterable[tuple[str, str]]] | None = None,
         legacy_projection_names: Mapping[str, Mapping[str, str]] | None = None,
         dense_key_patterns: Mapping[str, Iterable[str]] | None = None,
@@ -95,14 +113,34 @@ class Family:
             tested_on=tuple(tested_on),
             tiny_models=dict(tiny_models or {}),
         )
-        self.dense_classes = dict(dense_classes or {})
-        self.experts_classes = {key: dict(value) for key, value in (experts_classes or {}).items()}
-        self.parallel_classes = dict(parallel_classes or {})
-        self.layout_overrides = {key: dict(value) for key, value in (layout_overrides or {}).items()}
+        self.dense_classes = _layouts_of(name, "dense_classes", DenseLayout, dense_classes or {})
+        self.experts_classes = dict(experts_classes or {})
+        self.parallel_classes = _layouts_of(name, "parallel_classes", ParallelLayout, parallel_classes or {})
+        self.layout_overrides = dict(layout_overrides or {})
         self.key_renames = {key: tuple(value) for key, value in (key_renames or {}).items()}
         self.legacy_projection_names = {key: dict(value) for key, value in (legacy_projection_names or {}).items()}
         self.dense_key_patterns = {key: tuple(value) for key, value in (dense_key_patterns or {}).items()}
         self.model_patches = dict(model_patches or {})
+
+    @property
+    def experts_classes(self) -> dict[str, ExpertsDecl]:
+        """Undecorated experts classes: class name -> :class:`ExpertsDecl`."""
+        return self._experts_classes
+
+    @experts_classes.setter
+    def experts_classes(self, declarations: Mapping[str, ExpertsDecl | Mapping[str, Any]]) -> None:
+        name = self.info.name
+        self._experts_classes = {cls: experts_declaration(name, cls, value) for cls, value in declarations.items()}
+
+    @property
+    def layout_overrides(self) -> dict[str, LayoutOverride]:
+        """Quirks of decorated experts classes: class name -> :class:`LayoutOverride`."""
+        return self._layout_overrides
+
+    @layout_overrides.setter
+    def layout_overrides(self, overrides: Mapping[str, LayoutOverride | Mapping[str, Any]]) -> None:
+        name = self.info.name
+        self._layout_overrides = {cls: layout_override(name, cls, value) for cls, value in overrides.items()}
 
     def __repr__(self) -> str:
         return f"Family({self.info.name!r}, {len(self.info.model_types)} model types)"
@@ -137,7 +175,7 @@ class Family:
                     f"{class_name} is declared as undecorated experts, but transformers {transformers_version()} "
                     "decorates it with @use_experts_implementation"
                 )
-            layout = declared_experts_layout(module, **self.experts_classes[class_name])
+            layout = self.experts_classes[class_name].layout_of(module, self.info.name, class_name)
         else:
             layout = read_experts_layout(module)
         if layout is None:
@@ -145,9 +183,9 @@ class Family:
         # A declared class is described by its declaration; any other is held to its decorator's flags.
         declared = class_name in self.experts_classes or class_name in self.layout_overrides
         refusal = "" if declared else contract_refusal(module, layout)
-        overrides = self.layout_overrides.get(class_name)
-        if overrides:
-            layout = layout.with_overrides(**overrides)
+        override = self.layout_overrides.get(class_name)
+        if override is not None:
+            layout = checked_override(module, layout, override, self.info.name, class_name)
         return Candidate(path, module, "experts", self.info.name, layout, model_type, refusal=refusal)
 
     @hookimpl
@@ -163,14 +201,28 @@ class Family:
         return preload_plan_for(
             model_type,
             related_types=[t.model_type for t in self.info.model_types],
-            declared_experts={name: dict(fields) for name, fields in self.experts_classes.items()},
-            layout_overrides={name: dict(fields) for name, fields in self.layout_overrides.items()},
+            declared_experts={name: decl.changes() for name, decl in self.experts_classes.items()},
+            layout_overrides={name: override.changes() for name, override in self.layout_overrides.items()},
             dense_classes=dict(self.dense_classes),
             key_renames=self.key_renames.get(model_type, ()),
             legacy_projection_names=self.legacy_projection_names.get(model_type, {}),
             dense_key_patterns=self.dense_key_patterns.get(model_type, ()),
             parallel_classes=dict(self.parallel_classes),
         )
+
+
+_L = TypeVar("_L", DenseLayout, ParallelLayout)
+
+
+def _layouts_of(plugin: str, argument: str, kind: type[_L], declared: Mapping[str, _L]) -> dict[str, _L]:
+    """``declared`` as a dict, each value checked to be a ``kind`` (DeclarationError if not)."""
+    for class_name, layout in declared.items():
+        if not isinstance(layout, kind):
+            raise DeclarationError(
+                f"plugin {plugin!r}, class {class_name!r}: {argument} takes a {kind.__name__}, "
+                f"got {type(layout).__name__} {layout!r}"
+            )
+    return dict(declared)
 
 
 def preload_plan_for(model_type: str, related_types: Iterable[str] = (), **declarations: Any) -> PreloadPlan | None:

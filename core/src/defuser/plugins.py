@@ -14,12 +14,21 @@ Which load is decided, by entry-point name, by the environment (or :func:`config
 
 A plugin that fails to import, describes itself wrongly, or supports neither the installed
 transformers nor this core is skipped with a warning naming it (``strict=True`` re-raises).
+The ``transformers`` and ``defuser-core`` requirements of an entry point's distribution are
+checked before it is imported (a plugin outside them is never imported); the ranges its
+:class:`PluginInfo` states are checked for what its distribution does not say (a plugin
+registered by hand has none).  A hook implementation that matches no hookspec (a misspelt
+name) and a method named like a hook without ``@hookimpl`` (pluggy would never call it) make
+the plugin fail to load, naming both.
 When two plugins claim one model type, the higher ``priority`` wins, then the smaller name;
 a warning names both.
 
 A hook that raises is reported as :class:`PluginError` naming the plugin and the hook:
 
-* ``defuser_detect_candidate``: when the plugin owns the module's model type, its declaration
+* ``defuser_detect_candidate``: a :class:`~defuser.errors.DeclarationError` (a declaration
+  that does not fit the module: a tensor or activation name it lacks) refuses the module
+  (``convert_model`` raises ``ConversionError`` naming plugin, class and field before changing
+  anything).  Otherwise, when the plugin owns the module's model type, its declaration
   is taken not to fit the installed transformers: the generic engine defuses the module if it
   can (self-checked), with one warning naming plugin, version and reason; a fused module it
   cannot take is refused (``convert_model`` raises ``ConversionError`` before changing
@@ -33,6 +42,7 @@ A hook that raises is reported as :class:`PluginError` naming the plugin and the
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import threading
@@ -41,7 +51,9 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 import pluggy
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier
+from packaging.utils import canonicalize_name
 from torch import nn
 
 from defuser import hookspecs
@@ -50,7 +62,7 @@ from defuser.engine.candidates import Candidate, ExpertsLayout
 from defuser.engine.contract import looks_fused
 from defuser.engine.generic import GENERIC_PLUGIN_NAME, GenericEngine
 from defuser.engine.preload import PreloadPlan
-from defuser.errors import DeclarationMismatch
+from defuser.errors import DeclarationError, DeclarationMismatch
 from defuser.plugin_info import PluginInfo
 
 __all__ = [
@@ -88,6 +100,8 @@ class LoadedPlugin:
     version: str | None = None
     error: str | None = None
     obj: Any = field(default=None, repr=False)
+    # Names of the hooks the plugin implements (empty until it registered).
+    hooks: tuple[str, ...] = ()
 
 
 def _names_from_env(variable: str) -> set[str] | None:
@@ -125,6 +139,46 @@ def _implementing_plugin(error: BaseException, caller: Any) -> str | None:
                     return implementation.plugin_name
         trace = trace.tb_next
     return None
+
+
+# The packages whose installed release a plugin's requirements are checked against.
+_CHECKED_PACKAGES = ("transformers", "defuser-core")
+
+
+def _installed_release(package: str) -> Any:
+    return transformers_version() if package == "transformers" else _core_version()
+
+
+def _range_refusal(name: str, package: str, wanted: str) -> str | None:
+    """Why plugin ``name`` cannot load with ``package`` installed as it is (None: it can)."""
+    found = _installed_release(package)
+    try:
+        supported = version_in(wanted, found)
+    except InvalidSpecifier:
+        return f"plugin {name!r} declares an invalid {package} range {wanted!r}"
+    if supported:
+        return None
+    installed = f"{package} {found} is installed" if found else f"{package} is not installed"
+    return f"plugin {name!r} requires {package}{wanted}, but {installed}"
+
+
+def _distribution_requirements(entry_point: Any) -> dict[str, str]:
+    """The ``transformers`` and ``defuser-core`` ranges the entry point's distribution requires
+    (read from its metadata, without importing it); requirements of extras are left out."""
+    dist = getattr(entry_point, "dist", None)
+    ranges: dict[str, str] = {}
+    for line in (getattr(dist, "requires", None) or []) if dist is not None else []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:  # not ours to judge; the installer accepted it
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        package = canonicalize_name(requirement.name)
+        if package in _CHECKED_PACKAGES and str(requirement.specifier):
+            # Several lines for one package (under different markers) all hold.
+            ranges[package] = ",".join(filter(None, (ranges.get(package), str(requirement.specifier))))
+    return ranges
 
 
 def _core_version() -> str:
@@ -179,6 +233,12 @@ class DefuserPluginManager:
                     logger.debug("plugin %s not loaded (by configuration)", entry_point.name)
                     continue
                 distribution = getattr(entry_point.dist, "name", None)
+                required = _distribution_requirements(entry_point)
+                refusals = [_range_refusal(entry_point.name, package, wanted) for package, wanted in required.items()]
+                refusal = next((message for message in refusals if message), None)
+                if refusal is not None:  # never imported
+                    self._fail(entry_point.name, refusal, distribution)
+                    continue
                 try:
                     obj = entry_point.load()
                 except Exception as error:
@@ -188,7 +248,7 @@ class DefuserPluginManager:
                         distribution,
                     )
                     continue
-                self._register_object(obj, entry_point.name, distribution=distribution)
+                self._register_object(obj, entry_point.name, distribution=distribution, checked=frozenset(required))
 
     def register(self, plugin: Any, name: str | None = None) -> LoadedPlugin:
         """Register a plugin object or module by hand (tests, notebooks, private plugins)."""
@@ -214,7 +274,11 @@ class DefuserPluginManager:
             raise PluginError(message)
         return failed
 
-    def _register_object(self, obj: Any, name: str, distribution: str | None = None) -> LoadedPlugin:
+    def _register_object(
+        self, obj: Any, name: str, distribution: str | None = None, checked: frozenset[str] = frozenset()
+    ) -> LoadedPlugin:
+        """Register ``obj`` as plugin ``name``; ``checked``: the packages whose ranges its
+        distribution's metadata already satisfied (its info's ranges are checked for the rest)."""
         dist_version = None
         if distribution:
             try:
@@ -230,27 +294,77 @@ class DefuserPluginManager:
             return self._fail(
                 name, f"plugin {name!r}: hook defuser_plugin_info raised {_describe_error(error)}", distribution
             )
-        for package, wanted, found in (
-            ("transformers", info.transformers, transformers_version()),
-            ("defuser-core", info.core, _core_version()),
-        ):
-            try:
-                supported = version_in(wanted, found)
-            except InvalidSpecifier:
-                return self._fail(name, f"plugin {name!r} declares an invalid {package} range {wanted!r}", distribution)
-            if not supported:
-                installed = f"{package} {found} is installed" if found else f"{package} is not installed"
-                return self._fail(name, f"plugin {name!r} requires {package}{wanted}, but {installed}", distribution)
+        for package, wanted in (("transformers", info.transformers), ("defuser-core", info.core)):
+            refusal = None if package in checked else _range_refusal(name, package, wanted)
+            if refusal is not None:
+                return self._fail(name, refusal, distribution)
+        unmarked = self._unmarked_hooks(obj, name)
+        if unmarked:
+            return self._fail(name, unmarked, distribution)
         try:
             self.pm.register(obj, name=name)
         except Exception as error:
             return self._fail(name, f"plugin {name!r}: registration failed: {_describe_error(error)}", distribution)
-        loaded = LoadedPlugin(name, info, distribution, dist_version, obj=obj)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            unknown = self._unknown_hooks(obj)
+            if unknown:  # else another plugin's, which was refused when it registered
+                self.pm.unregister(obj)
+                return self._fail(name, self._unknown_hook_message(name, unknown), distribution)
+        hooks = tuple(sorted(caller.name for caller in self.pm.get_hookcallers(obj) or ()))
+        loaded = LoadedPlugin(name, info, distribution, dist_version, obj=obj, hooks=hooks)
         self.plugins[name] = loaded
         self._owners.clear()
         self._callers.clear()
         self._declared = None
         return loaded
+
+    def _spec_names(self) -> list[str]:
+        return sorted(
+            name for name, caller in vars(self.pm.hook).items() if not name.startswith("_") and caller.has_spec()
+        )
+
+    def _unknown_hooks(self, obj: Any) -> list[str]:
+        """Hooks ``obj`` implements (``@hookimpl``, not optional) that no hookspec defines."""
+        return sorted(
+            caller.name
+            for caller in self.pm.get_hookcallers(obj) or ()
+            if not caller.has_spec()
+            and any(impl.plugin is obj and not impl.optionalhook for impl in caller.get_hookimpls())
+        )
+
+    def _unknown_hook_message(self, name: str, unknown: list[str]) -> str:
+        parts = []
+        for hook in unknown:
+            close = difflib.get_close_matches(hook, self._spec_names(), n=1)
+            parts.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return f"plugin {name!r}: hook implementation {', '.join(parts)} matches no defuser hookspec"
+
+    def _unmarked_hooks(self, obj: Any, name: str) -> str | None:
+        """Why ``obj`` would silently lose a hook: a method named like a hookspec (or nearly so)
+        without ``@hookimpl`` marker, which pluggy never calls (e.g. a :class:`Family` subclass
+        overriding a hook without re-applying the decorator).  None when there is none."""
+        specs = self._spec_names()
+        for attribute in sorted(dir(obj)):
+            if not attribute.startswith(f"{hookspecs.PROJECT_NAME}_"):
+                continue
+            try:
+                value = getattr(obj, attribute)
+            except Exception:  # a property that raises: not a hook
+                continue
+            if not callable(value) or self.pm.parse_hookimpl_opts(obj, attribute) is not None:
+                continue
+            close = difflib.get_close_matches(attribute, specs, n=1, cutoff=0.85)
+            if not close:
+                continue
+            owner = getattr(getattr(value, "__func__", value), "__qualname__", attribute)
+            like = f"the hook {attribute!r}" if close[0] == attribute else f"the hook {close[0]!r} (misspelt?)"
+            return (
+                f"plugin {name!r}: {owner} is named like {like} but has no @hookimpl, "
+                "so it would never be called (decorate it with defuser.hookimpl)"
+            )
+        return None
 
     # -- ownership ----------------------------------------------------------------------
 
@@ -355,6 +469,12 @@ class DefuserPluginManager:
                 culprit, failure = self._hook_error(hook_name, error, caller, context)
                 if self.strict:
                     raise failure from error
+                if isinstance(error, DeclarationError):
+                    # The plugin's own mistake, not a change in transformers: refused, never guessed.
+                    self._warn_once(culprit, f"{hook_name}:{type(module).__name__}", f"{failure}; module refused")
+                    return Candidate(
+                        path, module, "experts", culprit, ExpertsLayout(num_experts=0), model_type, refusal=str(error)
+                    )
                 if culprit in self.plugins and culprit not in (owner, GENERIC_PLUGIN_NAME) and culprit not in skipped:
                     self._warn_once(culprit, hook_name, f"{failure}; plugin skipped for such modules")
                     skipped.add(culprit)

@@ -65,6 +65,11 @@ class ExpertsLayout:
     # "default": act(gate) * up; "module": the fused class's own ``_apply_gate``.
     gate_style: Literal["default", "module"] = "default"
 
+    def __post_init__(self) -> None:
+        problem = _layout_problem(self)
+        if problem:
+            raise ValueError(problem)
+
     @property
     def zero_copy(self) -> bool:
         """True when every per-expert weight can be a view of the fused storage."""
@@ -86,6 +91,34 @@ class ExpertsLayout:
     def with_overrides(self, **changes: Any) -> ExpertsLayout:
         """A copy with some fields replaced (plugins use this to declare quirks)."""
         return replace(self, **changes)
+
+
+_CONTRACTS = ("routed", "expert_major", "weighted_all")
+_GATE_STYLES = ("default", "module")
+
+
+def _layout_problem(layout: ExpertsLayout) -> str:
+    """Why ``layout``'s fields cannot describe any experts module ("" when they can)."""
+    if layout.contract not in _CONTRACTS:
+        return f"contract must be one of {_CONTRACTS}, got {layout.contract!r}"
+    if layout.gate_style not in _GATE_STYLES:
+        return f"gate_style must be one of {_GATE_STYLES}, got {layout.gate_style!r}"
+    if not isinstance(layout.identity_experts, int) or layout.identity_experts < 0:
+        return f"identity_experts must be a count of 0 or more, got {layout.identity_experts!r}"
+    if layout.post_expert_norm_by_expert and not layout.has_post_expert_norm:
+        return "post_expert_norm_by_expert=True needs has_post_expert_norm=True"
+    if layout.separate_gate_up:
+        if not layout.has_gate:
+            return "separate_gate_up=True needs has_gate=True (the gate is one of the two tensors)"
+        if layout.has_bias:
+            # Nothing reads or writes biases of separate gate and up tensors: refused, not dropped.
+            return "separate_gate_up=True with has_bias=True is not supported (separate gate and up biases)"
+        if not layout.is_concatenated or not layout.gate_first:
+            return "is_concatenated and gate_first describe one gate_up tensor: leave them True with separate_gate_up"
+    names = [layout.first_name, layout.down_name, *([layout.up_name] if layout.separate_gate_up else [])]
+    if len(set(names)) != len(names):
+        return f"the fused tensors need distinct names, got {', '.join(map(repr, names))}"
+    return ""
 
 
 @dataclass(frozen=True)
