@@ -201,12 +201,12 @@ def _parameter(tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=requires_grad)
 
 
-def _blank_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+def _blank_linear(weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` and ``bias`` (already Parameters), in the state
     ``nn.Linear.__init__`` leaves, without running it."""
     layer = _new_instance(nn.Linear)
     state = _blank_state()
-    state["in_features"], state["out_features"] = weight.shape[1], weight.shape[0]
+    state["in_features"], state["out_features"] = in_features, out_features
     state["_parameters"]["weight"] = weight
     state["_parameters"]["bias"] = bias
     _set_instance_dict(layer, state)
@@ -235,8 +235,15 @@ def empty_linears(count: int, weight: torch.Tensor, bias: torch.Tensor | None) -
     else:
         weights = [first] + [torch.empty(out_features, in_features, dtype=weight.dtype) for _ in range(count - 1)]
         biases = [None if bias is None else torch.empty(out_features, dtype=bias.dtype) for _ in range(count)]
+    # The features are passed in: under a device context every ``tensor.shape`` goes through
+    # its Python ``__torch_function__``.
     return [
-        _blank_linear(_parameter(layer_weight, True), None if layer_bias is None else _parameter(layer_bias, True))
+        _blank_linear(
+            _parameter(layer_weight, True),
+            None if layer_bias is None else _parameter(layer_bias, True),
+            in_features,
+            out_features,
+        )
         for layer_weight, layer_bias in zip(weights, biases, strict=True)
     ]
 
@@ -251,8 +258,12 @@ def linear_from(
     # state directly.
     if bias_requires_grad is None:
         bias_requires_grad = requires_grad
+    out_features, in_features = weight.shape
     return _blank_linear(
-        _parameter(weight, requires_grad), None if bias is None else _parameter(bias, bias_requires_grad)
+        _parameter(weight, requires_grad),
+        None if bias is None else _parameter(bias, bias_requires_grad),
+        in_features,
+        out_features,
     )
 
 
