@@ -217,24 +217,24 @@ def empty_linears(count: int, weight: torch.Tensor, bias: torch.Tensor | None) -
     """``count`` new ``nn.Linear`` modules shaped like ``weight`` (``[out, in]``) and ``bias``,
     their tensors made under the caller's device context and left uninitialised (the
     checkpoint loader or transformers' weight initialisation fills them); ``requires_grad`` as
-    ``nn.Linear`` gives it.  On the meta device the weights of all ``count`` are views of one
-    stacked meta tensor (meta tensors hold no bytes: each Linear still has its own
-    Parameters); on any other device each tensor is its own allocation, as
-    ``nn.Linear.__init__`` makes it, so no two Linears share storage."""
+    ``nn.Linear`` gives it.  On the meta device all ``count`` weights are made from one meta
+    tensor (meta tensors hold no bytes; each Linear still has its own Parameter objects, with
+    their own flags and metadata, as separate ``torch.empty`` calls would give); on any other
+    device each tensor is its own allocation, as ``nn.Linear.__init__`` makes it, so no two
+    Linears share storage."""
     if count == 0:
         return []
     out_features, in_features = weight.shape
     first = torch.empty(out_features, in_features, dtype=weight.dtype)
+    first_bias = None if bias is None else torch.empty(out_features, dtype=bias.dtype)
     if first.is_meta:
-        weights = torch.empty(count, out_features, in_features, dtype=weight.dtype, device="meta").unbind(0)
-        biases = (
-            [None] * count
-            if bias is None
-            else torch.empty(count, out_features, dtype=bias.dtype, device="meta").unbind(0)
-        )
+        weights: list[torch.Tensor] = [first] * count
+        biases: list[torch.Tensor | None] = [first_bias] * count
     else:
         weights = [first] + [torch.empty(out_features, in_features, dtype=weight.dtype) for _ in range(count - 1)]
-        biases = [None if bias is None else torch.empty(out_features, dtype=bias.dtype) for _ in range(count)]
+        biases = [first_bias] + [
+            None if bias is None else torch.empty(out_features, dtype=bias.dtype) for _ in range(count - 1)
+        ]
     # The features are passed in: under a device context every ``tensor.shape`` goes through
     # its Python ``__torch_function__``.
     return [
