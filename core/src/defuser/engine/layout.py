@@ -150,6 +150,12 @@ def collector_paused() -> Iterator[None]:
     made (measured: most of a zero-copy conversion's time on a 61-layer model).  Modules make
     no reference cycles to collect; what becomes garbage is freed by reference counting as
     before, and any cycle is collected once the collector runs again.
+
+    On leaving, the youngest generation (what the block made) is collected at once: left to
+    the collector, the allocation count the block ran up sets off its next automatic pass,
+    which is then a full one over the whole process heap (measured: 60% of building
+    DeepSeek-V3 defused on meta, where this costs a few milliseconds per experts module).
+    The objects stay collectable as any others; later passes run as the collector decides.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -158,6 +164,7 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+            gc.collect(0)
 
 
 # The state ``nn.Module.__init__`` leaves, split into plain values (shared) and a maker for
