@@ -196,7 +196,8 @@ def blank_module(cls: type[nn.Module]) -> nn.Module:
     ``__init__``: a blank module's plain values and new empty containers of the same types."""
     # Module.__init__ costs ~15 us; a zero-copy conversion builds thousands of modules.
     module = cls.__new__(cls)
-    _set_instance_dict(module, _blank_state())
+    made = module.__dict__  # empty, unless the class's own __new__ set something: kept
+    _set_instance_dict(module, {**made, **_blank_state()} if made else _blank_state())
     return module
 
 
