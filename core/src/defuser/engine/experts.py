@@ -272,9 +272,9 @@ class DefusedExperts(nn.ModuleList):
         if count == 0:
             return
         shapes = expert_weights(stacked, 0)
+        gates = empty_linears(count, shapes.gate, shapes.gate_bias) if shapes.gate is not None else [None] * count
         ups = empty_linears(count, shapes.up, shapes.up_bias)
         downs = empty_linears(count, shapes.down, shapes.down_bias)
-        gates = empty_linears(count, shapes.gate, shapes.gate_bias) if shapes.gate is not None else [None] * count
         modules = self._modules
         for index, (gate_proj, up_proj, down_proj) in enumerate(zip(gates, ups, downs, strict=True)):
             modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
