@@ -26,8 +26,10 @@ from defuser.engine.fuse import fused_names, skeleton_of
 from defuser.engine.inplace import in_place_relayout
 from defuser.engine.layout import (
     Consumed,
+    ExpertWeights,
     blank_module,
     collector_paused,
+    empty_linears,
     expert_weights,
     fused_tensors,
     join_gate_up,
@@ -172,25 +174,6 @@ def _attribute_path(module: Any, path: str) -> Any:
     return module
 
 
-def _empty_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool, bias_requires_grad: bool
-) -> nn.Linear:
-    """A new Linear shaped like ``weight``, its tensors made under the caller's device context
-    (pre-load) and left uninitialised, as the fused class leaves its ``torch.empty`` tensors:
-    the checkpoint loader fills them, or transformers' weight initialisation does (it
-    initialises every ``nn.Linear``).  ``nn.Linear.__init__`` would initialise each one
-    (kaiming) only to be overwritten: at hundreds of experts per layer that cost most of
-    building a defused model."""
-    out_features, in_features = weight.shape
-    layer = blank_module(nn.Linear)
-    state = layer.__dict__
-    state["in_features"], state["out_features"] = in_features, out_features
-    # requires_grad as nn.Linear gives it: a model built before load trains all its weights.
-    state["_parameters"]["weight"] = nn.Parameter(torch.empty(out_features, in_features, dtype=weight.dtype))
-    state["_parameters"]["bias"] = None if bias is None else nn.Parameter(torch.empty(out_features, dtype=weight.dtype))
-    return layer
-
-
 class DefusedExperts(nn.ModuleList):
     """Per-expert replacement of a fused experts module; see the module docstring.
 
@@ -260,21 +243,41 @@ class DefusedExperts(nn.ModuleList):
             _releasing(fused, layout) if materialize else None,
             in_place_relayout(fused, layout) if materialize else None,
         )
-        # Built before load, every expert takes only shapes and dtypes: those of expert 0.
-        shapes_only = expert_weights(stacked, 0) if not materialize and layout.num_experts else None
-        build = linear_from if materialize else _empty_linear
-        for index in range(layout.num_experts):
-            weights = shapes_only or expert_weights(stacked, index)
-            gate_proj = (
-                build(weights.gate, weights.gate_bias, *tensors.grads_of("gate")) if weights.gate is not None else None
-            )
-            up_proj = build(weights.up, weights.up_bias, *tensors.grads_of("up"))
-            down_proj = build(weights.down, weights.down_bias, *tensors.grads_of("down"))
-            self._modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
+        if materialize:
+            for index in range(layout.num_experts):
+                weights = expert_weights(stacked, index)
+                gate_proj = (
+                    linear_from(weights.gate, weights.gate_bias, *tensors.grads_of("gate"))
+                    if weights.gate is not None
+                    else None
+                )
+                up_proj = linear_from(weights.up, weights.up_bias, *tensors.grads_of("up"))
+                down_proj = linear_from(weights.down, weights.down_bias, *tensors.grads_of("down"))
+                self._modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
+        else:
+            self._build_empty_experts(stacked, layout.num_experts, activation)
         # Identity ("zero") experts the fused class routes to past its last expert: numbered
         # modules too, so every routing index names a module (no weights, nothing saved).
         for index in range(layout.num_experts, layout.num_experts + layout.identity_experts):
             self._modules[str(index)] = IdentityExpert()
+
+    def _build_empty_experts(self, stacked: ExpertWeights, count: int, activation: Any) -> None:
+        """Built before load: ``count`` experts of new, uninitialised Linears shaped like expert
+        0 of ``stacked`` (see :func:`empty_linears`), as the fused class leaves its
+        ``torch.empty`` tensors: the checkpoint loader fills them, or transformers' weight
+        initialisation does (it initialises every ``nn.Linear``).  ``nn.Linear.__init__`` would
+        initialise each one (kaiming) only to be overwritten; at hundreds of experts per layer
+        even its bookkeeping costs most of building a defused model, so the Linears of each
+        projection are made together."""
+        if count == 0:
+            return
+        shapes = expert_weights(stacked, 0)
+        gates = empty_linears(count, shapes.gate, shapes.gate_bias) if shapes.gate is not None else [None] * count
+        ups = empty_linears(count, shapes.up, shapes.up_bias)
+        downs = empty_linears(count, shapes.down, shapes.down_bias)
+        modules = self._modules
+        for index, (gate_proj, up_proj, down_proj) in enumerate(zip(gates, ups, downs, strict=True)):
+            modules[str(index)] = ExpertMLP.of(gate_proj, up_proj, down_proj, activation)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -208,7 +208,9 @@ def _preload_experts_class(
 def _materialize_borrowed(module: nn.Module) -> None:
     """Give modules taken over from the structure-only prototype (a post-expert norm) real
     storage on the device the model is being built on; its init or the checkpoint fills it."""
-    device = torch.get_default_device()
+    # The device a tensor made now lands on: ``torch.get_default_device()`` reads the whole
+    # torch-function mode stack (about a millisecond per call, once per experts module).
+    device = torch.empty(0).device
     if device.type == "meta":
         return
     for child in module.modules():
