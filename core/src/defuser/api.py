@@ -23,7 +23,7 @@ from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_shar
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
 from defuser.filtering import PathFilter, compile_filter
-from defuser.modeling.replace_modules import remember_original
+from defuser.modeling.replace_modules import drop_fused_tensors, remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
 __all__ = [
@@ -38,9 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# The fused tensors a defused experts module no longer needs (dropped by cleanup_original).
-_FUSED_TENSOR_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 
 def _check_max_layers(max_layers: object) -> int | None:
@@ -108,12 +105,6 @@ def _become(target: nn.Module, source: nn.Module) -> None:
     target.__dict__.clear()
     target.__dict__.update(state)
     target.__class__ = type(source)
-
-
-def _drop_fused_tensors(module: nn.Module) -> None:
-    for name in _FUSED_TENSOR_NAMES:
-        if isinstance(module._parameters.get(name), nn.Parameter):
-            module._parameters[name] = None
 
 
 def convert_model(
@@ -215,7 +206,7 @@ def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules:
                 replacement, _ = _defuse_one(manager, candidate, model, cleanup_original, shared, check, sharding)
             if replacement is not candidate.module and candidate.module is not model:
                 if cleanup_original:
-                    _drop_fused_tensors(candidate.module)
+                    drop_fused_tensors(candidate.module, _fused_tensor_names(candidate))
                 else:  # materialize_model (Defuser's name) releases them later
                     remember_original(candidate.module, _fused_tensor_names(candidate))
             _install(model, candidate.module, replacement, parents)
@@ -242,15 +233,11 @@ def _nested(candidates: list[Candidate]) -> bool:
 
 
 def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
-    """The (dotted) names of the fused tensors a replaced candidate still holds."""
-    from defuser.engine.candidates import ExpertsLayout, ParallelLayout
-    from defuser.engine.fuse import fused_names
-
-    if isinstance(candidate.layout, ExpertsLayout):
-        return tuple(fused_names(candidate.layout))
-    if isinstance(candidate.layout, ParallelLayout):
-        return (candidate.layout.weight_name,)
-    return ()
+    """The (dotted) names of the fused tensors a replaced candidate still holds (a dense MLP's
+    fused Linear is not kept by its replacement: none)."""
+    if candidate.kind == "dense":
+        return ()
+    return tuple(tensor.name for tensor in candidate.layout.tensors())
 
 
 def _patch_model(model: nn.Module) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
-from defuser.engine.candidates import ExpertsLayout
+from defuser.engine.candidates import ExpertsLayout, FusedTensor
 from defuser.engine.layout import orient, split_gate_up
 
 __all__ = [
@@ -144,44 +145,35 @@ class SplitFusedExperts(ConversionOps):
         """Per-expert tensors named ``{path}.{i}.{proj}.{weight|bias}`` from one fused ``tensor``
         (``tensor_name``, default the op's own), for experts ``first .. first + layout.num_experts - 1``."""
         tensor_name = tensor_name or self.tensor_name
-        is_bias = tensor_name.endswith("_bias")
-        name = tensor_name.removesuffix("_bias") if is_bias else tensor_name
-        projections = self._projections(name, layout)
-        if projections is None:
+        fused = _fused_tensor(layout, tensor_name)
+        if fused is None:
             raise ValueError(f"{tensor_name!r} is not a tensor of the layout {layout}")
         experts = layout.num_experts
-        if is_bias:
+        if fused.is_bias:
             stacked = tensor.reshape(-1, tensor.shape[-1])[first : first + experts]
-            halves = split_gate_up(stacked, layout, dim=-1) if len(projections) == 2 else (stacked,)
-            suffix = "bias"
+            halves = split_gate_up(stacked, layout, dim=-1) if fused.is_gate_up else (stacked,)
         else:
-            transposed = layout.transposed_down if name == layout.down_name else layout.is_transposed
             if expected is not None and _is_swapped(tuple(tensor.shape), expected):
                 tensor = tensor.transpose(-1, -2)  # the checkpoint holds the other orientation
             if layout.flattened:
                 tensor = tensor.reshape(experts, -1, tensor.shape[-1])
-            stacked = orient(tensor, transposed)[first : first + experts]
-            halves = split_gate_up(stacked, layout, dim=-2) if len(projections) == 2 else (stacked,)
-            suffix = "weight"
+            stacked = orient(tensor, fused.transposed)[first : first + experts]
+            halves = split_gate_up(stacked, layout, dim=-2) if fused.is_gate_up else (stacked,)
         result = {}
         for index in range(experts):
-            for projection, half in zip(projections, halves, strict=True):
-                result[f"{path}.{first + index}.{projection}.{suffix}"] = half[index].clone()
+            for key, half in zip(fused.keys(path, first + index), halves, strict=True):
+                result[key] = half[index].clone()
         return result
-
-    @staticmethod
-    def _projections(name: str, layout: ExpertsLayout) -> tuple[str, ...] | None:
-        if name == layout.down_name:
-            return ("down_proj",)
-        if layout.separate_gate_up:
-            return {layout.gate_name: ("gate_proj",), layout.up_name: ("up_proj",)}.get(name)
-        if name == layout.first_name:
-            return ("gate_proj", "up_proj") if layout.has_gate else ("up_proj",)
-        return None
 
     @property
     def reverse_op(self) -> ConversionOps:
         raise NotImplementedError("SplitFusedExperts is applied on load only")
+
+
+def _fused_tensor(layout: ExpertsLayout, name: str) -> FusedTensor | None:
+    """The fused tensor ``name`` of ``layout``; a bias the checkpoint holds though the layout
+    declares none is split as its weight's projections are."""
+    return layout.tensor(name) or replace(layout, has_bias=True).tensor(name)
 
 
 def _fused_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:

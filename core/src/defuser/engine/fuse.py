@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,13 +41,8 @@ class NotFusable(TypeError):
 
 
 def fused_names(layout: ExpertsLayout) -> list[str]:
-    """The (possibly dotted) names of the fused tensors ``layout`` reads."""
-    names = [layout.first_name, layout.down_name]
-    if layout.separate_gate_up:
-        names.append(layout.up_name)
-    if layout.has_bias:
-        names += [f"{layout.first_name}_bias", f"{layout.down_name}_bias"]
-    return names
+    """The (possibly dotted) names of the fused tensors ``layout`` reads (see ``ExpertsLayout.tensors``)."""
+    return [tensor.name for tensor in layout.tensors()]
 
 
 # What accelerate's ``add_hook_to_module`` puts on a dispatched module: its hook, and a
@@ -279,19 +275,14 @@ def _shared_grad(parts: list[tuple[str, torch.Tensor]], fused_name: str) -> bool
 
 def _experts_grad(layout: ExpertsLayout, name: str, experts: list[nn.Module], path: str) -> bool:
     """``requires_grad`` of the fused tensor ``name``, from the per-expert tensors it joins."""
-    bias = name.endswith("_bias")
-    fused_name = name.removesuffix("_bias") if bias else name
-    if fused_name == layout.down_name:
-        projections = ["down_proj"]
-    elif layout.separate_gate_up:
-        projections = ["up_proj"] if fused_name == layout.up_name else ["gate_proj"]
-    else:
-        projections = ["gate_proj", "up_proj"] if layout.has_gate else ["up_proj"]
-    attribute = "bias" if bias else "weight"
+    # Biases the experts carry though the layout declares none are joined too (see _experts_tensors_by_copy).
+    tensor = layout.tensor(name) or replace(layout, has_bias=True).tensor(name)
+    if tensor is None:
+        raise NotFusable(f"{path}: {name!r} is not a fused tensor of its layout")
     parts = [
-        (f"{path}.{index}.{projection}.{attribute}", getattr(getattr(expert, projection), attribute))
+        (key, getattr(getattr(expert, projection), tensor.leaf))
         for index, expert in enumerate(experts)
-        for projection in projections
+        for projection, key in zip(tensor.projections, tensor.keys(path, index), strict=True)
     ]
     return _shared_grad(parts, f"{path}.{name}")
 

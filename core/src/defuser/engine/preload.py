@@ -30,13 +30,19 @@ import logging
 import re
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from defuser.engine.candidates import DenseLayout, ParallelLayout, declared_experts_layout, read_experts_layout
+from defuser.engine.candidates import (
+    DenseLayout,
+    ExpertsLayout,
+    ParallelLayout,
+    declared_experts_layout,
+    read_experts_layout,
+)
 from defuser.engine.contract import class_refusal, decorated_class, is_experts_wrapper
 from defuser.engine.experts import DefusedExperts, defused_class_for
 from defuser.engine.parallel_preload import (
@@ -349,30 +355,23 @@ def _replacement(
     return _preload_experts_class(fused, fields, overrides)
 
 
-# Fused tensor of a decorated experts class -> the defused key expert 0 loads it through.
+def _load_targets(layout: ExpertsLayout) -> dict[str, str]:
+    """Fused tensor names of ``layout``, biases included whether or not it has them (a
+    class's instances may differ) -> the defused key expert 0 loads each through."""
+    return {tensor.name: tensor.load_target for tensor in replace(layout, has_bias=True).tensors()}
+
+
+# Decorated experts classes: gated or not, read per instance.
 _DECORATED_TARGETS = {
-    "gate_up_proj": "0.gate_proj.weight",
-    "gate_up_proj_bias": "0.gate_proj.bias",
-    "up_proj": "0.up_proj.weight",
-    "up_proj_bias": "0.up_proj.bias",
-    "down_proj": "0.down_proj.weight",
-    "down_proj_bias": "0.down_proj.bias",
+    **_load_targets(ExpertsLayout(num_experts=0)),
+    **_load_targets(ExpertsLayout(num_experts=0, has_gate=False)),
 }
 
 
 def _declared_targets(fields: dict[str, Any]) -> dict[str, str]:
     """Fused tensor names of a declared experts layout -> the defused key expert 0 loads each through."""
-    from defuser.engine.candidates import ExpertsLayout
-
     static = {key: value for key, value in fields.items() if not callable(value)}
-    layout = ExpertsLayout(num_experts=0, **static)
-    first = "gate_proj" if layout.separate_gate_up or layout.has_gate else "up_proj"
-    projections = {layout.first_name: first, layout.down_name: "down_proj"}
-    if layout.separate_gate_up:
-        projections[layout.up_name] = "up_proj"
-    targets = {name: f"0.{projection}.weight" for name, projection in projections.items()}
-    targets.update({f"{name}_bias": f"0.{projection}.bias" for name, projection in projections.items()})
-    return targets
+    return _load_targets(ExpertsLayout(num_experts=0, **static))
 
 
 def _install() -> None:
