@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
+from defuser._hf import converter_patterns
 from defuser.engine.candidates import ExpertsLayout, FusedTensor
 from defuser.engine.layout import orient, split_gate_up
 
@@ -41,6 +42,7 @@ __all__ = [
     "per_expert_renames",
     "split_on_load_converter",
     "stock_save_conversions",
+    "unescape_pattern",
 ]
 
 logger = logging.getLogger(__name__)
@@ -324,7 +326,8 @@ def _literal(text: str) -> str:
     return "".join("[.]" if char == "." else re.escape(char) for char in text)
 
 
-def _unescape(pattern: str) -> str:
+def unescape_pattern(pattern: str) -> str:
+    """A converter's regex ``pattern`` as the plain key text it matches (escapes and anchors removed)."""
     return re.sub(r"\\(.)", r"\1", pattern).removeprefix("^").removesuffix("$")
 
 
@@ -348,12 +351,6 @@ def _operations(transform: Any) -> list[Any]:
     return list(getattr(transform, "operations", None) or [])
 
 
-def _patterns(transform: Any, name: str) -> list[str]:
-    original = getattr(transform, f"_original_{name}", None)  # 5.24 keeps the patterns as written
-    patterns = original if original is not None else getattr(transform, name, [])
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
 def fuses_expert_keys(transform: Any) -> bool:
     """True for a stock converter that merges per-expert checkpoint keys into a fused experts tensor."""
     operations = _operations(transform)
@@ -361,14 +358,14 @@ def fuses_expert_keys(transform: Any) -> bool:
         isinstance(transform, WeightConverter)
         and bool(operations)
         and type(operations[0]).__name__ == "MergeModulelist"
-        and all("*" in source for source in _patterns(transform, "source_patterns"))
+        and all("*" in source for source in converter_patterns(transform, "source_patterns"))
     )
 
 
 def fuses_dense_halves(transform: Any) -> bool:
     """True for a stock converter that concatenates separate gate and up Linear weights of a
     dense MLP into its ``gate_up_proj``."""
-    targets = [_unescape(target) for target in _patterns(transform, "target_patterns")]
+    targets = [unescape_pattern(target) for target in converter_patterns(transform, "target_patterns")]
     return (
         isinstance(transform, WeightConverter)
         and [type(op).__name__ for op in _operations(transform)] == ["Concatenate"]
@@ -384,8 +381,8 @@ def per_expert_renames(transform: Any) -> list[PerExpertRenaming]:
     if not fuses_expert_keys(transform):
         return []
     operations = [type(op).__name__ for op in _operations(transform)]
-    sources = [_unescape(source) for source in _patterns(transform, "source_patterns")]
-    targets = [_unescape(target) for target in _patterns(transform, "target_patterns")]
+    sources = [unescape_pattern(source) for source in converter_patterns(transform, "source_patterns")]
+    targets = [unescape_pattern(target) for target in converter_patterns(transform, "target_patterns")]
     if len(targets) != 1:
         return []
     stem, _, fused = targets[0].rpartition(".")
@@ -540,7 +537,7 @@ def _folds_defused_keys(conversion: Any, keys: list[str]) -> bool:
 def _signature(transform: Any) -> tuple[Any, ...]:
     return (
         type(transform).__name__,
-        tuple(_patterns(transform, "source_patterns")),
-        tuple(_patterns(transform, "target_patterns")),
+        tuple(converter_patterns(transform, "source_patterns")),
+        tuple(converter_patterns(transform, "target_patterns")),
         getattr(transform, "scope_prefix", None),
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from defuser._hf import is_experts_forward
 from defuser.engine.candidates import ExpertsLayout
 from defuser.engine.fuse import fused_names
 
@@ -37,8 +38,7 @@ _COMPUTING_METHODS = ("forward", "__call__")
 def is_experts_wrapper(function: Any) -> bool:
     """True for the ``forward`` that ``@use_experts_implementation`` installs (it closes over the
     class's original forward; ``functools.wraps`` hides its name)."""
-    code = getattr(function, "__code__", None)
-    return hasattr(function, "__wrapped__") and code is not None and "original_forward" in code.co_freevars
+    return is_experts_forward(function)
 
 
 def decorated_class(cls: type) -> type | None:
