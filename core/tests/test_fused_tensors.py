@@ -80,3 +80,18 @@ def test_parallel_layout_is_one_linear_per_expert(transposed: bool):
     (tensor,) = ParallelLayout(weight_name="w", transposed=transposed).tensors()
     assert (tensor.name, tensor.role, tensor.transposed) == ("w", "parallel", transposed)
     assert tensor.keys("moe.input_linear", 5) == ("moe.input_linear.5.linear.weight",)
+
+
+@pytest.mark.subprocess
+def test_defusion_modules_do_not_import_fusing_back():
+    """Defusion (experts, dense, parallel) takes skeletons from defuser.engine.skeleton; fusing
+    back imports defusion's modules, never the other way round."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, defuser.engine.experts, defuser.engine.dense, defuser.engine.parallel; "
+        "print('defuser.engine.fuse' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

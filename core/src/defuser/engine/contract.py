@@ -20,7 +20,6 @@ from torch import nn
 
 from defuser._hf import is_experts_forward
 from defuser.engine.candidates import ExpertsLayout
-from defuser.engine.fuse import fused_names
 
 __all__ = [
     "carried_tensor_prefixes",
@@ -66,7 +65,7 @@ def carried_tensor_prefixes(layout: ExpertsLayout) -> tuple[str, ...]:
 
 
 def _undescribed_tensors(module: nn.Module, layout: ExpertsLayout) -> list[str]:
-    consumed = set(fused_names(layout))
+    consumed = {tensor.name for tensor in layout.tensors()}
     carried = carried_tensor_prefixes(layout)
     names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     names += [name for name, _ in module.named_buffers(remove_duplicate=False)]
