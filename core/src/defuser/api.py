@@ -15,6 +15,7 @@ from defuser.engine.detect import Parents, iter_typed_modules, layer_index, pare
 from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
+from defuser.engine.kinds import KINDS, defused_kind
 from defuser.engine.layout import collector_paused
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
@@ -235,9 +236,7 @@ def _nested(candidates: list[Candidate]) -> bool:
 def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
     """The (dotted) names of the fused tensors a replaced candidate still holds (a dense MLP's
     fused Linear is not kept by its replacement: none)."""
-    if candidate.kind == "dense":
-        return ()
-    return tuple(tensor.name for tensor in candidate.layout.tensors())
+    return KINDS[candidate.kind].replaced_tensor_names(candidate)
 
 
 def _patch_model(model: nn.Module) -> None:
@@ -394,18 +393,11 @@ def defused_blocks(*model_types: str) -> Iterator[bool]:
 
 
 def _fusable_modules(model: nn.Module, parents: Parents | None = None) -> list[tuple[str, nn.Module, str]]:
-    from defuser.engine.dense import split_dense_layout
-    from defuser.engine.experts import DefusedExperts
-    from defuser.engine.parallel import DefusedParallelExperts
-
     found = []
     for path, module, _ in iter_typed_modules(model, parents):
-        if isinstance(module, DefusedExperts):
-            found.append((path, module, "experts"))
-        elif isinstance(module, DefusedParallelExperts):
-            found.append((path, module, "parallel"))
-        elif split_dense_layout(module) is not None:
-            found.append((path, module, "dense"))
+        kind = defused_kind(module)
+        if kind is not None:
+            found.append((path, module, kind.name))
     return found
 
 

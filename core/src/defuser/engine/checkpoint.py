@@ -487,33 +487,23 @@ def _defused_keys(model: nn.Module) -> tuple[list[str], set[str]]:
     MLPs), and which kinds of defused modules it holds ("experts", "parallel", "dense"), in
     one walk.  Converter patterns match any expert index, so expert 0's keys stand for every
     expert: a full state-dict walk would cost more than the zero-copy conversion itself."""
-    from defuser.engine.dense import split_dense_layout
-    from defuser.engine.experts import DefusedExperts
-    from defuser.engine.parallel import DefusedParallelExperts
+    from defuser.engine.kinds import defused_kind
 
     kinds: set[str] = set()
     keys: dict[str, str] = {}  # key with layer numbers as 0 -> the first real key of that form
-
-    def add(key: str) -> None:
-        # Layers of one kind give the same answer; converter patterns tell kinds apart by name.
-        keys.setdefault(_ANY_INDEX.sub(".0.", key), key)
 
     pending = [("", model)]
     while pending:
         path, module = pending.pop()
         prefix = f"{path}." if path else ""
-        if isinstance(module, (DefusedExperts, DefusedParallelExperts)):
-            kinds.add("experts" if isinstance(module, DefusedExperts) else "parallel")
-            first = module._modules.get("0")
-            if first is not None:
-                for name, _ in first.named_parameters():
-                    add(f"{prefix}0.{name}")
-            continue  # nothing defused inside the experts
-        if split_dense_layout(module) is not None:
-            kinds.add("dense")
-            for half in ("gate_proj", "up_proj"):
-                for name, _ in module._modules[half].named_parameters():
-                    add(f"{prefix}{half}.{name}")
+        kind = defused_kind(module)
+        if kind is not None:
+            kinds.add(kind.name)
+            for key in kind.defused_keys(module, prefix):
+                # Layers of one kind give the same answer; converter patterns tell kinds apart by name.
+                keys.setdefault(_ANY_INDEX.sub(".0.", key), key)
+            if kind.replaces_module:
+                continue  # nothing defused inside the experts
         children = reversed(module._modules.items())
         pending += [(f"{prefix}{name}", child) for name, child in children if child is not None]
     return list(keys.values()), kinds
