@@ -168,6 +168,8 @@ def _replacement(
     fields: dict[str, Any] | None = None,
     dense: DenseLayout | None = None,
 ) -> type:
+    """The class replacing ``fused`` (at ``key``): the one installed now when another patched
+    model type replaced it already, else a new dense or experts replacement."""
     existing = PATCHES.replacements.get(key)
     if existing is not None:
         return existing
