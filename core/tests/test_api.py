@@ -138,6 +138,15 @@ def test_cleanup_original_drops_fused_tensors():
     assert fused.gate_up_proj is None and fused.down_proj is None
 
 
+def test_cleanup_original_drops_dotted_fused_tensors():
+    pytest.importorskip("defuser_dbrx")
+    model = build_tiny_model("dbrx")
+    fused = model.transformer.blocks[0].ffn.experts
+    assert convert_model(model, cleanup_original=True)
+    # DBRX keeps its fused tensors under a child: mlp.w1, mlp.v1, mlp.w2.
+    assert fused.mlp.w1 is None and fused.mlp.v1 is None and fused.mlp.w2 is None
+
+
 def test_replaced_fused_modules_are_released_during_conversion(monkeypatch):
     import gc
     import weakref

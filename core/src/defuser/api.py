@@ -15,6 +15,7 @@ from defuser.engine.detect import Parents, iter_typed_modules, layer_index, pare
 from defuser.engine.distributed import DistributedPlanError, ModuleSharding, refuse_unsupported
 from defuser.engine.experts import register_experts_implementation
 from defuser.engine.hooks import module_hooks
+from defuser.engine.kinds import KINDS, defused_kind
 from defuser.engine.layout import collector_paused
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
@@ -23,7 +24,7 @@ from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_shar
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
 from defuser.filtering import PathFilter, compile_filter
-from defuser.modeling.replace_modules import remember_original
+from defuser.modeling.replace_modules import drop_fused_tensors, remember_original
 from defuser.plugins import DefuserPluginManager, get_plugin_manager
 
 __all__ = [
@@ -38,9 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# The fused tensors a defused experts module no longer needs (dropped by cleanup_original).
-_FUSED_TENSOR_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 
 def _check_max_layers(max_layers: object) -> int | None:
@@ -108,12 +106,6 @@ def _become(target: nn.Module, source: nn.Module) -> None:
     target.__dict__.clear()
     target.__dict__.update(state)
     target.__class__ = type(source)
-
-
-def _drop_fused_tensors(module: nn.Module) -> None:
-    for name in _FUSED_TENSOR_NAMES:
-        if isinstance(module._parameters.get(name), nn.Parameter):
-            module._parameters[name] = None
 
 
 def convert_model(
@@ -215,7 +207,7 @@ def _convert(model: nn.Module, cleanup_original: bool, limit: int | None, rules:
                 replacement, _ = _defuse_one(manager, candidate, model, cleanup_original, shared, check, sharding)
             if replacement is not candidate.module and candidate.module is not model:
                 if cleanup_original:
-                    _drop_fused_tensors(candidate.module)
+                    drop_fused_tensors(candidate.module, _fused_tensor_names(candidate))
                 else:  # materialize_model (Defuser's name) releases them later
                     remember_original(candidate.module, _fused_tensor_names(candidate))
             _install(model, candidate.module, replacement, parents)
@@ -242,15 +234,9 @@ def _nested(candidates: list[Candidate]) -> bool:
 
 
 def _fused_tensor_names(candidate: Candidate) -> tuple[str, ...]:
-    """The (dotted) names of the fused tensors a replaced candidate still holds."""
-    from defuser.engine.candidates import ExpertsLayout, ParallelLayout
-    from defuser.engine.fuse import fused_names
-
-    if isinstance(candidate.layout, ExpertsLayout):
-        return tuple(fused_names(candidate.layout))
-    if isinstance(candidate.layout, ParallelLayout):
-        return (candidate.layout.weight_name,)
-    return ()
+    """The (dotted) names of the fused tensors a replaced candidate still holds (a dense MLP's
+    fused Linear is not kept by its replacement: none)."""
+    return KINDS[candidate.kind].replaced_tensor_names(candidate)
 
 
 def _patch_model(model: nn.Module) -> None:
@@ -407,18 +393,11 @@ def defused_blocks(*model_types: str) -> Iterator[bool]:
 
 
 def _fusable_modules(model: nn.Module, parents: Parents | None = None) -> list[tuple[str, nn.Module, str]]:
-    from defuser.engine.dense import split_dense_layout
-    from defuser.engine.experts import DefusedExperts
-    from defuser.engine.parallel import DefusedParallelExperts
-
     found = []
     for path, module, _ in iter_typed_modules(model, parents):
-        if isinstance(module, DefusedExperts):
-            found.append((path, module, "experts"))
-        elif isinstance(module, DefusedParallelExperts):
-            found.append((path, module, "parallel"))
-        elif split_dense_layout(module) is not None:
-            found.append((path, module, "dense"))
+        kind = defused_kind(module)
+        if kind is not None:
+            found.append((path, module, kind.name))
     return found
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from defuser.api import find_candidates
 from defuser.engine.candidates import Candidate
 from defuser.engine.detect import layer_index
+from defuser.engine.kinds import KINDS
 from defuser.filtering import compile_filter
 
 __all__ = ["CandidateGroup", "SourceError", "fused_tensors_of", "inspect_model", "load_config", "model_on_meta"]
@@ -80,23 +81,11 @@ class CandidateGroup:
 
 def fused_tensors_of(candidate: Candidate) -> dict[str, torch.Tensor]:
     """The fused tensors of a candidate, by name relative to the candidate's module."""
-    if candidate.kind == "dense":
-        fused = getattr(candidate.module, candidate.layout.fused_name)
-        return {f"{candidate.layout.fused_name}.{n}": p for n, p in fused.named_parameters()}
-    return dict(candidate.module.named_parameters())
+    return KINDS[candidate.kind].fused_tensors(candidate)
 
 
 def _defused_into(candidate: Candidate, tensors: dict[str, torch.Tensor]) -> str:
-    layout = candidate.layout
-    if candidate.kind == "dense":
-        fused = getattr(candidate.module, layout.fused_name)
-        return f"gate_proj + up_proj, {fused.out_features // 2}x{fused.in_features} each"
-    if candidate.kind == "parallel":
-        weight = next(iter(tensors.values()))
-        return f"{weight.shape[0]} nn.Linear (one per expert)"
-    names = "gate_proj, up_proj, down_proj" if layout.has_gate else "up_proj, down_proj"
-    extra = f" + {layout.identity_experts} identity experts" if layout.identity_experts else ""
-    return f"{layout.num_experts} experts x ({names}) nn.Linear{extra}"
+    return KINDS[candidate.kind].describe(candidate, tensors)
 
 
 def inspect_model(

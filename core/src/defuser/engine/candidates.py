@@ -12,6 +12,8 @@ __all__ = [
     "Candidate",
     "DenseLayout",
     "ExpertsLayout",
+    "FusedTensor",
+    "FusedTensorRole",
     "ParallelLayout",
     "declared_experts_layout",
     "read_experts_layout",
@@ -21,6 +23,61 @@ __all__ = [
 # Attributes that ``@use_experts_implementation`` sets on every instance it wraps (5.3.0
 # already; ``is_concatenated`` and ``has_post_expert_norm`` came later and default off).
 _DECORATOR_FLAGS = ("has_gate", "has_bias", "is_transposed")
+
+
+# Which tensor of a fused block a :class:`FusedTensor` is.  Experts: ``gate_up`` (gate and up
+# in one tensor), ``gate``, ``up``, ``down`` and their ``*_bias``; ``dense``: the weight or bias
+# of a fused gate-up Linear; ``parallel``: a stacked parallel-experts weight.
+FusedTensorRole = Literal[
+    "gate_up", "gate", "up", "down", "gate_up_bias", "gate_bias", "up_bias", "down_bias", "dense", "parallel"
+]
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """One fused tensor a layout reads, and the per-expert tensors it splits into.
+
+    ``name`` is the tensor's (possibly dotted) name on the fused module (``gate_up_proj``,
+    ``mlp.w1``, ``down_proj_bias``, ``gate_up_proj.weight`` of a dense MLP).  ``projections``
+    are the defused projections it holds, in the order a split yields them: two for a gate-up
+    tensor (its halves), one otherwise.  ``transposed`` says a weight is stored input-major
+    (``[in, out]`` per expert) rather than in ``nn.Linear`` orientation; ``per_expert`` is
+    False for a dense MLP, whose projections have no expert index.
+
+    Every place that names fused tensors or the per-expert keys they become (defusion, the
+    load-time split, the pre-load converters, the offline split and join, fusing back) reads
+    them from here, so a new layout flag changes one method.
+    """
+
+    name: str
+    role: FusedTensorRole
+    projections: tuple[str, ...]
+    is_bias: bool = False
+    transposed: bool = False
+    per_expert: bool = True
+
+    @property
+    def leaf(self) -> str:
+        """``bias`` or ``weight``: the parameter name of each per-expert projection it fills."""
+        return "bias" if self.is_bias else "weight"
+
+    @property
+    def is_gate_up(self) -> bool:
+        """True when it holds two projections (gate and up halves) that a split separates."""
+        return len(self.projections) == 2
+
+    def keys(self, path: str, expert: int | None = None) -> tuple[str, ...]:
+        """State-dict keys of the per-expert tensors it holds for the module at ``path`` (expert
+        ``expert``, none for a dense MLP), in :attr:`projections` order."""
+        owner = ".".join(part for part in (path, None if expert is None else str(expert)) if part)
+        prefix = f"{owner}." if owner else ""
+        return tuple(f"{prefix}{projection}.{self.leaf}" for projection in self.projections)
+
+    @property
+    def load_target(self) -> str:
+        """The defused key (relative to the module) a checkpoint's fused tensor is loaded
+        through: expert 0's first projection (``0.gate_proj.weight``)."""
+        return self.keys("", 0 if self.per_expert else None)[0]
 
 
 @dataclass(frozen=True)
@@ -92,6 +149,34 @@ class ExpertsLayout:
         """A copy with some fields replaced (plugins use this to declare quirks)."""
         return replace(self, **changes)
 
+    def tensors(self) -> tuple[FusedTensor, ...]:
+        """The fused tensors this layout reads: gate-up (or gate and up, or up alone), down,
+        then the biases when ``has_bias``.  Separate gate and up tensors have one bias, the
+        gate's (``{gate_name}_bias``)."""
+        if self.separate_gate_up:
+            inputs = [
+                FusedTensor(self.gate_name, "gate", ("gate_proj",), transposed=self.is_transposed),
+                FusedTensor(self.up_name, "up", ("up_proj",), transposed=self.is_transposed),
+            ]
+            first_bias: tuple[FusedTensorRole, tuple[str, ...]] = ("gate_bias", ("gate_proj",))
+        elif self.has_gate:
+            gate_up = ("gate_proj", "up_proj")
+            inputs = [FusedTensor(self.gate_up_name, "gate_up", gate_up, transposed=self.is_transposed)]
+            first_bias = ("gate_up_bias", ("gate_proj", "up_proj"))
+        else:
+            inputs = [FusedTensor(self.up_name, "up", ("up_proj",), transposed=self.is_transposed)]
+            first_bias = ("up_bias", ("up_proj",))
+        found = [*inputs, FusedTensor(self.down_name, "down", ("down_proj",), transposed=self.transposed_down)]
+        if self.has_bias:
+            role, projections = first_bias
+            found.append(FusedTensor(f"{self.first_name}_bias", role, projections, is_bias=True))
+            found.append(FusedTensor(f"{self.down_name}_bias", "down_bias", ("down_proj",), is_bias=True))
+        return tuple(found)
+
+    def tensor(self, name: str) -> FusedTensor | None:
+        """The fused tensor ``name`` of :meth:`tensors`, or None when this layout reads none so named."""
+        return next((tensor for tensor in self.tensors() if tensor.name == name), None)
+
 
 _CONTRACTS = ("routed", "expert_major", "weighted_all")
 _GATE_STYLES = ("default", "module")
@@ -141,6 +226,10 @@ class ParallelLayout:
         """Gate and up halves are always concatenated in a parallel projection."""
         return True
 
+    def tensors(self) -> tuple[FusedTensor, ...]:
+        """The stacked weight, split into one ``linear`` per expert."""
+        return (FusedTensor(self.weight_name, "parallel", ("linear",), transposed=self.transposed),)
+
 
 @dataclass(frozen=True)
 class DenseLayout:
@@ -148,6 +237,14 @@ class DenseLayout:
 
     fused_name: str = "gate_up_proj"
     gate_first: bool = True
+
+    def tensors(self) -> tuple[FusedTensor, ...]:
+        """The fused Linear's weight and bias (a Linear without bias holds only the first)."""
+        halves = ("gate_proj", "up_proj")
+        return (
+            FusedTensor(f"{self.fused_name}.weight", "dense", halves, per_expert=False),
+            FusedTensor(f"{self.fused_name}.bias", "dense", halves, is_bias=True, per_expert=False),
+        )
 
 
 @dataclass

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
-from defuser.engine.candidates import ExpertsLayout
+from defuser._hf import converter_patterns
+from defuser.engine.candidates import ExpertsLayout, FusedTensor
 from defuser.engine.layout import orient, split_gate_up
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "per_expert_renames",
     "split_on_load_converter",
     "stock_save_conversions",
+    "unescape_pattern",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,44 +147,35 @@ class SplitFusedExperts(ConversionOps):
         """Per-expert tensors named ``{path}.{i}.{proj}.{weight|bias}`` from one fused ``tensor``
         (``tensor_name``, default the op's own), for experts ``first .. first + layout.num_experts - 1``."""
         tensor_name = tensor_name or self.tensor_name
-        is_bias = tensor_name.endswith("_bias")
-        name = tensor_name.removesuffix("_bias") if is_bias else tensor_name
-        projections = self._projections(name, layout)
-        if projections is None:
+        fused = _fused_tensor(layout, tensor_name)
+        if fused is None:
             raise ValueError(f"{tensor_name!r} is not a tensor of the layout {layout}")
         experts = layout.num_experts
-        if is_bias:
+        if fused.is_bias:
             stacked = tensor.reshape(-1, tensor.shape[-1])[first : first + experts]
-            halves = split_gate_up(stacked, layout, dim=-1) if len(projections) == 2 else (stacked,)
-            suffix = "bias"
+            halves = split_gate_up(stacked, layout, dim=-1) if fused.is_gate_up else (stacked,)
         else:
-            transposed = layout.transposed_down if name == layout.down_name else layout.is_transposed
             if expected is not None and _is_swapped(tuple(tensor.shape), expected):
                 tensor = tensor.transpose(-1, -2)  # the checkpoint holds the other orientation
             if layout.flattened:
                 tensor = tensor.reshape(experts, -1, tensor.shape[-1])
-            stacked = orient(tensor, transposed)[first : first + experts]
-            halves = split_gate_up(stacked, layout, dim=-2) if len(projections) == 2 else (stacked,)
-            suffix = "weight"
+            stacked = orient(tensor, fused.transposed)[first : first + experts]
+            halves = split_gate_up(stacked, layout, dim=-2) if fused.is_gate_up else (stacked,)
         result = {}
         for index in range(experts):
-            for projection, half in zip(projections, halves, strict=True):
-                result[f"{path}.{first + index}.{projection}.{suffix}"] = half[index].clone()
+            for key, half in zip(fused.keys(path, first + index), halves, strict=True):
+                result[key] = half[index].clone()
         return result
-
-    @staticmethod
-    def _projections(name: str, layout: ExpertsLayout) -> tuple[str, ...] | None:
-        if name == layout.down_name:
-            return ("down_proj",)
-        if layout.separate_gate_up:
-            return {layout.gate_name: ("gate_proj",), layout.up_name: ("up_proj",)}.get(name)
-        if name == layout.first_name:
-            return ("gate_proj", "up_proj") if layout.has_gate else ("up_proj",)
-        return None
 
     @property
     def reverse_op(self) -> ConversionOps:
         raise NotImplementedError("SplitFusedExperts is applied on load only")
+
+
+def _fused_tensor(layout: ExpertsLayout, name: str) -> FusedTensor | None:
+    """The fused tensor ``name`` of ``layout``; a bias the checkpoint holds though the layout
+    declares none is split as its weight's projections are."""
+    return layout.tensor(name) or replace(layout, has_bias=True).tensor(name)
 
 
 def _fused_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
@@ -332,7 +326,8 @@ def _literal(text: str) -> str:
     return "".join("[.]" if char == "." else re.escape(char) for char in text)
 
 
-def _unescape(pattern: str) -> str:
+def unescape_pattern(pattern: str) -> str:
+    """A converter's regex ``pattern`` as the plain key text it matches (escapes and anchors removed)."""
     return re.sub(r"\\(.)", r"\1", pattern).removeprefix("^").removesuffix("$")
 
 
@@ -356,12 +351,6 @@ def _operations(transform: Any) -> list[Any]:
     return list(getattr(transform, "operations", None) or [])
 
 
-def _patterns(transform: Any, name: str) -> list[str]:
-    original = getattr(transform, f"_original_{name}", None)  # 5.24 keeps the patterns as written
-    patterns = original if original is not None else getattr(transform, name, [])
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
 def fuses_expert_keys(transform: Any) -> bool:
     """True for a stock converter that merges per-expert checkpoint keys into a fused experts tensor."""
     operations = _operations(transform)
@@ -369,14 +358,14 @@ def fuses_expert_keys(transform: Any) -> bool:
         isinstance(transform, WeightConverter)
         and bool(operations)
         and type(operations[0]).__name__ == "MergeModulelist"
-        and all("*" in source for source in _patterns(transform, "source_patterns"))
+        and all("*" in source for source in converter_patterns(transform, "source_patterns"))
     )
 
 
 def fuses_dense_halves(transform: Any) -> bool:
     """True for a stock converter that concatenates separate gate and up Linear weights of a
     dense MLP into its ``gate_up_proj``."""
-    targets = [_unescape(target) for target in _patterns(transform, "target_patterns")]
+    targets = [unescape_pattern(target) for target in converter_patterns(transform, "target_patterns")]
     return (
         isinstance(transform, WeightConverter)
         and [type(op).__name__ for op in _operations(transform)] == ["Concatenate"]
@@ -392,8 +381,8 @@ def per_expert_renames(transform: Any) -> list[PerExpertRenaming]:
     if not fuses_expert_keys(transform):
         return []
     operations = [type(op).__name__ for op in _operations(transform)]
-    sources = [_unescape(source) for source in _patterns(transform, "source_patterns")]
-    targets = [_unescape(target) for target in _patterns(transform, "target_patterns")]
+    sources = [unescape_pattern(source) for source in converter_patterns(transform, "source_patterns")]
+    targets = [unescape_pattern(target) for target in converter_patterns(transform, "target_patterns")]
     if len(targets) != 1:
         return []
     stem, _, fused = targets[0].rpartition(".")
@@ -498,33 +487,23 @@ def _defused_keys(model: nn.Module) -> tuple[list[str], set[str]]:
     MLPs), and which kinds of defused modules it holds ("experts", "parallel", "dense"), in
     one walk.  Converter patterns match any expert index, so expert 0's keys stand for every
     expert: a full state-dict walk would cost more than the zero-copy conversion itself."""
-    from defuser.engine.dense import split_dense_layout
-    from defuser.engine.experts import DefusedExperts
-    from defuser.engine.parallel import DefusedParallelExperts
+    from defuser.engine.kinds import defused_kind
 
     kinds: set[str] = set()
     keys: dict[str, str] = {}  # key with layer numbers as 0 -> the first real key of that form
-
-    def add(key: str) -> None:
-        # Layers of one kind give the same answer; converter patterns tell kinds apart by name.
-        keys.setdefault(_ANY_INDEX.sub(".0.", key), key)
 
     pending = [("", model)]
     while pending:
         path, module = pending.pop()
         prefix = f"{path}." if path else ""
-        if isinstance(module, (DefusedExperts, DefusedParallelExperts)):
-            kinds.add("experts" if isinstance(module, DefusedExperts) else "parallel")
-            first = module._modules.get("0")
-            if first is not None:
-                for name, _ in first.named_parameters():
-                    add(f"{prefix}0.{name}")
-            continue  # nothing defused inside the experts
-        if split_dense_layout(module) is not None:
-            kinds.add("dense")
-            for half in ("gate_proj", "up_proj"):
-                for name, _ in module._modules[half].named_parameters():
-                    add(f"{prefix}{half}.{name}")
+        kind = defused_kind(module)
+        if kind is not None:
+            kinds.add(kind.name)
+            for key in kind.defused_keys(module, prefix):
+                # Layers of one kind give the same answer; converter patterns tell kinds apart by name.
+                keys.setdefault(_ANY_INDEX.sub(".0.", key), key)
+            if kind.replaces_module:
+                continue  # nothing defused inside the experts
         children = reversed(module._modules.items())
         pending += [(f"{prefix}{name}", child) for name, child in children if child is not None]
     return list(keys.values()), kinds
@@ -548,7 +527,7 @@ def _folds_defused_keys(conversion: Any, keys: list[str]) -> bool:
 def _signature(transform: Any) -> tuple[Any, ...]:
     return (
         type(transform).__name__,
-        tuple(_patterns(transform, "source_patterns")),
-        tuple(_patterns(transform, "target_patterns")),
+        tuple(converter_patterns(transform, "source_patterns")),
+        tuple(converter_patterns(transform, "target_patterns")),
         getattr(transform, "scope_prefix", None),
     )

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from defuser._hf import is_experts_forward
 from defuser.engine.candidates import ExpertsLayout
-from defuser.engine.fuse import fused_names
 
 __all__ = [
     "carried_tensor_prefixes",
@@ -37,8 +37,7 @@ _COMPUTING_METHODS = ("forward", "__call__")
 def is_experts_wrapper(function: Any) -> bool:
     """True for the ``forward`` that ``@use_experts_implementation`` installs (it closes over the
     class's original forward; ``functools.wraps`` hides its name)."""
-    code = getattr(function, "__code__", None)
-    return hasattr(function, "__wrapped__") and code is not None and "original_forward" in code.co_freevars
+    return is_experts_forward(function)
 
 
 def decorated_class(cls: type) -> type | None:
@@ -66,7 +65,7 @@ def carried_tensor_prefixes(layout: ExpertsLayout) -> tuple[str, ...]:
 
 
 def _undescribed_tensors(module: nn.Module, layout: ExpertsLayout) -> list[str]:
-    consumed = set(fused_names(layout))
+    consumed = {tensor.name for tensor in layout.tensors()}
     carried = carried_tensor_prefixes(layout)
     names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     names += [name for name, _ in module.named_buffers(remove_duplicate=False)]

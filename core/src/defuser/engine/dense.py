@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import DenseLayout
+from defuser.engine.skeleton import skeleton_of
 
 __all__ = [
     "join_dense_mlp",
@@ -133,8 +134,6 @@ def split_gate_up_linear(fused: nn.Linear, layout: DenseLayout, materialize: boo
 
 def split_dense_mlp(mlp: nn.Module, layout: DenseLayout, materialize: bool = True) -> nn.Module:
     """Split ``mlp``'s fused gate-up Linear in place and return ``mlp``."""
-    from defuser.engine.fuse import skeleton_of
-
     fused = mlp._modules.get(layout.fused_name)
     if not isinstance(fused, nn.Linear) or fused.out_features % 2:
         raise TypeError(f"{type(mlp).__name__}.{layout.fused_name} is not a fused gate-up nn.Linear")

@@ -365,13 +365,8 @@ def refuse_unsupported(model: nn.Module, candidates: Iterable[Any]) -> dict[int,
 
 def _tensor_names(candidate: Any) -> list[str]:
     from defuser.engine.candidates import DenseLayout, ExpertsLayout, ParallelLayout
-    from defuser.engine.fuse import fused_names
 
     layout = candidate.layout
-    if isinstance(layout, ExpertsLayout):
-        return fused_names(layout)
-    if isinstance(layout, DenseLayout):
-        return [f"{layout.fused_name}.weight", f"{layout.fused_name}.bias"]
-    if isinstance(layout, ParallelLayout):
-        return [layout.weight_name]
+    if isinstance(layout, (ExpertsLayout, DenseLayout, ParallelLayout)):
+        return [tensor.name for tensor in layout.tensors()]
     return []

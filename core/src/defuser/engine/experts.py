@@ -22,7 +22,6 @@ from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, read_experts_layout, resolve_tensor
 from defuser.engine.compiled import grouped_experts_forward
-from defuser.engine.fuse import fused_names, skeleton_of
 from defuser.engine.inplace import in_place_relayout
 from defuser.engine.layout import (
     Consumed,
@@ -36,6 +35,7 @@ from defuser.engine.layout import (
     linear_from,
     stacked_expert_weights,
 )
+from defuser.engine.skeleton import skeleton_of
 from defuser.engine.transaction import consumed_releaser
 from defuser.engine.weight_init import initializing_weights, install_weight_init_window
 
@@ -221,11 +221,10 @@ class DefusedExperts(nn.ModuleList):
         copy_plain_attributes(fused, self)
         # For fusing back (defuser.engine.fuse): the fused module without its fused tensors,
         # kept outside the module tree so it is neither saved nor moved.
-        self.__dict__["_fused_skeleton"] = skeleton_of(fused, fused_names(layout))
+        names = [tensor.name for tensor in layout.tensors()]
+        self.__dict__["_fused_skeleton"] = skeleton_of(fused, names)
         self.__dict__["_fused_tensor_shapes"] = {
-            name: tuple(tensor.shape)
-            for name in fused_names(layout)
-            if (tensor := resolve_tensor(fused, name)) is not None
+            name: tuple(tensor.shape) for name in names if (tensor := resolve_tensor(fused, name)) is not None
         }
         self.layout = layout
         self.num_experts = layout.num_experts

@@ -1,8 +1,8 @@
 """Back to fused: rebuild the fused tensors, class and forward from defused modules.
 
-Defusion keeps a *skeleton* of every module it replaces: a shallow copy of the fused module
-(same class, plain attributes, children, hooks) whose fused tensors are removed, so it holds
-no weight bytes.  Fusing fills a fresh copy of that skeleton with tensors joined from the
+Defusion keeps a *skeleton* of every module it replaces (:mod:`defuser.engine.skeleton`): a
+shallow copy of the fused module whose fused tensors are removed.  Fusing fills a fresh copy of
+that skeleton with tensors joined from the
 per-expert ``nn.Linear`` weights.  When those weights are still views laid out exactly as
 the fused tensor (a zero-copy defusion never touched since), the fused tensor is rebuilt as
 a view of the same storage; otherwise the experts are copied into one new tensor.
@@ -14,15 +14,17 @@ it is.
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from defuser.engine.candidates import ExpertsLayout, ParallelLayout
+from defuser.engine.dense import split_dense_layout, split_dense_skeleton
 from defuser.engine.layout import FusedTensors, join_gate_up, orient, stacked_expert_weights
+from defuser.engine.skeleton import skeleton_of
 
 __all__ = [
     "NotFusable",
@@ -31,7 +33,6 @@ __all__ = [
     "fuse_experts",
     "fuse_parallel",
     "fused_names",
-    "skeleton_of",
 ]
 
 
@@ -40,47 +41,8 @@ class NotFusable(TypeError):
 
 
 def fused_names(layout: ExpertsLayout) -> list[str]:
-    """The (possibly dotted) names of the fused tensors ``layout`` reads."""
-    names = [layout.first_name, layout.down_name]
-    if layout.separate_gate_up:
-        names.append(layout.up_name)
-    if layout.has_bias:
-        names += [f"{layout.first_name}_bias", f"{layout.down_name}_bias"]
-    return names
-
-
-# What accelerate's ``add_hook_to_module`` puts on a dispatched module: its hook, and a
-# ``forward`` (and the saved original) bound to that module object.
-_DISPATCH_STATE = ("_hf_hook", "_old_forward", "forward")
-
-
-def skeleton_of(module: nn.Module, dropped: list[str]) -> nn.Module:
-    """A shallow copy of ``module`` without the tensors named in ``dropped`` (dotted names reach
-    into children, which are shallow-copied the same way).  It holds no weight bytes of them.
-
-    A copy of a module dispatched by accelerate leaves its hook behind: the hooked ``forward``
-    is bound to ``module`` and would run it, not the copy (fusing a dispatched model back
-    gives the fused module hooks of its own, see :mod:`defuser.engine.offload`)."""
-    skeleton = copy.copy(module)  # nn.Module copies its __dict__ shallowly
-    if "_hf_hook" in skeleton.__dict__:
-        for name in _DISPATCH_STATE:
-            skeleton.__dict__.pop(name, None)
-    skeleton.__dict__["_parameters"] = dict(module._parameters)
-    skeleton.__dict__["_buffers"] = dict(module._buffers)
-    skeleton.__dict__["_modules"] = dict(module._modules)
-    by_child: dict[str, list[str]] = {}
-    for name in dropped:
-        owner, _, rest = name.partition(".")
-        if rest:
-            by_child.setdefault(owner, []).append(rest)
-        else:  # kept as None so that fusing back restores the tensor in its original order
-            for tensors in (skeleton._parameters, skeleton._buffers):
-                if name in tensors:
-                    tensors[name] = None
-    for child, names in by_child.items():
-        if module._modules.get(child) is not None:
-            skeleton._modules[child] = skeleton_of(module._modules[child], names)
-    return skeleton
+    """The (possibly dotted) names of the fused tensors ``layout`` reads (see ``ExpertsLayout.tensors``)."""
+    return [tensor.name for tensor in layout.tensors()]
 
 
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> None:
@@ -279,19 +241,14 @@ def _shared_grad(parts: list[tuple[str, torch.Tensor]], fused_name: str) -> bool
 
 def _experts_grad(layout: ExpertsLayout, name: str, experts: list[nn.Module], path: str) -> bool:
     """``requires_grad`` of the fused tensor ``name``, from the per-expert tensors it joins."""
-    bias = name.endswith("_bias")
-    fused_name = name.removesuffix("_bias") if bias else name
-    if fused_name == layout.down_name:
-        projections = ["down_proj"]
-    elif layout.separate_gate_up:
-        projections = ["up_proj"] if fused_name == layout.up_name else ["gate_proj"]
-    else:
-        projections = ["gate_proj", "up_proj"] if layout.has_gate else ["up_proj"]
-    attribute = "bias" if bias else "weight"
+    # Biases the experts carry though the layout declares none are joined too (see _experts_tensors_by_copy).
+    tensor = layout.tensor(name) or replace(layout, has_bias=True).tensor(name)
+    if tensor is None:
+        raise NotFusable(f"{path}: {name!r} is not a fused tensor of its layout")
     parts = [
-        (f"{path}.{index}.{projection}.{attribute}", getattr(getattr(expert, projection), attribute))
+        (key, getattr(getattr(expert, projection), tensor.leaf))
         for index, expert in enumerate(experts)
-        for projection in projections
+        for projection, key in zip(tensor.projections, tensor.keys(path, index), strict=True)
     ]
     return _shared_grad(parts, f"{path}.{name}")
 
@@ -321,8 +278,6 @@ def fuse_parallel(defused: nn.Module, layout: ParallelLayout, path: str) -> nn.M
 def fuse_dense_mlp(mlp: nn.Module, path: str) -> nn.Linear:
     """The fused gate-up Linear of a split dense MLP, rebuilt from its ``gate_proj`` and
     ``up_proj`` (install it with :func:`defuser.engine.dense.join_dense_mlp`)."""
-    from defuser.engine.dense import split_dense_layout, split_dense_skeleton
-
     layout, skeleton = split_dense_layout(mlp), split_dense_skeleton(mlp)
     if layout is None or skeleton is None:
         raise NotFusable(f"{path} ({type(mlp).__name__}) keeps no record of its fused gate-up Linear")

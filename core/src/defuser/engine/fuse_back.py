@@ -19,20 +19,19 @@ store back as they were and raises :class:`FusionError` naming the module.
 
 from __future__ import annotations
 
-from typing import Literal, cast
-
 from torch import nn
 
 from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout
 from defuser.engine.detect import Parents, parents_of
-from defuser.engine.fuse import NotFusable, fuse_dense_mlp, fuse_experts, fuse_parallel
+from defuser.engine.fuse import NotFusable
 from defuser.engine.hooks import FUSION_ADVICE, HookError, module_hooks
+from defuser.engine.kinds import KINDS, KindName
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.transaction import snapshot_module
 
 __all__ = ["FusionError", "fuse_back"]
 
-Kind = Literal["experts", "dense", "parallel"]
+Kind = KindName
 
 
 class FusionError(RuntimeError):
@@ -40,27 +39,10 @@ class FusionError(RuntimeError):
 
 
 def _layout(module: nn.Module, kind: Kind) -> ExpertsLayout | DenseLayout | ParallelLayout:
-    if kind != "dense":
-        # Defused experts and parallel experts keep the layout they were split with.
-        return cast("ExpertsLayout | ParallelLayout", module.layout)
-    from defuser.engine.dense import split_dense_layout
-
-    layout = split_dense_layout(module)
+    layout = KINDS[kind].defused_layout(module)
     if layout is None:
-        raise NotFusable(f"{type(module).__name__} keeps no record of its fused gate-up Linear")
+        raise NotFusable(f"{type(module).__name__} keeps no record of its fused {kind} form")
     return layout
-
-
-def _fused_form(module: nn.Module, kind: Kind, path: str) -> nn.Module:
-    """The fused module standing in for ``module`` (``module`` itself, joined in place, for a
-    dense MLP)."""
-    from defuser.engine.dense import join_dense_mlp
-
-    if kind == "dense":
-        return join_dense_mlp(module, fuse_dense_mlp(module, path))
-    if kind == "parallel":
-        return fuse_parallel(module, cast(ParallelLayout, module.layout), path)
-    return fuse_experts(module, path)
 
 
 def fuse_back(model: nn.Module, path: str, module: nn.Module, kind: Kind, parents: Parents | None = None) -> nn.Module:
@@ -73,7 +55,8 @@ def fuse_back(model: nn.Module, path: str, module: nn.Module, kind: Kind, parent
     hooks = module_hooks(module, path)
     try:
         with dispatched_conversion(model, candidate, cleanup_original=True, replace_entries=True) as placement:
-            replacement = _fused_form(module, kind, path)
+            # A dense MLP is joined in place: the replacement is ``module`` itself.
+            replacement = KINDS[kind].fuse(module, path)
             hooks.follow(replacement, FUSION_ADVICE)
             placement.place(replacement)
     except BaseException as error:

@@ -19,11 +19,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout, read_experts_layout
+from defuser.engine.candidates import Candidate, DenseLayout, read_experts_layout
 from defuser.engine.contract import contract_refusal
-from defuser.engine.dense import split_dense_mlp
-from defuser.engine.experts import DefusedExperts
-from defuser.engine.parallel import DefusedParallelExperts
+from defuser.engine.kinds import KINDS
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TypeSupport
 
@@ -58,14 +56,7 @@ def dense_layout_of(module: nn.Module, layout: DenseLayout = _DEFAULT_DENSE) -> 
 
 def defuse(candidate: Candidate) -> nn.Module:
     """Defuse ``candidate`` with the generic engine and return what takes its place."""
-    if candidate.kind == "dense":
-        assert isinstance(candidate.layout, DenseLayout)
-        return split_dense_mlp(candidate.module, candidate.layout)
-    if candidate.kind == "parallel":
-        assert isinstance(candidate.layout, ParallelLayout)
-        return DefusedParallelExperts(candidate.module, candidate.layout, candidate.path)
-    assert isinstance(candidate.layout, ExpertsLayout)
-    return DefusedExperts.from_fused(candidate.module, candidate.layout)
+    return KINDS[candidate.kind].defuse(candidate)
 
 
 class GenericEngine:

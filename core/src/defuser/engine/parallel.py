@@ -18,9 +18,9 @@ from torch import nn
 
 from defuser.engine.candidates import ParallelLayout
 from defuser.engine.experts import copy_plain_attributes
-from defuser.engine.fuse import skeleton_of
 from defuser.engine.inplace import relayout_parameter
 from defuser.engine.layout import dense_per_expert, linear_from, orient
+from defuser.engine.skeleton import skeleton_of
 
 __all__ = ["DefusedParallelExperts", "ParallelExpert", "parallel_weight"]
 

@@ -191,7 +191,8 @@ def parallel_converters(patches: list[ParallelPatch]) -> list[Any]:
             if source in seen:
                 continue
             seen.add(source)
-            target = "0.linear.weight"
+            (stacked,) = layout.tensors()
+            target = stacked.load_target
             converters.append(
                 split_on_load_converter(source, r"\1" + target, [SplitFusedParallel(layout.weight_name, target)])
             )

@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout, resolve_tensor
-from defuser.engine.fuse import fused_names
 from defuser.engine.layout import orient
 from defuser.errors import ConversionError
 
@@ -124,12 +123,7 @@ def verify_mode() -> str:
 
 def consumed_names(candidate: Candidate) -> list[str]:
     """The (dotted) tensor names of ``candidate``'s module that its layout consumes."""
-    layout = candidate.layout
-    if isinstance(layout, DenseLayout):
-        return [f"{layout.fused_name}.weight", f"{layout.fused_name}.bias"]
-    if isinstance(layout, ParallelLayout):
-        return [layout.weight_name]
-    return fused_names(layout)
+    return [tensor.name for tensor in candidate.layout.tensors()]
 
 
 def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

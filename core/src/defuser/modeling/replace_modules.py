@@ -15,7 +15,7 @@ import weakref
 
 from torch import nn
 
-__all__ = ["materialize_model", "release_original_modules", "remember_original"]
+__all__ = ["drop_fused_tensors", "materialize_model", "release_original_modules", "remember_original"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,22 @@ def release_original_modules() -> int:
     modules let go of tensors.  Per-expert weights that are views keep their storage alive."""
     released = 0
     for module, names in list(_originals.items()):
-        dropped = False
-        for name in names:
-            owner_path, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_path) if owner_path else module
-            if isinstance(owner._parameters.get(leaf), nn.Parameter):
-                owner._parameters[leaf] = None
-                dropped = True
-        released += dropped
+        released += drop_fused_tensors(module, names)
         _originals.pop(module, None)
     return released
+
+
+def drop_fused_tensors(module: nn.Module, tensor_names: tuple[str, ...]) -> bool:
+    """Set the parameters ``tensor_names`` (dotted names reach into children) of a replaced
+    fused ``module`` to None; True when one was dropped."""
+    dropped = False
+    for name in tensor_names:
+        owner_path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if isinstance(owner._parameters.get(leaf), nn.Parameter):
+            owner._parameters[leaf] = None
+            dropped = True
+    return dropped
 
 
 def materialize_model(model: nn.Module) -> None:

@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout
+from defuser.engine.candidates import (
+    Candidate,
+    DenseLayout,
+    ExpertsLayout,
+    FusedTensor,
+    FusedTensorRole,
+    ParallelLayout,
+)
 from defuser.engine.layout import join_gate_up, orient, split_gate_up
 from defuser.offline.safetensors_io import OfflineConversionError
 
@@ -29,7 +36,6 @@ __all__ = ["FusedSpec", "ModelLayout", "PieceFetcher", "describe_model_layout"]
 logger = logging.getLogger(__name__)
 
 PieceFetcher = Callable[[str], torch.Tensor]
-_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,8 @@ class FusedSpec:
     """One fused tensor of the model (by state-dict key) and how it splits into per-expert
     tensors named like ``convert_model``'s state dict.
 
-    ``role`` says which tensor of the fused block it is: experts ``gate_up``, ``gate``, ``up``,
-    ``down``, ``gate_up_bias``, ``gate_bias``, ``up_bias``, ``down_bias``; dense ``dense``
-    (weight or bias of the fused Linear); ``parallel`` (a stacked parallel-experts weight).
+    ``tensor`` is the layout's own description of it (:meth:`ExpertsLayout.tensors` and the
+    like): its role, orientation and the per-expert keys it splits into.
     ``identity_rows`` counts the experts-dimension rows past the routed experts (LongCat's
     identity experts, never read by the forward): dropped by a split, zeros after a join, as
     ``convert_model`` and ``fuse_model`` do.
@@ -47,12 +52,19 @@ class FusedSpec:
 
     key: str
     path: str
-    role: str
+    tensor: FusedTensor
     shape: tuple[int, ...]
     layout: ExpertsLayout | DenseLayout | ParallelLayout
     class_name: str
     plugin: str
     identity_rows: int = 0
+
+    @property
+    def role(self) -> FusedTensorRole:
+        """Which tensor of the fused block it is: experts ``gate_up``, ``gate``, ``up``, ``down``,
+        ``gate_up_bias``, ``gate_bias``, ``up_bias``, ``down_bias``; dense ``dense`` (weight or
+        bias of the fused Linear); ``parallel`` (a stacked parallel-experts weight)."""
+        return self.tensor.role
 
     @property
     def identity_elements(self) -> int:
@@ -63,38 +75,30 @@ class FusedSpec:
         """Experts weights as ``[E, out, in]`` in ``nn.Linear`` orientation (a view)."""
         layout = self.layout
         stacked = fused.view(layout.num_experts, -1, fused.shape[-1]) if layout.flattened else fused
-        transposed = layout.transposed_down if self.role == "down" else layout.is_transposed
-        return orient(stacked, transposed)[: layout.num_experts]
+        return orient(stacked, self.tensor.transposed)[: layout.num_experts]
 
     def _parts(self, fused: torch.Tensor) -> Iterator[tuple[torch.Tensor, tuple[str, ...]]]:
         """``fused`` cut into views in the module's orientation, each with the names of the
         per-expert tensors it holds: one name, or the gate and up names of a gate-up part.
         Splitting and joining both walk these, so the two cannot disagree on names or order."""
-        path, layout = self.path, self.layout
-        if self.role == "dense":
-            leaf = self.key.rsplit(".", 1)[1]
-            yield fused, (f"{path}.gate_proj.{leaf}", f"{path}.up_proj.{leaf}")
+        tensor, path, layout = self.tensor, self.path, self.layout
+        if not tensor.per_expert:  # a dense MLP's fused Linear: one gate-up part
+            yield fused, tensor.keys(path)
             return
-        if self.role == "parallel":
-            stacked = orient(fused, layout.transposed)
+        if tensor.role == "parallel":
+            stacked = orient(fused, tensor.transposed)
             # One Linear per expert (a GLU input projection keeps its gate and up rows together).
             for index in range(stacked.shape[0]):
-                yield stacked[index], (f"{path}.{index}.linear.weight",)
+                yield stacked[index], tensor.keys(path, index)
             return
-        bias = self.role.endswith("_bias")
-        stacked = fused[: layout.num_experts] if bias else self._stack(fused)
-        leaf = "bias" if bias else "weight"
+        stacked = fused[: layout.num_experts] if tensor.is_bias else self._stack(fused)
         for index in range(layout.num_experts):
-            expert = f"{path}.{index}"
-            if self.role in ("gate_up", "gate_up_bias"):
-                yield stacked[index], (f"{expert}.gate_proj.{leaf}", f"{expert}.up_proj.{leaf}")
-            else:
-                yield stacked[index], (f"{expert}.{_PROJECTIONS[self.role.removesuffix('_bias')]}.{leaf}",)
+            yield stacked[index], tensor.keys(path, index)
 
     @property
     def _gate_up_dim(self) -> int:
         """The dimension of a gate-up part that holds its two halves (rows of a weight, a bias's only one)."""
-        return -1 if self.role == "gate_up_bias" else -2
+        return -1 if self.tensor.is_bias else -2
 
     def _dense_halves(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate, up)`` of a fused dense Linear's weight or bias: row halves, as views."""
@@ -150,28 +154,13 @@ def _specs_of(candidate: Candidate, shapes: dict[str, tuple[int, ...]]) -> list[
     """The fused tensors of one candidate with their roles."""
     path, layout = candidate.path, candidate.layout
     common = {"path": path, "layout": layout, "class_name": candidate.class_name, "plugin": candidate.plugin}
-    roles: list[tuple[str, str]] = []
-    if candidate.kind == "dense":
-        roles = [(f"{layout.fused_name}.weight", "dense"), (f"{layout.fused_name}.bias", "dense")]
-    elif candidate.kind == "parallel":
-        roles = [(layout.weight_name, "parallel")]
-    else:
-        if layout.separate_gate_up:
-            roles = [(layout.gate_name, "gate"), (layout.up_name, "up")]
-            first_bias = "gate_bias"
-        else:
-            roles = [(layout.first_name, "gate_up" if layout.has_gate else "up")]
-            first_bias = "gate_up_bias" if layout.has_gate else "up_bias"
-        roles.append((layout.down_name, "down"))
-        if layout.has_bias:
-            roles += [(f"{layout.first_name}_bias", first_bias), (f"{layout.down_name}_bias", "down_bias")]
     specs = []
-    for name, role in roles:
-        key = f"{path}.{name}"
+    for tensor in layout.tensors():
+        key = f"{path}.{tensor.name}"
         if key in shapes:
             extra = _identity_rows(candidate, shapes[key])
-            specs.append(FusedSpec(key=key, role=role, shape=shapes[key], identity_rows=extra, **common))
-        elif role != "dense":  # a dense Linear without bias has no bias key
+            specs.append(FusedSpec(key=key, tensor=tensor, shape=shapes[key], identity_rows=extra, **common))
+        elif tensor.role != "dense":  # a dense Linear without bias has no bias key
             raise OfflineConversionError(
                 f"{path} ({candidate.class_name}): fused tensor {key!r} is not in the model's state dict"
             )

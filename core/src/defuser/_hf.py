@@ -1,0 +1,91 @@
+"""Every private transformers internal that pre-load patching reads or writes, one function each.
+
+transformers gives no public way to do these things; each function says what it touches and
+the releases it was verified on, so a release that changes one breaks here, in one place, and
+``core/tests/test_hf_shim.py`` (run on the oldest and the newest supported release) says which.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "converter_patterns",
+    "forget_checkpoint_conversion_mapping",
+    "has_experts_gate",
+    "is_experts_forward",
+    "own_tied_weights_keys",
+    "recorded_output_class_names",
+    "set_tied_weights_keys",
+]
+
+
+def is_experts_forward(function: Any) -> bool:
+    """True for the ``forward`` that ``@use_experts_implementation`` installs.
+
+    ``functools.wraps`` hides the wrapper's name, but it keeps ``__wrapped__`` and its code
+    closes over a free variable named ``original_forward`` (transformers 5.3.0 - 5.25.0)."""
+    code = getattr(function, "__code__", None)
+    return hasattr(function, "__wrapped__") and code is not None and "original_forward" in code.co_freevars
+
+
+def has_experts_gate(cls: type) -> bool:
+    """True when ``cls`` has the ``_apply_gate`` that ``@use_experts_implementation`` gives
+    every class it wraps (its own or the default one; transformers 5.3.0 - 5.25.0)."""
+    return hasattr(cls, "_apply_gate")
+
+
+def own_tied_weights_keys(cls: type) -> Any:
+    """The ``_tied_weights_keys`` that the model class ``cls`` itself defines (None when it
+    inherits them): a ``{target: source}`` dict of regexes (transformers 5.3.0 - 5.25.0)."""
+    return cls.__dict__.get("_tied_weights_keys")
+
+
+def set_tied_weights_keys(cls: type, tied: Any) -> None:
+    """Give the model class ``cls`` its own ``_tied_weights_keys`` (transformers 5.3.0 - 5.25.0)."""
+    cls._tied_weights_keys = tied  # type: ignore[attr-defined]
+
+
+def forget_checkpoint_conversion_mapping(key: str) -> bool:
+    """Drop ``key`` from transformers' registry of checkpoint conversion mappings, so it is
+    looked up as if never registered; False when this release keeps the registry elsewhere.
+
+    There is no public way to unregister one, and registering an empty list would still count
+    as "found" for a class name (hiding its model type's mapping).  Touches
+    ``conversion_mapping._checkpoint_conversion_mapping_cache`` and
+    ``conversion_mapping.USER_REGISTERED_MAPPINGS`` (transformers 5.3.0 - 5.25.0)."""
+    from transformers import conversion_mapping
+
+    cache = getattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    if not isinstance(cache, dict):
+        return False
+    cache.pop(key, None)
+    registered = getattr(conversion_mapping, "USER_REGISTERED_MAPPINGS", None)
+    if isinstance(registered, set):
+        registered.discard(key)
+    return True
+
+
+def converter_patterns(transform: Any, name: str) -> list[str]:
+    """The ``source_patterns`` or ``target_patterns`` (``name``) of a weight renaming or converter
+    as its mapping wrote them: 5.24 and later keep those in ``_original_<name>`` and compile
+    the public attribute; earlier releases keep them in the public attribute
+    (transformers 5.3.0 - 5.25.0)."""
+    original = getattr(transform, f"_original_{name}", None)
+    patterns = original if original is not None else getattr(transform, name, [])
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def recorded_output_class_names(model_class: type) -> set[str]:
+    """Names of the module classes whose outputs ``model_class`` records (its
+    ``_can_record_outputs``: a dict of a class, a recorder, or a list of them, each recorder
+    naming its class by ``target_class`` or ``class_name``, possibly a tuple; transformers
+    5.3.0 - 5.25.0)."""
+    names: set[str] = set()
+    for recorders in (getattr(model_class, "_can_record_outputs", None) or {}).values():
+        for recorder in recorders if isinstance(recorders, list) else [recorders]:
+            target = getattr(recorder, "target_class", None) or getattr(recorder, "class_name", None)
+            targets = target if isinstance(target, tuple) else (target if target is not None else recorder,)
+            for item in targets:
+                names.add(item if isinstance(item, str) else getattr(item, "__name__", ""))
+    return names

@@ -1,0 +1,60 @@
+"""Each private transformers internal behind ``defuser._hf`` still behaves as that module says,
+on the installed release (run on the oldest and the newest supported one)."""
+
+import pytest
+from transformers import conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+from defuser import _hf
+
+
+def test_experts_forward_and_gate_are_recognised_on_a_decorated_class():
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as modeling
+
+    experts = modeling.Qwen3MoeExperts
+    assert _hf.is_experts_forward(experts.forward) and _hf.has_experts_gate(experts)
+    assert not _hf.is_experts_forward(modeling.Qwen3MoeMLP.forward)
+    assert not _hf.has_experts_gate(modeling.Qwen3MoeMLP)
+
+
+def test_tied_weights_keys_are_read_and_written_on_the_class_itself():
+    class Model:
+        _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    class Child(Model):
+        pass
+
+    assert _hf.own_tied_weights_keys(Model) == {"lm_head.weight": "embed.weight"}
+    assert _hf.own_tied_weights_keys(Child) is None
+    _hf.set_tied_weights_keys(Child, {})
+    assert _hf.own_tied_weights_keys(Child) == {} and Model._tied_weights_keys
+
+
+def test_a_registered_conversion_mapping_is_forgotten():
+    key = "defuser_shim_test_type"
+    conversion_mapping.register_checkpoint_conversion_mapping(key, [WeightRenaming("a", "b")], overwrite=True)
+    assert conversion_mapping.get_checkpoint_conversion_mapping(key)
+    assert _hf.forget_checkpoint_conversion_mapping(key)
+    assert conversion_mapping.get_checkpoint_conversion_mapping(key) is None
+
+
+@pytest.mark.parametrize("kind", ["renaming", "converter"])
+def test_converter_patterns_are_the_written_ones(kind):
+    from transformers.core_model_loading import Concatenate
+
+    source, target = r"mlp\.experts\.gate_up_proj$", "mlp.experts.w13"
+    if kind == "renaming":
+        transform = WeightRenaming(source, target)
+    else:
+        transform = WeightConverter(source, target, operations=[Concatenate(dim=0)])
+    assert _hf.converter_patterns(transform, "source_patterns") == [source]
+    assert _hf.converter_patterns(transform, "target_patterns") == [target]
+
+
+def test_recorded_output_classes_are_named():
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as modeling
+
+    names = _hf.recorded_output_class_names(modeling.Qwen3MoeModel)
+    # A class recorded directly (hidden states) and one named by a recorder (router logits).
+    assert {"Qwen3MoeDecoderLayer", "Qwen3MoeTopKRouter"} <= names
+    assert _hf.recorded_output_class_names(object) == set()
