@@ -133,7 +133,9 @@ def _preload_experts_class(
 def _materialize_borrowed(module: nn.Module) -> None:
     """Give modules taken over from the structure-only prototype (a post-expert norm) real
     storage on the device the model is being built on; its init or the checkpoint fills it."""
-    device = torch.get_default_device()
+    # The device a tensor made now lands on: ``torch.get_default_device()`` reads the whole
+    # torch-function mode stack (about a millisecond per call, once per experts module).
+    device = torch.empty(0).device
     if device.type == "meta":
         return
     for child in module.modules():
@@ -181,7 +183,9 @@ def _replacement(
 def _load_targets(layout: ExpertsLayout) -> dict[str, str]:
     """Fused tensor names of ``layout``, biases included whether or not it has them (a
     class's instances may differ) -> the defused key expert 0 loads each through."""
-    return {tensor.name: tensor.load_target for tensor in replace(layout, has_bias=True).tensors()}
+    # Separate gate and up tensors with biases are refused (ExpertsLayout): such a layout has none.
+    with_biases = layout if layout.separate_gate_up else replace(layout, has_bias=True)
+    return {tensor.name: tensor.load_target for tensor in with_biases.tensors()}
 
 
 # Decorated experts classes: gated or not, read per instance.
