@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from defuser import convert_model
-from defuser.engine.experts import DefusedExperts
+from defuser.plugin import DefusedExperts
 from defuser_testkit.conformance import FamilyConformance
 from defuser_testkit.tiny import build_tiny_model, tiny_config
 

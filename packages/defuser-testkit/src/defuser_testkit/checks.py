@@ -17,12 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuser import convert_model, replace_fused_blocks
-from defuser.api import find_candidates
-from defuser.engine.candidates import ExpertsLayout
-from defuser.engine.detect import layer_index
-from defuser.engine.experts import DefusedExperts
-from defuser.engine.preload import restore_preload_patches
+from defuser import convert_model, find_candidates, replace_fused_blocks, restore_fused_blocks
+from defuser.plugin import DefusedExperts, ExpertsLayout, layer_index, tiny_forward
 
 __all__ = [
     "ATOL",
@@ -47,8 +43,6 @@ ModelFactory = Callable[[], nn.Module]
 
 def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits, or the last hidden state for models without a head (no cache, no grad)."""
-    from defuser.tiny import tiny_forward
-
     return tiny_forward(model, inputs)
 
 
@@ -246,7 +240,7 @@ def preload_patched(model_type: str) -> Iterator[None]:
     try:
         yield
     finally:
-        restore_preload_patches(model_type)
+        restore_fused_blocks(model_type)
 
 
 def assert_preload_loads_both_layouts(
@@ -300,12 +294,10 @@ def zero_identity_rows(model: nn.Module) -> None:
     """Zero the rows identity experts hold past the routed ones in a fused tensor (LongCat-Flash
     before 5.25.0): never read, dropped by conversion and saved as zeros (as ``fuse_model``
     leaves them), so stock's save of the fused model holds zeros there too."""
-    from defuser.report import fused_tensors_of
-
     for candidate in find_candidates(model):
         routed = getattr(candidate.layout, "num_experts", 0)
         if candidate.kind == "experts" and candidate.layout.identity_experts:
-            for tensor in fused_tensors_of(candidate).values():
+            for tensor in candidate.module.parameters():
                 if tensor.shape[0] > routed:
                     tensor.data[routed:] = 0
 

@@ -36,17 +36,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def defuser_restore_patches() -> Iterator[None]:
     """Undo all pre-load patches made during the test."""
-    from defuser.engine.preload import restore_preload_patches
+    from defuser import restore_fused_blocks
 
     yield
-    restore_preload_patches()
+    restore_fused_blocks()
 
 
 @pytest.fixture
-def defuser_plugin_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A fresh manager (autoload off) used by ``convert_model`` during the test."""
-    import defuser.plugins as plugins
+def defuser_plugin_manager() -> Iterator[Any]:
+    """A fresh manager (autoload off) used by ``convert_model`` during the test: see
+    :func:`defuser.plugin.isolated_plugins`."""
+    from defuser.plugin import isolated_plugins
 
-    manager = plugins.DefuserPluginManager(autoload=False)
-    monkeypatch.setattr(plugins, "_manager", manager)
-    yield manager
+    with isolated_plugins() as manager:
+        yield manager
