@@ -65,9 +65,7 @@ def test_importing_the_plugin_module_and_every_plugin_imports_no_torch():
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [], f"imported by {modules}"
 
 
-@pytest.mark.parametrize(
-    "path", [*PLUGIN_SOURCES, *TESTKIT_SOURCES], ids=lambda path: str(path.relative_to(ROOT))
-)
+@pytest.mark.parametrize("path", [*PLUGIN_SOURCES, *TESTKIT_SOURCES], ids=lambda path: str(path.relative_to(ROOT)))
 def test_plugins_and_testkit_import_only_the_stable_modules(path: Path):
     outside = [f"line {line}: {module}" for line, module in _defuser_imports(path) if module not in ALLOWED]
     assert not outside, f"{path.relative_to(ROOT)} imports internal modules: {outside}"
