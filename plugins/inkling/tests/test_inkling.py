@@ -1,8 +1,13 @@
 """Inkling, Inkling 2: conformance of every claimed model type on the installed transformers."""
 
 from defuser_inkling.hooks import plugin
-from defuser_testkit.conformance import FamilyConformance
+from defuser_testkit.conformance import FamilyConformance, xfail_for
+
+# Found when pre-load tests were derived from the declarations (issue 15), on transformers
+# 5.25.0; the tests stay visible as xfail until fixed.
+_KNOWN = "BUG: the pre-load patched classes load other weights than stock transformers reloads exactly"
 
 
 class TestInkling(FamilyConformance):
     plugin = plugin
+    xfail = xfail_for(_KNOWN, ("inkling2_loop", "inkling2_loop_text"))

@@ -1,8 +1,13 @@
 """StepFun Step 3.5 / 3.7: conformance of every claimed model type on the installed transformers."""
 
 from defuser_step.hooks import plugin
-from defuser_testkit.conformance import FamilyConformance
+from defuser_testkit.conformance import FamilyConformance, xfail_for
+
+# Found when pre-load tests were derived from the declarations (issue 15), on transformers
+# 5.25.0; the tests stay visible as xfail until fixed.
+_KNOWN = "the tiny config does not reload in stock transformers either: mismatched sizes"
 
 
 class TestStep(FamilyConformance):
     plugin = plugin
+    xfail = xfail_for(_KNOWN, ("step3p7",))

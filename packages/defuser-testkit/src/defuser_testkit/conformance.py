@@ -32,7 +32,7 @@ from defuser import convert_model, find_candidates
 from defuser_testkit import checks
 from defuser_testkit.tiny import build_tiny_model, tiny_inputs
 
-__all__ = ["FamilyConformance", "cases_for", "over", "preload_for"]
+__all__ = ["FamilyConformance", "cases_for", "over", "preload_for", "xfail_for"]
 
 
 def _type_known(model_type: str) -> bool:
@@ -79,6 +79,16 @@ def preload_for(plugin: Any, model_types: Iterable[str]) -> set[str]:
     return found
 
 
+def xfail_for(
+    reason: str,
+    model_types: Iterable[str],
+    tests: Iterable[str] = ("test_saves_and_reloads", "test_preload_patch_loads_both_layouts"),
+) -> dict[str, str]:
+    """``FamilyConformance.xfail`` entries: each of ``tests`` on each of ``model_types`` is
+    expected to fail for ``reason`` (by default the two tests that reload a checkpoint)."""
+    return {f"{test}[{model_type}]": reason for test in tests for model_type in model_types}
+
+
 def over(group: str) -> Callable:
     """Mark a conformance test to run over ``cases`` keys in ``group`` (an attribute name)."""
 
@@ -103,6 +113,9 @@ class FamilyConformance:
     unavailable: ClassVar[dict[str, str]] = {}
     preload: ClassVar[set[str]] = set()
     generate: ClassVar[set[str]] = set()
+    # "test_name[model_type]" (the id pytest prints) -> why it is expected to fail: marked
+    # xfail (not strict: a release where it passes shows XPASS), never skipped silently.
+    xfail: ClassVar[dict[str, str]] = {}
     extra_checkpoints: ClassVar[dict[str, Callable[[nn.Module, Path], dict[str, Path]]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
