@@ -5,9 +5,7 @@ from defuser_testkit.conformance import FamilyConformance, xfail_for
 
 # Found when pre-load tests were derived from the declarations (issue 15), on transformers
 # 5.25.0; the tests stay visible as xfail until fixed.
-_KNOWN = (
-    "BUG: the pre-load patched classes load other weights than stock transformers reloads exactly (fused checkpoint)"
-)
+_KNOWN = "BUG: the pre-load patched classes load a fused (save_original_format=False) checkpoint with other outputs"
 
 
 class TestDeepseek(FamilyConformance):

@@ -5,7 +5,7 @@ from defuser_testkit.conformance import FamilyConformance, xfail_for
 
 # Found when pre-load tests were derived from the declarations (issue 15), on transformers
 # 5.25.0; the tests stay visible as xfail until fixed.
-_KNOWN = "the tiny config does not reload in stock transformers either: validate_architecture refuses it"
+_KNOWN = "transformers refuses to save the tiny config: validate_architecture refuses it"
 
 
 class TestRednote(FamilyConformance):
