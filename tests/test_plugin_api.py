@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,21 @@ def test_the_testkit_derives_cases_and_preload_from_the_declaration():
     assert set(FromPlugin.unavailable) == {"no_such_type_here"}
     assert FromPlugin.preload == {"qwen3_moe"}
     assert Spelled.preload == {"mixtral"} and set(Spelled.cases) == {"qwen3_moe", "mixtral"}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("where", ["root", "plugin folder"])
+def test_one_shared_conftest_restores_patches_around_every_plugin_test(where: str):
+    # nox runs `pytest plugins/<family>/tests` from the root; authors also run it from the folder.
+    assert not list(ROOT.glob("plugins/*/tests/conftest.py")), "per-plugin copies are back"
+    cwd, target = (ROOT, "plugins/dbrx/tests") if where == "root" else (ROOT / "plugins" / "dbrx", "tests")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:randomly", "--setup-plan", "-q", target],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    planned = [line for line in result.stdout.splitlines() if "::" in line]
+    assert planned and all("_restore" in line for line in planned), result.stdout[-2000:]
