@@ -110,6 +110,63 @@ Gate-up halves: ``is_concatenated=True`` puts one half in rows ``[:I]`` and the 
 ``[I:]`` (along the ``2I`` dim); ``False`` interleaves them (even rows, odd rows).
 ``gate_first=False`` says the first half (or the even rows) is the up projection.
 
+:class:`ExpertsLayout` fields (an ``experts_classes`` or ``layout_overrides`` entry names any
+of them but ``num_experts``):
+
+``num_experts``
+    ``E``, read from the tensors (or the module's ``num_experts`` when ``flattened``).
+``has_gate``, ``has_bias``
+    A gated (GLU) expert; bias tensors ``<name>_bias`` (``[E, 2I]``, ``[E, H]``) beside the weights.
+``is_transposed``, ``down_transposed``
+    Orientation, as pictured; ``down_transposed=None`` (default) follows ``is_transposed``.
+``is_concatenated``, ``gate_first``
+    Order of the gate and up halves, as above.
+``separate_gate_up``, ``flattened``
+    Gate and up in two tensors; 2D storage with the expert dim merged, as pictured.
+``gate_up_name``, ``gate_name``, ``up_name``, ``down_name``
+    Tensor names on the module (dotted names reach into children: DBRX's ``"mlp.w1"``).
+``has_post_expert_norm``, ``post_expert_norm_by_expert``
+    A norm applied to each expert's output; called as ``post_expert_norm(out, expert_ids)``
+    (one scale per expert) when the second is set.
+``identity_experts``
+    Routing indices past the last real expert pass the input through (an int, or a callable).
+``contract``
+    The fused forward: ``"routed"`` ``(hidden_states, top_k_index, top_k_weights)``,
+    ``"expert_major"`` ``(hidden_states[E*T, H])`` with every token through every expert, or
+    ``"weighted_all"`` ``(hidden_states, gammas)`` scaling each token per expert.
+``activation``
+    Attribute path of the activation on the fused module (default ``"act_fn"``).
+``gate_style``
+    ``"default"``: ``act(gate) * up``; ``"module"``: the fused class's own ``_apply_gate``.
+
+:class:`DenseLayout` fields: ``fused_name`` (the attribute holding the fused ``nn.Linear``
+``[2I, H]``, default ``"gate_up_proj"``) and ``gate_first``.  :class:`ParallelLayout` fields:
+``weight_name`` (default ``"weight"``), ``transposed`` (as pictured), and ``gated_paths`` (a
+regex of the GLU input projections' paths) and ``gate_first``, which only document the layout:
+each expert's one ``linear`` keeps the gate and up rows together and the parent splits them.
+
+Raw-hook objects
+----------------
+:class:`Candidate` (what ``defuser_detect_candidate`` returns): ``path`` (dotted module path),
+``module``, ``kind`` (``"experts"``, ``"dense"`` or ``"parallel"``), ``plugin`` (the plugin's
+name), ``layout`` (the matching layout object), ``model_type`` (of the closest enclosing
+pretrained model), ``generic`` (set by core's generic engine only), ``extra`` (free-form notes
+between a plugin's detect and defuse hooks) and ``refusal`` (non-empty: why this fused module
+must not be defused; ``convert_model`` then raises before changing anything).
+
+:class:`PreloadPlan` (what ``defuser_preload_plan`` returns): ``model_type``,
+``modeling_modules`` (transformers modules whose experts classes are replaced),
+``mapping_types`` (model types and class names whose checkpoint mapping changes; default the
+model type), ``experts_classes`` (the decorated classes to replace; ``None``: all),
+``declared_experts`` and ``layout_overrides`` (class name -> :class:`ExpertsLayout` fields),
+``dense_classes`` (class name -> :class:`DenseLayout`), ``parallel_classes`` (class name ->
+:class:`ParallelLayout`), ``key_renames`` and ``legacy_projection_names`` (as in
+:class:`Family`); ``dense_key_patterns`` and ``experts_key_prefix`` are kept for old plugins.
+
+:class:`PluginInfo` (what ``defuser_plugin_info`` returns; :class:`Family` builds it):
+``name``, ``model_types``, ``transformers``, ``core``, ``priority``, ``description``,
+``tested_on`` as in :class:`Family`, and ``distribution`` (filled in by the loader).
+
 Raw hooks
 ---------
 A plugin that declarations cannot describe implements hooks (see :mod:`defuser.hookspecs` for
