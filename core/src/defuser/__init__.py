@@ -5,9 +5,14 @@ Public API::
 
     from defuser import convert_model, fuse_model, replace_fused_blocks, restore_fused_blocks, defused_blocks
 
-Plugin authors also use :data:`hookimpl`, :class:`PluginInfo`, :class:`TypeSupport` and
-:class:`defuser.family.Family`.  Attributes load on first access, so ``import defuser`` stays
-cheap and imports no plugin.
+    from defuser import find_candidates  # the fused blocks a model still holds
+    from defuser import ConversionError  # what a refused or failed conversion raises
+
+Plugin authors import everything they need from :mod:`defuser.plugin` (``Family``,
+``TypeSupport``, the layouts, ``hookimpl``, ``PreloadPlan``...).  Stable: ``defuser`` and
+``defuser.plugin``; every other module (``defuser.engine.*``, ``defuser.api``,
+``defuser.family``, ``defuser.plugins``, ...) is internal and may change in any release.
+Attributes load on first access, so ``import defuser`` stays cheap and imports no plugin.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionError",
     "DistributedPlanError",
     "PluginInfo",
     "TypeSupport",
     "__version__",
     "convert_model",
     "defused_blocks",
+    "find_candidates",
     "fuse_model",
     "hookimpl",
     "replace_fused_blocks",
@@ -31,7 +38,9 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ConversionError": "defuser.errors",
     "DistributedPlanError": "defuser.api",
+    "find_candidates": "defuser.api",
     "convert_model": "defuser.api",
     "fuse_model": "defuser.api",
     "replace_fused_blocks": "defuser.api",
@@ -47,10 +56,12 @@ if TYPE_CHECKING:
         DistributedPlanError,
         convert_model,
         defused_blocks,
+        find_candidates,
         fuse_model,
         replace_fused_blocks,
         restore_fused_blocks,
     )
+    from defuser.errors import ConversionError
     from defuser.hookspecs import hookimpl
     from defuser.plugin_info import PluginInfo, TypeSupport
 

@@ -4,7 +4,7 @@ A plugin module creates one :class:`Family` and exposes it through its entry poi
 
     plugin = Family(
         name="qwen",
-        model_types=[TypeSupport("qwen3_moe", preload=True), TypeSupport("qwen3_vl_moe")],
+        model_types=[TypeSupport("qwen3_moe"), TypeSupport("qwen3_vl_moe", notes="...")],
     )
 
 The family claims its model types; decorated experts are read from transformers' own flags
@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from defuser.compat import transformers_version
 from defuser.declarations import (
@@ -46,19 +44,18 @@ from defuser.declarations import (
     experts_declaration,
     layout_override,
 )
-from defuser.engine.candidates import (
-    Candidate,
-    DenseLayout,
-    ParallelLayout,
-    read_experts_layout,
-)
-from defuser.engine.contract import contract_refusal, decorated_class
-from defuser.engine.generic import dense_layout_of
-from defuser.engine.parallel import parallel_weight
-from defuser.engine.preload import PreloadPlan
+from defuser.engine.candidates import DenseLayout, ParallelLayout
 from defuser.errors import DeclarationError, DeclarationMismatch
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import PluginInfo, TinyModel, TypeSupport
+
+# Importing a plugin's hooks module (which builds a Family) must not import torch or
+# transformers: the engine is imported where a hook first needs it.
+if TYPE_CHECKING:
+    from torch import nn
+
+    from defuser.engine.candidates import Candidate
+    from defuser.engine.preload import PreloadPlan
 
 __all__ = [
     "ExpertsDecl",
@@ -157,6 +154,11 @@ class Family:
 
     @hookimpl
     def defuser_detect_candidate(self, module: nn.Module, path: str, model_type: str | None) -> Candidate | None:
+        from defuser.engine.candidates import Candidate, read_experts_layout
+        from defuser.engine.contract import contract_refusal, decorated_class
+        from defuser.engine.generic import dense_layout_of
+        from defuser.engine.parallel import parallel_weight
+
         class_name = type(module).__name__
         if not self.info.claims(model_type) and class_name not in self.declared_classes:
             return None
@@ -230,6 +232,8 @@ def preload_plan_for(model_type: str, related_types: Iterable[str] = (), **decla
     none): its checkpoint mapping, those of its sub-configs, of ``related_types`` sharing its
     modules and of its model classes with a mapping of their own change too.
     ``declarations`` are the plan's class declarations (``declared_experts``, ...)."""
+    from defuser.engine.preload import PreloadPlan
+
     module_names = modeling_modules_for(model_type)
     if not module_names:
         return None

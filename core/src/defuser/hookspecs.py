@@ -1,7 +1,7 @@
 """Every hook a defuser plugin can implement, grouped by the phase that calls it.
 
 Plugins register under the ``defuser`` entry-point group and mark their functions with
-:data:`defuser.hookimpl`.  Specs only ever grow: new arguments are added, none renamed, so a
+:data:`defuser.plugin.hookimpl`.  Specs only ever grow: new arguments are added, none renamed, so a
 plugin written against an older core keeps working (pluggy passes only the arguments a
 hook implementation names).
 """
@@ -43,7 +43,7 @@ def defuser_plugin_info() -> PluginInfo:
     """Describe the plugin: the model types it claims and the versions it supports.
 
     Called once by the plugin manager right after the plugin is loaded.  The returned
-    :class:`defuser.PluginInfo` names the plugin, lists ``model_types`` it claims (a claim
+    :class:`defuser.plugin.PluginInfo` names the plugin, lists ``model_types`` it claims (a claim
     decides which plugin handles a model type when several could), the model types it can
     patch before load, its ``priority`` (higher wins a contested model type; ties go to the
     smaller name) and the ``transformers`` and ``core`` version ranges it supports.  A plugin
@@ -62,7 +62,7 @@ def defuser_detect_candidate(module: nn.Module, path: str, model_type: str | Non
     ``module`` is the module, ``path`` its full dotted path (``model.layers.0.mlp.experts``)
     and ``model_type`` the ``config.model_type`` of the closest enclosing pretrained model
     (a thinker, talker or text sub-model has its own).  Return a
-    :class:`defuser.engine.candidates.Candidate` that names this plugin, or ``None`` when the
+    :class:`defuser.plugin.Candidate` that names this plugin, or ``None`` when the
     module is not yours; a candidate whose ``refusal`` says why marks a fused module that must
     not be defused (``convert_model`` then raises before changing anything).  When the plugin
     that owns the model type raises, its declaration is taken not to fit the installed
@@ -78,7 +78,7 @@ def defuser_preload_plan(model_type: str) -> PreloadPlan | None:
     """Say how to build ``model_type`` with defused blocks before its weights are loaded.
 
     Called by ``replace_fused_blocks(model_type)``.  Return a
-    :class:`defuser.engine.preload.PreloadPlan`: the transformers modeling modules whose
+    :class:`defuser.plugin.PreloadPlan`: the transformers modeling modules whose
     decorated experts classes are replaced, extra dense fused MLP classes to split, and
     checkpoint key renames (legacy per-expert names).  Core turns it into transformers'
     ``register_patch_mapping`` and ``register_checkpoint_conversion_mapping`` entries.

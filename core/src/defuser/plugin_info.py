@@ -42,14 +42,19 @@ RELOAD_WAYS = (RELOAD_STOCK, RELOAD_PATCHED, RELOAD_NONE)
 @dataclass(frozen=True)
 class TypeSupport:
     """How one model type is handled: after-load conversion, before-load patching (``preload``,
-    from ``preload_min_transformers`` on when older releases cannot), how a checkpoint saved
-    from the defused model reloads (``reload``, one of :data:`RELOAD_WAYS`; ``reload_blocker``
-    says why when it cannot; ``stock_reload_from``: the release from which stock transformers
-    reloads it too), the oldest transformers the type is tested on, what happens to its fused
-    dense gate-up Linears (``dense``, one of :data:`DENSE_WAYS`), notes."""
+    on by default: ``replace_fused_blocks`` patches the type; ``preload=False`` opts out, and
+    ``preload_min_transformers`` names the first release it works on when older ones cannot),
+    how a checkpoint saved from the defused model reloads (``reload``, one of
+    :data:`RELOAD_WAYS`; ``reload_blocker`` says why when it cannot; ``stock_reload_from``: the
+    release from which stock transformers reloads it too), the oldest transformers the type is
+    tested on (``min_transformers``), what happens to its fused dense gate-up Linears
+    (``dense``, one of :data:`DENSE_WAYS`), ``notes``.  :mod:`defuser.plugin` documents each
+    field."""
 
     model_type: str
-    preload: bool = False
+    # True since core 0.1: every first-party type patches before load.  Before, the default was
+    # False and a plugin had to ask; a type that cannot be patched now says preload=False.
+    preload: bool = True
     notes: str = ""
     min_transformers: str | None = None
     reload: str = RELOAD_STOCK

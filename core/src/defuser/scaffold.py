@@ -2,7 +2,8 @@
 
 The layout is the first-party plugins' (``plugins/<family>/``): a hatchling ``pyproject.toml``
 declaring the ``defuser`` entry point, ``src/defuser_<name>/hooks.py`` with a
-:class:`~defuser.family.Family`, ``py.typed``, a conformance test on the testkit and a README.
+:class:`~defuser.plugin.Family` imported from :mod:`defuser.plugin` (the stable module for
+plugins), ``py.typed``, a conformance test on the testkit and a README.
 """
 
 from __future__ import annotations
@@ -79,18 +80,18 @@ testpaths = ["tests"]
 """
     hooks = f'''"""{name}: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
-# hooks.py is imported whenever defuser loads its plugins: import no transformers.models.* here.
+# hooks.py is imported whenever defuser loads its plugins: import only defuser.plugin here
+# (no torch, no transformers.models.*).  Each type patches before load unless preload=False.
 plugin = Family(
     name="{name}",
     description="{name}",
     model_types=[
 {supports}    ],
-    # Layouts the generic engine cannot infer go here (see defuser.family.Family):
+    # Layouts the generic engine cannot infer go here (see defuser.plugin, docs/writing-a-plugin.md):
     # experts_classes, parallel_classes, dense_classes, key_renames, model_patches, ...
     # The transformers releases the tests pass on; `defuser plugins` flags the others.
     tested_on=[],
@@ -99,20 +100,21 @@ plugin = Family(
     test = f'''"""{name}: conformance of every claimed model type on the installed transformers."""
 
 import pytest
-from defuser_testkit.conformance import FamilyConformance, cases_for
+from defuser.plugin import isolated_plugins
+from defuser_testkit.conformance import FamilyConformance
 
 from {package}.hooks import plugin
 
 
 @pytest.fixture(autouse=True)
-def _this_plugin_alone(defuser_plugin_manager, defuser_restore_patches):
+def _this_plugin_alone(defuser_restore_patches):
     """Convert with this plugin (and core's generic engine) only, installed or not."""
-    defuser_plugin_manager.register(plugin, "{name}")
-    yield
+    with isolated_plugins(plugin):
+        yield
 
 
 class {class_name}(FamilyConformance):
-    cases, unavailable = cases_for(plugin)
+    plugin = plugin  # cases, skips and pre-load tests follow from its declarations
 '''
     readme = f"""# {distribution}
 

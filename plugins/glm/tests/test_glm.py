@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from defuser import convert_model
+from defuser_glm.hooks import plugin
 from defuser_testkit.checks import model_output
 from defuser_testkit.conformance import FamilyConformance
 from defuser_testkit.tiny import build_tiny_model, tiny_inputs
@@ -22,7 +23,7 @@ CASES = {
 
 class TestGlm(FamilyConformance):
     cases = CASES
-    preload = {"glm4_moe", "glm4_moe_lite"}
+    plugin = plugin  # preload: every case its declaration patches before load
     generate = {"glm", "glm4_moe"}
 
 

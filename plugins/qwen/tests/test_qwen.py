@@ -8,7 +8,8 @@ import pytest
 from torch import nn
 
 from defuser import convert_model
-from defuser.engine.experts import DefusedExperts
+from defuser.plugin import DefusedExperts
+from defuser_qwen.hooks import plugin
 from defuser_testkit.conformance import FamilyConformance
 from defuser_testkit.tiny import build_tiny_model, tiny_config
 
@@ -56,7 +57,7 @@ CASES = {
 
 class TestQwen(FamilyConformance):
     cases = CASES
-    preload = {"qwen2_moe", "qwen3_moe", "qwen3_next"}
+    plugin = plugin  # preload: every case its declaration patches before load
     generate = {"qwen2_moe", "qwen3_moe", "qwen3_next"}
 
     def inputs(self, model_type):

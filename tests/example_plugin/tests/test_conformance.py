@@ -17,7 +17,7 @@ from defuser_example.hooks import plugin
 from torch import nn
 
 from defuser import convert_model
-from defuser.engine.experts import DefusedExperts
+from defuser.plugin import DefusedExperts
 from defuser_testkit.conformance import FamilyConformance, cases_for
 from defuser_testkit.tiny import build_tiny_model
 

@@ -1,5 +1,7 @@
-"""The generic defusion engine: detection, layout splitting, defused modules, pre-load plans."""
+"""The generic defusion engine: detection, layout splitting, defused modules, pre-load plans.
 
-from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout
+Internal: plugins import the layouts and ``Candidate`` from :mod:`defuser.plugin`."""
 
-__all__ = ["Candidate", "DenseLayout", "ExpertsLayout"]
+from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout
+
+__all__ = ["Candidate", "DenseLayout", "ExpertsLayout", "ParallelLayout"]

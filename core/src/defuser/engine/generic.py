@@ -38,9 +38,9 @@ GENERIC_PLUGIN_NAME = "generic"
 # table's "generic" rows; the census and the save-and-reload test check each one).  Any other
 # decorated class of any release is handled the same way, untested until it is listed here.
 TESTED_TYPES = (
-    TypeSupport("kolibri1_1", preload=True, min_transformers="5.25.0"),
-    TypeSupport("minicpm5_moe", preload=True, min_transformers="5.25.0"),
-    TypeSupport("param2moe", preload=True, min_transformers="5.25.0", notes="GLM-4-MoE model classes"),
+    TypeSupport("kolibri1_1", min_transformers="5.25.0"),
+    TypeSupport("minicpm5_moe", min_transformers="5.25.0"),
+    TypeSupport("param2moe", min_transformers="5.25.0", notes="GLM-4-MoE model classes"),
 )
 
 _DEFAULT_DENSE = DenseLayout()

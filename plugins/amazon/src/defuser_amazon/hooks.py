@@ -1,7 +1,6 @@
 """Amazon Ergo: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -11,7 +10,6 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "ergo",
-            preload=True,
             notes="not gated, transposed; per-expert RMSNorm after each route kept",
             min_transformers="5.25.0",
         ),

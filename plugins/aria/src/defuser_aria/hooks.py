@@ -1,8 +1,6 @@
 """Rhymes Aria: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.engine.candidates import ParallelLayout
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, ParallelLayout, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -12,12 +10,10 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "aria",
-            preload=True,
             notes="transposed experts; 5.3.0: grouped GEMM experts split",
         ),
         TypeSupport(
             "aria_text",
-            preload=True,
             notes="text model built alone",
         ),
     ],

@@ -1,10 +1,13 @@
 """Databricks DBRX: the model types this plugin claims, and what differs from the generic engine."""
 
-import torch
-from torch import nn
+from __future__ import annotations
 
-from defuser.family import Family
-from defuser.plugin_info import TinyModel, TypeSupport
+from typing import TYPE_CHECKING
+
+from defuser.plugin import Family, TinyModel, TypeSupport
+
+if TYPE_CHECKING:  # importing a plugin must not import torch
+    from torch import nn
 
 __all__ = ["plugin"]
 
@@ -12,6 +15,8 @@ __all__ = ["plugin"]
 def _legacy_orientation(experts: nn.Module) -> bool:
     """True where DBRX computes ``x @ w1`` and ``@ w2.T`` (transformers 5.3.0) instead of
     ``x @ w1.T`` and ``@ w2``.  Square tiny shapes cannot tell, so ask the forward itself."""
+    import torch
+
     glu = experts.mlp
     generator = torch.Generator().manual_seed(0)
     x, w1, v1, w2 = (torch.randn(3, 3, generator=generator) for _ in range(4))
@@ -25,7 +30,7 @@ plugin = Family(
     name="dbrx",
     description="Databricks DBRX",
     model_types=[
-        TypeSupport("dbrx", preload=True, notes="undecorated, flattened 2D w1/v1/w2"),
+        TypeSupport("dbrx", notes="undecorated, flattened 2D w1/v1/w2"),
     ],
     # Flattened [E*F, H] tensors under experts.mlp: w1 gate, v1 up, w2 down; the orientation
     # changed after 5.3.0 (x @ w1.T, @ w2 now; x @ w1, @ w2.T then).

@@ -1,7 +1,6 @@
 """Baidu ERNIE 4.5 MoE: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TinyModel, TypeSupport
+from defuser.plugin import Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -9,15 +8,13 @@ plugin = Family(
     name="ernie",
     description="Baidu ERNIE 4.5 MoE",
     model_types=[
-        TypeSupport("ernie4_5_moe", preload=True),
+        TypeSupport("ernie4_5_moe"),
         TypeSupport(
             "ernie4_5_vl_moe",
-            preload=True,
             notes="text and vision expert sets of different sizes",
         ),
         TypeSupport(
             "ernie4_5_vl_moe_text",
-            preload=True,
             notes="text model built alone",
             min_transformers="5.24.0",
         ),

@@ -1,7 +1,6 @@
 """Google Gemma 4 MoE: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TinyModel, TypeSupport
+from defuser.plugin import Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -11,25 +10,21 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "diffusion_gemma",
-            preload=True,
             notes="experts in the decoder layer",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "diffusion_gemma_text",
-            preload=True,
             notes="text model built alone",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "gemma4",
-            preload=True,
             notes="experts in the decoder layer (enable_moe_block)",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "gemma4_text",
-            preload=True,
             notes="experts in the decoder layer",
             min_transformers="5.24.0",
         ),

@@ -1,9 +1,7 @@
 """GLM families: decorated experts (GLM-4-MoE, GLM-4-MoE-Lite, GLM-4V-MoE) and dense MLPs
 whose gate and up projections share one ``gate_up_proj`` Linear (GLM, GLM-4, GLM-4V)."""
 
-from defuser.engine.candidates import DenseLayout
-from defuser.family import Family
-from defuser.plugin_info import DENSE_SPLIT, TinyModel, TypeSupport
+from defuser.plugin import DENSE_SPLIT, DenseLayout, Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -13,40 +11,37 @@ plugin = Family(
     name="glm",
     description="GLM (Zhipu AI): GLM, GLM-4, GLM-4V, GLM-4.5/4.6 MoE, GLM-5-Next, GLM-Image, GLM-OCR",
     model_types=[
-        TypeSupport("glm", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
-        TypeSupport("glm4", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
-        TypeSupport("glm46v", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
-        TypeSupport("glm4_moe", preload=True, notes="shared experts kept"),
-        TypeSupport("glm4_moe_lite", preload=True, notes="shared experts kept"),
-        TypeSupport("glm4v", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
-        TypeSupport("glm4v_moe", preload=True, notes="shared experts kept"),
-        TypeSupport("glm4v_moe_text", preload=True, notes="text model built alone"),
-        TypeSupport("glm4v_text", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
-        TypeSupport("glm5_next", preload=True, notes="clamped SwiGLU (own gate function)", min_transformers="5.24.0"),
+        TypeSupport("glm", notes="dense gate_up_proj split", dense=DENSE_SPLIT),
+        TypeSupport("glm4", notes="dense gate_up_proj split", dense=DENSE_SPLIT),
+        TypeSupport("glm46v", notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm4_moe", notes="shared experts kept"),
+        TypeSupport("glm4_moe_lite", notes="shared experts kept"),
+        TypeSupport("glm4v", notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm4v_moe", notes="shared experts kept"),
+        TypeSupport("glm4v_moe_text", notes="text model built alone"),
+        TypeSupport("glm4v_text", notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm5_next", notes="clamped SwiGLU (own gate function)", min_transformers="5.24.0"),
         TypeSupport(
             "glm5_next_text",
-            preload=True,
             notes="clamped SwiGLU; text model built alone",
             min_transformers="5.24.0",
         ),
-        TypeSupport("glm_image", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm_image", notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport(
             "glm_image_text",
-            preload=True,
             notes="dense text MLP split",
             dense=DENSE_SPLIT,
         ),
-        TypeSupport("glm_moe_dsa", preload=True),
-        TypeSupport("glm_ocr", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
-        TypeSupport("glm_ocr_text", preload=True, notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm_moe_dsa"),
+        TypeSupport("glm_ocr", notes="dense text MLP split", dense=DENSE_SPLIT),
+        TypeSupport("glm_ocr_text", notes="dense text MLP split", dense=DENSE_SPLIT),
         TypeSupport(
             "glmga",
-            preload=True,
             notes="dense text MLP split",
             min_transformers="5.24.0",
             dense=DENSE_SPLIT,
         ),
-        TypeSupport("sarvam_moe", preload=True, notes="GLM-4-MoE experts", min_transformers="5.24.0"),
+        TypeSupport("sarvam_moe", notes="GLM-4-MoE experts", min_transformers="5.24.0"),
     ],
     # Split where ModelCloud's Defuser splits them (GPTQModel's definitions name the halves).
     dense_classes={name: _DENSE for name in ("GlmMLP", "Glm4MLP", "Glm4vTextMLP", "GlmImageTextMLP", "GlmOcrTextMLP")},

@@ -1,7 +1,6 @@
 """OpenAI: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -11,12 +10,10 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "gpt_oss",
-            preload=True,
             notes="interleaved, transposed, biased gate-up; clamped GLU (own gate function)",
         ),
         TypeSupport(
             "openai_privacy_filter",
-            preload=True,
             notes="concatenated, transposed, biased gate-up; clamped GLU",
             min_transformers="5.24.0",
         ),

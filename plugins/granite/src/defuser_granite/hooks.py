@@ -1,8 +1,6 @@
 """IBM Granite MoE: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.engine.candidates import ParallelLayout
-from defuser.family import Family
-from defuser.plugin_info import DENSE_KEPT, TinyModel, TypeSupport
+from defuser.plugin import DENSE_KEPT, Family, ParallelLayout, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -12,19 +10,16 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "granitemoe",
-            preload=True,
             notes="5.3.0: parallel experts as input_linear.N.linear / output_linear.N.linear",
         ),
-        TypeSupport("granitemoe_swa", preload=True, min_transformers="5.24.0"),
+        TypeSupport("granitemoe_swa", min_transformers="5.24.0"),
         TypeSupport(
             "granitemoehybrid",
-            preload=True,
             notes="shared MLP input_linear kept; 5.3.0: parallel experts (input_linear.N.linear)",
             dense=DENSE_KEPT,
         ),
         TypeSupport(
             "granitemoeshared",
-            preload=True,
             notes="shared MLP input_linear kept; 5.3.0: parallel experts (input_linear.N.linear)",
             dense=DENSE_KEPT,
         ),

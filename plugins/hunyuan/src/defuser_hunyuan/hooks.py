@@ -1,7 +1,6 @@
 """Tencent Hunyuan: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -9,23 +8,20 @@ plugin = Family(
     name="hunyuan",
     description="Tencent Hunyuan",
     model_types=[
-        TypeSupport("hunyuan_v1_moe", preload=True),
-        TypeSupport("hy_v3", preload=True, min_transformers="5.24.0"),
+        TypeSupport("hunyuan_v1_moe"),
+        TypeSupport("hy_v3", min_transformers="5.24.0"),
         TypeSupport(
             "hy_v4",
-            preload=True,
             notes="clamped SwiGLU (own gate function)",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "hy_v4_vl",
-            preload=True,
             notes="clamped SwiGLU",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "hy_v4_vl_text",
-            preload=True,
             notes="text model built alone",
             min_transformers="5.24.0",
         ),

@@ -1,7 +1,6 @@
 """Inkling, Inkling 2: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TinyModel, TypeSupport
+from defuser.plugin import Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -11,37 +10,31 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "inkling2",
-            preload=True,
             notes="float32 softcapped SwiGLU",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "inkling2_loop",
-            preload=True,
             notes="float32 softcapped SwiGLU",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "inkling2_loop_text",
-            preload=True,
             notes="text model built alone",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "inkling2_text",
-            preload=True,
             notes="text model built alone",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "inkling_mm_model",
-            preload=True,
             notes="shared experts split too",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "inkling_text",
-            preload=True,
             notes="shared experts (stacked, gamma-scaled) split too",
             min_transformers="5.24.0",
         ),

@@ -1,8 +1,6 @@
 """JetMoE: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.engine.candidates import ParallelLayout
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, ParallelLayout, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -12,7 +10,6 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "jetmoe",
-            preload=True,
             notes="parallel experts (MLP and attention MoA) as input_linear.N.linear, output_linear.N.linear",
         ),
     ],

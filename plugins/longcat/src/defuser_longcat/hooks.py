@@ -1,7 +1,6 @@
 """Meituan LongCat-Flash: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -11,7 +10,6 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "longcat_flash",
-            preload=True,
             notes=(
                 "undecorated before 5.25.0, its identity (zero) experts kept; decorated from 5.25.0 "
                 "(identity experts in the MoE block), read from its flags"

@@ -1,7 +1,6 @@
 """MiniMax: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import DENSE_KEPT, TypeSupport
+from defuser.plugin import DENSE_KEPT, Family, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -9,18 +8,16 @@ plugin = Family(
     name="minimax",
     description="MiniMax: MiniMax, M2, M3-VL",
     model_types=[
-        TypeSupport("minimax", preload=True),
-        TypeSupport("minimax_m2", preload=True),
+        TypeSupport("minimax"),
+        TypeSupport("minimax_m2"),
         TypeSupport(
             "minimax_m3_vl",
-            preload=True,
             notes="clamped (up + 1) GLU (own gate function); dense and shared MLPs keep gate_up_proj",
             min_transformers="5.24.0",
             dense=DENSE_KEPT,
         ),
         TypeSupport(
             "minimax_m3_vl_text",
-            preload=True,
             notes="text model built alone",
             min_transformers="5.24.0",
             dense=DENSE_KEPT,

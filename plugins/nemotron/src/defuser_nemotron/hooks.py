@@ -1,7 +1,6 @@
 """NVIDIA Nemotron-H: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -9,9 +8,9 @@ plugin = Family(
     name="nemotron",
     description="NVIDIA Nemotron-H",
     model_types=[
-        TypeSupport("nemo_speechlm", preload=True, notes="non-gated experts", min_transformers="5.24.0"),
-        TypeSupport("nemotron_h", preload=True, notes="non-gated experts (up_proj, down_proj)"),
-        TypeSupport("nemotron_h_omni", preload=True, notes="non-gated experts", min_transformers="5.24.0"),
+        TypeSupport("nemo_speechlm", notes="non-gated experts", min_transformers="5.24.0"),
+        TypeSupport("nemotron_h", notes="non-gated experts (up_proj, down_proj)"),
+        TypeSupport("nemotron_h_omni", notes="non-gated experts", min_transformers="5.24.0"),
     ],
     tested_on=["5.3.0", "5.24.0", "5.25.0"],
 )

@@ -1,8 +1,6 @@
 """Microsoft Phi: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.engine.candidates import DenseLayout
-from defuser.family import Family
-from defuser.plugin_info import DENSE_SPLIT, TinyModel, TypeSupport
+from defuser.plugin import DENSE_SPLIT, DenseLayout, Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -10,21 +8,19 @@ plugin = Family(
     name="phi",
     description="Microsoft Phi: Phi-3, Phi-4-multimodal, PhiMoE",
     model_types=[
-        TypeSupport("phi3", preload=True, notes="dense gate_up_proj split", dense=DENSE_SPLIT),
+        TypeSupport("phi3", notes="dense gate_up_proj split", dense=DENSE_SPLIT),
         TypeSupport(
             "phi4_multimodal",
-            preload=True,
             notes="dense MLPs split; audio MLP halves reversed (up first)",
             dense=DENSE_SPLIT,
         ),
         TypeSupport(
             "phi4_multimodal_audio",
-            preload=True,
             notes="audio MLP halves reversed (up first)",
             min_transformers="5.24.0",
             dense=DENSE_SPLIT,
         ),
-        TypeSupport("phimoe", preload=True),
+        TypeSupport("phimoe"),
     ],
     # Split where ModelCloud's Defuser splits them; the audio conformer's MLP puts the up half first.
     dense_classes={

@@ -1,13 +1,15 @@
 """Qwen MoE families.  Every experts class here is decorated by transformers, so the generic
 engine does the work; this plugin claims the types and enables pre-load patching."""
 
+from __future__ import annotations
+
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from defuser.plugin import Family, TinyModel, TypeSupport
 
-from defuser.family import Family
-from defuser.plugin_info import TinyModel, TypeSupport
+if TYPE_CHECKING:  # importing a plugin must not import torch
+    from torch import nn
 
 __all__ = ["plugin", "qwen3_omni_text_runtime"]
 
@@ -43,38 +45,34 @@ plugin = Family(
         "Qwen (Alibaba): Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-Omni-MoE, Qwen4-Exp"
     ),
     model_types=[
-        TypeSupport("qwen2_moe", preload=True, notes="sigmoid-gated shared expert kept"),
-        TypeSupport("qwen3_5_moe", preload=True),
-        TypeSupport("qwen3_5_moe_text", preload=True, notes="text model built alone"),
-        TypeSupport("qwen3_moe", preload=True),
-        TypeSupport("qwen3_next", preload=True, notes="hybrid linear attention; shared expert kept"),
+        TypeSupport("qwen2_moe", notes="sigmoid-gated shared expert kept"),
+        TypeSupport("qwen3_5_moe"),
+        TypeSupport("qwen3_5_moe_text", notes="text model built alone"),
+        TypeSupport("qwen3_moe"),
+        TypeSupport("qwen3_next", notes="hybrid linear attention; shared expert kept"),
         TypeSupport(
             "qwen3_omni_moe",
-            preload=True,
             notes="thinker and talker experts; text forward and generate(return_audio=False)",
         ),
-        TypeSupport("qwen3_omni_moe_talker", preload=True, notes="talker sub-model"),
+        TypeSupport("qwen3_omni_moe_talker", notes="talker sub-model"),
         TypeSupport(
             "qwen3_omni_moe_talker_text",
-            preload=True,
             notes="talker text model built alone",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "qwen3_omni_moe_text",
-            preload=True,
             notes="thinker text model built alone",
             min_transformers="5.24.0",
         ),
-        TypeSupport("qwen3_omni_moe_thinker", preload=True, notes="thinker sub-model"),
+        TypeSupport("qwen3_omni_moe_thinker", notes="thinker sub-model"),
         TypeSupport(
             "qwen3_vl_moe",
-            preload=True,
             notes="checkpoints store transposed fused experts",
         ),
-        TypeSupport("qwen3_vl_moe_text", preload=True, notes="text model built alone"),
-        TypeSupport("qwen4_exp", preload=True, min_transformers="5.24.0"),
-        TypeSupport("qwen4_exp_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport("qwen3_vl_moe_text", notes="text model built alone"),
+        TypeSupport("qwen4_exp", min_transformers="5.24.0"),
+        TypeSupport("qwen4_exp_text", notes="text model built alone", min_transformers="5.24.0"),
     ],
     model_patches={"qwen3_omni_moe": qwen3_omni_text_runtime},
     tested_on=["5.3.0", "5.24.0", "5.25.0"],

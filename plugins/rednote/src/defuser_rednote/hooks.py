@@ -1,7 +1,6 @@
 """rednote dots: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import DENSE_KEPT, TinyModel, TypeSupport
+from defuser.plugin import DENSE_KEPT, Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -9,18 +8,16 @@ plugin = Family(
     name="rednote",
     description="rednote dots: dots.llm1, dots3-note",
     model_types=[
-        TypeSupport("dots1", preload=True),
+        TypeSupport("dots1"),
         TypeSupport(
             "dots3_note",
-            preload=True,
             notes="vision experts vary per layer; audio MLP gate-up kept as one Linear",
             min_transformers="5.24.0",
             dense=DENSE_KEPT,
         ),
-        TypeSupport("dots3_note_text", preload=True, notes="text model built alone", min_transformers="5.24.0"),
+        TypeSupport("dots3_note_text", notes="text model built alone", min_transformers="5.24.0"),
         TypeSupport(
             "dots3_note_vision_encoder",
-            preload=True,
             notes="expert count varies per layer",
             min_transformers="5.24.0",
         ),

@@ -1,7 +1,6 @@
 """StepFun Step 3.5 / 3.7: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.family import Family
-from defuser.plugin_info import TinyModel, TypeSupport
+from defuser.plugin import Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -11,13 +10,11 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "step3p5",
-            preload=True,
             notes="Step 3.7 experts",
             min_transformers="5.24.0",
         ),
         TypeSupport(
             "step3p7",
-            preload=True,
             notes="own gate: activation clamped (per-layer limit); undecorated before 5.25.0",
             min_transformers="5.24.0",
         ),

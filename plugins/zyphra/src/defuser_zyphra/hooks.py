@@ -1,8 +1,6 @@
 """Zyphra Zamba2, ZAYA: the model types this plugin claims, and what differs from the generic engine."""
 
-from defuser.engine.candidates import DenseLayout
-from defuser.family import Family
-from defuser.plugin_info import DENSE_SPLIT, TinyModel, TypeSupport
+from defuser.plugin import DENSE_SPLIT, DenseLayout, Family, TinyModel, TypeSupport
 
 __all__ = ["plugin"]
 
@@ -12,11 +10,10 @@ plugin = Family(
     model_types=[
         TypeSupport(
             "zamba2",
-            preload=True,
             notes="shared block's fused MLP split; adapters kept",
             dense=DENSE_SPLIT,
         ),
-        TypeSupport("zaya", preload=True, min_transformers="5.24.0"),
+        TypeSupport("zaya", min_transformers="5.24.0"),
     ],
     # Split where ModelCloud's Defuser splits it (the adapters add to each half).
     dense_classes={"Zamba2MLP": DenseLayout()},

@@ -3,13 +3,12 @@
 Imported by defuser's plugin manager on first use, so it imports no model code: the toy
 model's experts are recognised by class name.  ``ToyMoeExperts`` carries no
 ``@use_experts_implementation`` flags, so defuser's generic engine cannot read its layout;
-the declaration below states it in :class:`defuser.engine.candidates.ExpertsLayout` terms.
+the declaration below states it in :class:`defuser.plugin.ExpertsLayout` terms.
 """
 
 from __future__ import annotations
 
-from defuser.family import Family
-from defuser.plugin_info import TypeSupport
+from defuser.plugin import Family, TypeSupport
 
 __all__ = ["plugin"]
 
