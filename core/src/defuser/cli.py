@@ -546,6 +546,16 @@ def _run(args: argparse.Namespace) -> int:
         found = transformers_version() or "none"
         print(f"defuser {args.command}: error: needs transformers>={MIN_TRANSFORMERS}, found {found}", file=sys.stderr)
         return 1
+    if args.command not in ("plugins", "new-plugin"):
+        from defuser.plugins import get_plugin_manager
+
+        try:  # a family whose model classes its own package registers: import it first
+            get_plugin_manager().register_models()
+        except Exception as error:
+            if args.debug:
+                raise
+            print(f"defuser {args.command}: error: {error}", file=sys.stderr)
+            return 1
     for model_type in _model_types_of(args):
         unknown = _unknown_model_type(model_type)
         if unknown:

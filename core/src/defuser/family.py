@@ -99,6 +99,7 @@ class Family:
         description: str = "",
         tested_on: Iterable[str] = (),
         tiny_models: Mapping[str, TinyModel] | None = None,
+        model_code: Iterable[str] = (),
     ):
         self.info = PluginInfo(
             name=name,
@@ -118,6 +119,10 @@ class Family:
         self.legacy_projection_names = {key: dict(value) for key, value in (legacy_projection_names or {}).items()}
         self.dense_key_patterns = {key: tuple(value) for key, value in (dense_key_patterns or {}).items()}
         self.model_patches = dict(model_patches or {})
+        self.model_code = tuple(model_code)
+        for module_name in self.model_code:
+            if not (isinstance(module_name, str) and all(part.isidentifier() for part in module_name.split("."))):
+                raise DeclarationError(f"plugin {name!r}: model_code holds {module_name!r}, not a module name")
 
     @property
     def experts_classes(self) -> dict[str, ExpertsDecl]:
@@ -189,6 +194,16 @@ class Family:
         if override is not None:
             layout = checked_override(module, layout, override, self.info.name, class_name)
         return Candidate(path, module, "experts", self.info.name, layout, model_type, refusal=refusal)
+
+    @hookimpl
+    def defuser_register_models(self) -> list[str] | None:
+        if not self.model_code:
+            return None
+        import importlib
+
+        for module_name in self.model_code:
+            importlib.import_module(module_name)
+        return [support.model_type for support in self.info.model_types]
 
     @hookimpl
     def defuser_patch_model(self, model: nn.Module, model_type: str) -> list[str] | None:

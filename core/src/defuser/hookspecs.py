@@ -26,6 +26,7 @@ __all__ = [
     "defuser_patch_model",
     "defuser_plugin_info",
     "defuser_preload_plan",
+    "defuser_register_models",
     "hookimpl",
     "hookspec",
 ]
@@ -48,6 +49,21 @@ def defuser_plugin_info() -> PluginInfo:
     patch before load, its ``priority`` (higher wins a contested model type; ties go to the
     smaller name) and the ``transformers`` and ``core`` version ranges it supports.  A plugin
     outside either range is skipped with a message naming both versions.
+    """
+
+
+@hookspec
+def defuser_register_models() -> list[str] | None:
+    """Make the transformers model classes the plugin's family ships itself known to transformers.
+
+    A family whose config and model classes live in the author's own package (registered with
+    ``AutoConfig.register`` / ``AutoModelForCausalLM.register`` when that package is imported)
+    is unknown to transformers until something imports it.  Called once per plugin manager by
+    the ``defuser`` command, before it resolves a model type by name or reads a config, so ``demo``,
+    ``inspect``, ``verify`` and ``convert`` work on such a family.  Import the package (a
+    :class:`defuser.plugin.Family` does it for the modules named in ``model_code``) and return
+    the model types made known, or ``None``.  The entry-point module itself stays cheap: import
+    the model code here, not at its top.
     """
 
 

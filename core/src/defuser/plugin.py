@@ -63,6 +63,10 @@ published as ``[project.entry-points.defuser] acme = "defuser_acme.hooks:plugin"
     One line for ``defuser plugins`` and the README table.
 ``tested_on``
     Transformers releases the plugin was tested on; ``defuser plugins`` flags others.
+``model_code``
+    Module names the ``defuser`` command imports before it resolves a model type or reads a
+    config: the package that registers the family's own config and model classes with
+    transformers (``AutoConfig.register``), when transformers does not ship them.
 ``tiny_models``
     Model type (a claimed one, or a sub-model of one) -> :class:`TinyModel`: what building a
     tiny random model of it needs beyond core's generic shrinking (``defuser demo``, the

@@ -214,6 +214,7 @@ class DefuserPluginManager:
         # class name -> plugins declaring it (built on first use, reset with the owners)
         self._declared: dict[str, set[str]] | None = None
         self._reported: set[tuple[str, str]] = set()
+        self._registered_models: list[str] | None = None
         self._loaded = False
         self._lock = threading.RLock()
         self._register_object(GenericEngine(), GENERIC_PLUGIN_NAME, distribution="defuser-core")
@@ -579,6 +580,22 @@ class DefuserPluginManager:
             _, failure = self._hook_error(hook_name, error, caller, f"for model type {model_type!r}")
             raise failure from error
         return [name for result in results if result for name in result]
+
+    def register_models(self) -> list[str]:
+        """Let every plugin make its own transformers model classes known (once per manager;
+        see ``defuser_register_models``); a raising hook is a :class:`PluginError` naming
+        plugin and hook."""
+        self.ensure_loaded()
+        with self._lock:
+            if self._registered_models is None:
+                caller = self.pm.hook.defuser_register_models
+                try:
+                    results = caller()
+                except Exception as error:
+                    _, failure = self._hook_error("defuser_register_models", error, caller, "")
+                    raise failure from error
+                self._registered_models = [name for result in results if result for name in result]
+            return list(self._registered_models)
 
     def describe(self) -> list[LoadedPlugin]:
         """All plugins known, loaded or failed, sorted by name."""
