@@ -166,11 +166,13 @@ def _without_config_validation(model: nn.Module):
         yield
 
 
-def _save(model: nn.Module, saved: Saved, reference: torch.Tensor) -> None:
-    """``save_pretrained`` plus what the loaders need: the output to match and the config object."""
+def _save(model: nn.Module, saved: Saved, inputs: dict[str, Any], reference: torch.Tensor) -> None:
+    """``save_pretrained`` plus what the loaders need: the inputs, the output to match and the
+    config object."""
     saved.folder.mkdir(parents=True)
     with _without_config_validation(model):
         model.save_pretrained(saved.folder)
+    torch.save(inputs, saved.folder / "inputs.pt")
     torch.save(reference, saved.folder / "reference.pt")
     (saved.folder / "config.pkl").write_bytes(pickle.dumps(model.config))
 
@@ -181,12 +183,13 @@ def _save_converted(model_type: str, root: Path) -> Saved:
         model = build_tiny_model(model_type, **BUILD_OVERRIDES.get(model_type, {}))
         saved.model_class = type(model)
         zero_identity_rows(model)
-        reference = tiny_forward(model, tiny_inputs(model))
+        inputs = tiny_inputs(model)
+        reference = tiny_forward(model, inputs)
         saved.stock_folder = root / "stock" / model_type
         with _without_config_validation(model):
             model.save_pretrained(saved.stock_folder)
         assert convert_model(model) is True, "nothing was defused"
-        _save(model, saved, reference)  # the fused model's output
+        _save(model, saved, inputs, reference)  # the fused model's output
     except Exception as error:
         saved.error = f"{type(error).__name__}: {error}"
     return saved
@@ -201,7 +204,8 @@ def _save_built(model_type: str, root: Path) -> Saved:
             saved.model_class = type(model)
             saved.left_fused = [candidate.path for candidate in find_candidates(model)]
             # Saved while patched: the patched checkpoint mapping names the per-expert keys.
-            _save(model, saved, tiny_forward(model, tiny_inputs(model)))
+            inputs = tiny_inputs(model)
+            _save(model, saved, inputs, tiny_forward(model, inputs))
     except Exception as error:
         saved.error = f"{type(error).__name__}: {error}"
     return saved
@@ -209,8 +213,10 @@ def _save_built(model_type: str, root: Path) -> Saved:
 
 # --- loading --------------------------------------------------------------------------------
 
-# Runs in a fresh interpreter that must not import defuser: tiny_forward and tiny_inputs come
-# from defuser/tiny.py loaded by path under another name (it imports torch and transformers only).
+# Runs in a fresh interpreter that must not import defuser: the inputs are the saved ones, and
+# tiny_forward comes from defuser/tiny.py loaded by path under another name (it imports torch and
+# transformers only), with the model types fed embeddings given by the manifest instead of the
+# plugins' recipes.
 _STOCK_LOADER = r"""
 import importlib, importlib.util, json, pickle, sys
 from pathlib import Path
@@ -221,6 +227,8 @@ manifest = json.loads(Path(sys.argv[1]).read_text())
 spec = importlib.util.spec_from_file_location("_tiny_helpers", manifest["tiny"])
 tiny = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tiny)
+embeds_only = set(manifest["embeds_only"])
+tiny.tiny_recipe = lambda model_type: type("Recipe", (), {"embeds_only": model_type in embeds_only})()
 KEY_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
 results = {}
 for entry in manifest["checkpoints"]:
@@ -231,7 +239,7 @@ for entry in manifest["checkpoints"]:
         model, info = cls.from_pretrained(folder, config=config, output_loading_info=True)
         model.eval()
         reference = torch.load(folder / "reference.pt")
-        output = tiny.tiny_forward(model, tiny.tiny_inputs(model))
+        output = tiny.tiny_forward(model, torch.load(folder / "inputs.pt", weights_only=False))
         problems = {k: sorted(v)[:3] for k, v in info.items() if v and k in KEY_PROBLEMS}
         results[entry["key"]] = {"difference": (output - reference).abs().max().item(), "problems": problems}
     except Exception as error:
@@ -242,8 +250,11 @@ Path(sys.argv[2]).write_text(json.dumps(results))
 
 
 def _load_stock(checkpoints: list[Saved], root: Path) -> dict[str, Any]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     manifest = {
         "tiny": defuser.tiny.__file__,
+        "embeds_only": sorted(name for name in CONFIG_MAPPING_NAMES if defuser.tiny.tiny_recipe(name).embeds_only),
         "checkpoints": [
             {
                 "key": saved.key,

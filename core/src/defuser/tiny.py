@@ -20,12 +20,13 @@ import importlib
 import inspect
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from defuser.plugin_info import TinyModel
+if TYPE_CHECKING:
+    from defuser.plugin_info import TinyModel
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,6 @@ SHRINK: dict[str, Any] = {
 
 
 _MISSING = object()
-_NO_RECIPE = TinyModel()
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,13 +178,16 @@ def _installed_recipes() -> dict[str, TinyModel]:
 def tiny_recipe(model_type: str) -> TinyModel:
     """The :class:`~defuser.plugin_info.TinyModel` recipe a plugin gives ``model_type``
     (a plugin registered by hand first, then the installed ones), or an empty one."""
+    # Imported here: this module is also loaded by path, without defuser, by a test's stock
+    # loader (which supplies its own tiny_recipe).
+    from defuser.plugin_info import TinyModel
     from defuser.plugins import get_plugin_manager
 
     for loaded in list(get_plugin_manager().plugins.values()):
         recipe = getattr(loaded.info, "tiny_models", {}).get(model_type)
         if recipe is not None:
             return recipe
-    return _installed_recipes().get(model_type, _NO_RECIPE)
+    return _installed_recipes().get(model_type) or TinyModel()
 
 
 def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
