@@ -44,6 +44,9 @@ class Step:
     fused_key: str | None = None  # the model's state-dict key of the fused tensor
     transposed: bool = False  # the checkpoint stores the fused tensor transposed (last two dims)
     identity_elements: int = 0  # identity-expert elements of the fused tensor: dropped (split), zeros (join)
+    # (byte offset in the fused tensor, byte count) of each output of a split whose pieces are
+    # contiguous ranges of the stored tensor: copied as bytes, not decoded.  None: decoded.
+    ranges: tuple[tuple[int, int], ...] | None = None
 
     @property
     def piece_count(self) -> int:
@@ -359,7 +362,18 @@ def _split_step(entry: TensorEntry, spec: FusedSpec, model: ModelLayout, to_chec
         for name, shape in model.pieces[spec.key]
     )
     identity = spec.identity_elements
-    return Step("split", (entry.name,), outputs, fused_key=spec.key, transposed=transposed, identity_elements=identity)
+    ranges = spec.piece_ranges(DTYPE_SIZES[entry.dtype], transposed)
+    if ranges is not None and [count for _, count in ranges] != [output.nbytes for output in outputs]:
+        ranges = None  # cannot happen (describe_model_layout checked the shapes); decoding checks again
+    return Step(
+        "split",
+        (entry.name,),
+        outputs,
+        fused_key=spec.key,
+        transposed=transposed,
+        identity_elements=identity,
+        ranges=ranges,
+    )
 
 
 def _join_step(
