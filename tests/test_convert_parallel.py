@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,9 @@ def decoded(tmp_path_factory, qwen_source, gpt_oss_source) -> dict[str, dict[str
         for name, source in (("qwen3_moe", qwen_source), ("gpt_oss", gpt_oss_source)):
             report = convert_checkpoint(source, root / name, progress=False)
             assert all(step.ranges is None for step in report.plan.steps)
-    return {name: _files(root / name) for name in ("qwen3_moe", "gpt_oss")}
+        report = convert_checkpoint(root / "qwen3_moe", root / "qwen3_moe_back", reverse=True, progress=False)
+        assert all(step.ranges is None for step in report.plan.steps)
+    return {name: _files(root / name) for name in ("qwen3_moe", "gpt_oss", "qwen3_moe_back")}
 
 
 def test_zero_copy_splits_are_planned_as_byte_ranges(qwen_source, gpt_oss_source, tmp_path):
@@ -90,6 +93,23 @@ def test_byte_ranges_give_the_files_decoding_gives(model_type, qwen_source, gpt_
     source = qwen_source if model_type == "qwen3_moe" else gpt_oss_source
     convert_checkpoint(source, tmp_path / "out", progress=False)
     assert _files(tmp_path / "out") == decoded[model_type]
+
+
+def test_joins_from_byte_ranges_give_the_files_decoding_gives(qwen_source, decoded, tmp_path):
+    result, back = tmp_path / "per_expert", tmp_path / "back"
+    convert_checkpoint(qwen_source, result, progress=False)
+    report = convert_checkpoint(result, back, reverse=True, progress=False)
+    joins = [step for step in report.plan.steps if step.kind == "join"]
+    assert joins and all(step.ranges is not None for step in joins)
+    assert _files(back) == decoded["qwen3_moe_back"]
+
+
+def test_the_plan_says_which_tensors_are_copied_as_bytes(gpt_oss_source, tmp_path):
+    from defuser.offline import format_plan
+
+    text = format_plan(plan_conversion(gpt_oss_source, tmp_path / "out"))
+    assert re.search(r"experts\.gate_up_proj .*-> 16 tensors each \(decoded\)", text), text
+    assert re.search(r"experts\.down_proj_bias .*-> 8 tensors each \(byte ranges\)", text), text
 
 
 @pytest.mark.parametrize(

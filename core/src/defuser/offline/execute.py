@@ -108,6 +108,14 @@ def _run_step(
         for output, (offset, count) in zip(step.outputs, step.ranges, strict=True):
             yield writer.copy_range(output.name, handle, entry.start + offset, count)
         return
+    if step.kind == "join" and step.ranges is not None:
+        # The pieces' bytes one after the other are the fused tensor's: no decoding.
+        parts = [
+            (sources.handle(key), plan.checkpoint.tensors[key].start, plan.checkpoint.tensors[key].nbytes)
+            for key in step.sources
+        ]
+        yield writer.copy_ranges(step.outputs[0].name, parts)
+        return
     spec = plan.layout.specs[step.fused_key]
     if step.kind == "split":
         fused = sources.read(step.sources[0])

@@ -243,13 +243,25 @@ class ShardWriter:
         tensor ``name``, undecoded; returns the byte count.  Ranges that continue one another
         in the same source are copied with one call, when the next one comes or at close."""
         self._next(name, nbytes)
+        self._append_range(source, start, nbytes)
+        return nbytes
+
+    def copy_ranges(self, name: str, parts: list[tuple[BinaryIO, int, int]]) -> int:
+        """Append the planned tensor ``name`` as the concatenation of byte ranges ``(source,
+        start, bytes)`` (the per-expert tensors of a fused one, in order); returns the byte count."""
+        nbytes = sum(count for _, _, count in parts)
+        self._next(name, nbytes)
+        for source, start, count in parts:
+            self._append_range(source, start, count)
+        return nbytes
+
+    def _append_range(self, source: BinaryIO, start: int, nbytes: int) -> None:
         pending = self._pending_range
         if pending is not None and pending[0] is source and pending[1] + pending[2] == start:
             self._pending_range = (source, pending[1], pending[2] + nbytes)
         else:
             self._copy_pending()
             self._pending_range = (source, start, nbytes)
-        return nbytes
 
     def _copy_pending(self) -> None:
         if self._pending_range is None:
