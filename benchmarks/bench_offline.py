@@ -7,11 +7,13 @@ Writes a sharded bf16 qwen3_moe checkpoint with random weights in the fused layo
 hidden 2048, expert width 768, as many layers as the size asks), one shard at a time with
 safetensors, so building it never holds more than one shard.  Then, each in its own process:
 
-- ``copy``: ``cp -r SRC DST && sync``, the floor any conversion is compared with;
+- ``copy``: ``cp -r SRC DST && sync DST/* DST`` (the copied files flushed to disk, as the
+  conversion flushes its shards), the floor any conversion is compared with, run again right
+  before each conversion because the load of a shared machine drifts;
 - ``convert`` once per ``--jobs`` value (default: 1 and the CPUs available): seconds in all,
   seconds after planning (what the command reports for writing, verifying and renaming; the
   rest is the interpreter, imports, the meta model and the plan), the ratio of the part after
-  planning to the plain copy, the jobs used and each job's peak RSS (a forked job counts the
+  planning to the plain copy just before it, the jobs used and each job's peak RSS (a forked job counts the
   pages it shares with its parent as its own, so the figure added during the job is given too),
   the whole command's peak RSS (``ru_maxrss`` of the waited process tree), and a spot check that
   expert 0's per-expert weights equal the slices of the fused ones;
@@ -219,22 +221,20 @@ def main() -> None:
         build_seconds = time.perf_counter() - started
         common = {"model_bytes": model_bytes, "shards": len(list(source.glob("*.safetensors"))), "cpus": os.cpu_count()}
         subprocess.run(["sync"], check=True)  # the build's dirty pages are not the copy's to write
-        copy_seconds, _, _ = _measured(["sh", "-c", f"cp -r '{source}' '{copied}' && sync"])
-        shutil.rmtree(copied)
-        print(
-            json.dumps(
-                {
-                    "case": "copy",
-                    "command": "cp -r SRC DST && sync",
-                    **common,
-                    "seconds": round(copy_seconds, 2),
-                    "load_1min": _load(),
-                    "build_seconds": round(build_seconds, 1),
-                }
-            ),
-            flush=True,
-        )
+
+        def copy_case() -> float:
+            """``cp -r`` then fsync of the copied files (``sync FILE...``): what the conversion
+            does to its own files; a bare ``sync`` would also wait for other processes' writes."""
+            seconds, _, _ = _measured(["sh", "-c", f"cp -r '{source}' '{copied}' && sync '{copied}'/* '{copied}'"])
+            shutil.rmtree(copied)
+            copy = {"case": "copy", "command": "cp -r SRC DST && sync DST/* DST", **common}
+            figures = {"seconds": round(seconds, 2), "load_1min": _load(), "build_seconds": round(build_seconds, 1)}
+            print(json.dumps({**copy, **figures}), flush=True)
+            return seconds
+
         for jobs in args.jobs or sorted({1, _cpus()}):
+            # Each conversion right after its own plain copy: a shared machine's load drifts.
+            copy_seconds = copy_case()
             figures = _convert_case(source, result, jobs, copy_seconds, largest)
             figures["spot_check"] = _spot_check(source, result)
             print(json.dumps({**figures, **common}), flush=True)

@@ -344,6 +344,11 @@ def _convert(args: argparse.Namespace) -> int:
 
         names = [plan.shards[index].name for index in part_shards(plan, args.shards)]
         print(f"part {args.shards}: {len(names)} shard(s) into {part_folder(plan.destination, args.shards)}")
+    if args.merge:
+        from defuser.offline.parts import find_parts
+
+        parts = find_parts(plan)  # checked in a dry run too
+        print(f"merge: parts 1 to {len(parts)} of {len(parts)} found, made from this plan")
     if args.dry_run:
         print("dry run: nothing written")
         return 0

@@ -9,7 +9,10 @@ and removes the part folders once DST is in place.
 Output shard ``k`` (counted from 0) belongs to part ``k % N + 1``: parts get shards spread over
 the whole model, so their sizes stay close.  The plan's fingerprint covers the source (every
 tensor's name, dtype, shape and place), the direction and every output shard with its tensors,
-so parts made from another source, another version of it or with other options are refused."""
+so parts made from another source, another version of it or with other options are refused.
+Tensor values are not read for it: two sources with equal headers and other values are not told
+apart.  The index and the other files (config, tokenizer, ...) come from SRC at merge time, so
+they may differ between the machines' copies."""
 
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ def part_shards(plan: ConversionPlan, part: Part) -> list[int]:
 
 
 def plan_fingerprint(plan: ConversionPlan) -> str:
-    """A digest of everything that decides the bytes of the result (see the module docstring)."""
+    """A digest of everything that decides the bytes of the output shards (see the module docstring)."""
     checkpoint = plan.checkpoint
     described: dict[str, Any] = {
         "reverse": plan.reverse,
@@ -87,13 +90,10 @@ def plan_fingerprint(plan: ConversionPlan) -> str:
             [key, entry.dtype, list(entry.shape), checkpoint.shard_of[key], entry.start, entry.nbytes]
             for key, entry in checkpoint.tensors.items()
         ],
-        "source_metadata": checkpoint.metadata,
-        "index_metadata": plan.index_metadata,
         "shards": [
             [shard.name, shard.metadata, [[t.name, t.dtype, list(t.shape)] for t in shard.tensors]]
             for shard in plan.shards
         ],
-        "files": plan.files,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 

@@ -19,7 +19,16 @@ __all__ = ["CHUNK_BYTES", "copy_range", "methods_available"]
 
 CHUNK_BYTES = 16 << 20
 # errno values meaning "this method cannot copy between these files": try the next method.
-_UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EBADF}
+_UNSUPPORTED = {
+    errno.ENOSYS,
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.EPERM,
+    errno.EBADF,
+    errno.ENOTSOCK,  # macOS: sendfile writes to sockets only
+}
 # Methods found unusable in this process; looked up again in os at each call (tests remove them).
 _refused: set[str] = set()
 _buffers: dict[int, tuple[bytearray, bytearray]] = {}  # pid -> the two chunk buffers (a forked job makes its own)
@@ -61,8 +70,12 @@ def _read_into(source: int, buffer: bytearray, offset: int, count: int) -> int:
     while done < count:
         if hasattr(os, "preadv"):
             got = os.preadv(source, [view[done:count]], offset + done)
-        else:  # no preadv (macOS before 11): one copy more
-            data = os.pread(source, count - done, offset + done)
+        else:  # no preadv (macOS before 11, Windows): one copy more
+            if hasattr(os, "pread"):
+                data = os.pread(source, count - done, offset + done)
+            else:
+                os.lseek(source, offset + done, os.SEEK_SET)
+                data = os.read(source, count - done)
             view[done : done + len(data)] = data
             got = len(data)
         if got == 0:
@@ -73,7 +86,11 @@ def _read_into(source: int, buffer: bytearray, offset: int, count: int) -> int:
 
 def _write_all(target: int, view: memoryview, offset: int) -> None:
     while len(view):
-        written = os.pwrite(target, view, offset)
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(target, view, offset)
+        else:  # Windows
+            os.lseek(target, offset, os.SEEK_SET)
+            written = os.write(target, view)
         view, offset = view[written:], offset + written
 
 
