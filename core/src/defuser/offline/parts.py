@@ -129,9 +129,8 @@ def find_parts(plan: ConversionPlan) -> dict[int, Path]:
         if match and match.group("stem") == destination.name and not path.name.startswith("."):
             found.setdefault(int(match.group("count")), set()).add(path)
     if not found:
-        pattern = f"{destination.name}.part-I-of-N"
         raise OfflineConversionError(
-            f"{destination.parent}: no part folders {pattern} (made by defuser convert SRC DST --shards I/N)"
+            f"{destination}.part-I-of-N: no such part folders (made by defuser convert SRC DST --shards I/N)"
         )
     if len(found) > 1:
         counts = ", ".join(f"of-{count}" for count in sorted(found))
@@ -140,15 +139,23 @@ def find_parts(plan: ConversionPlan) -> dict[int, Path]:
             "remove those of the other runs"
         )
     ((count, folders),) = found.items()
+    for number in range(1, count + 1):
+        folder = part_folder(destination, Part(number, count))
+        if folder not in folders:
+            part = Part(number, count)
+            raise OfflineConversionError(
+                f"{folder}: missing; part {part} is not converted yet (defuser convert SRC DST --shards {part})"
+            )
+    if count > len(plan.shards):
+        raise OfflineConversionError(
+            f"{destination.parent}: {count} part folders of {destination.name}, but the result has "
+            f"{len(plan.shards)} output shard(s); they were made from another plan"
+        )
     fingerprint = plan_fingerprint(plan)
     parts: dict[int, Path] = {}
     for number in range(1, count + 1):
         part = Part(number, count)
         folder = part_folder(destination, part)
-        if folder not in folders:
-            raise OfflineConversionError(
-                f"{folder}: missing; part {part} is not converted yet (defuser convert SRC DST --shards {part})"
-            )
         document = read_manifest(folder)
         if (document["part"], document["parts"]) != (number, count):
             what = f"{document['part']}/{document['parts']}"
