@@ -142,6 +142,22 @@ def test_a_refused_kernel_copy_falls_back(qwen_source, decoded, tmp_path, monkey
     assert "copy_file_range" not in ranges.methods_available()
 
 
+def test_a_full_disk_during_a_kernel_copy_names_the_file(qwen_source, tmp_path, monkeypatch):
+    import errno
+
+    from defuser.offline import OfflineConversionError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "copy_file_range", full, raising=False)
+    monkeypatch.setattr(ranges, "_refused", set())
+    message = r"model-00001-of-00004\.safetensors: cannot write \(No space left on device, errno 28\)"
+    with pytest.raises(OfflineConversionError, match=message):
+        convert_checkpoint(qwen_source, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []  # no DST, no temporary folder
+
+
 def test_a_truncated_source_is_named(qwen_source, tmp_path):
     import shutil
 

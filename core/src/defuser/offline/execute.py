@@ -7,11 +7,11 @@ removed by the next run (:mod:`defuser.offline.workspace`)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -182,21 +183,23 @@ def _write_shard(plan: ConversionPlan, index: int, folder: Path, progress: tqdm 
     return _JobResult(index, shard.nbytes, nonzero_identity, os.getpid(), rss_at_start, _memory()[1])
 
 
-# The plan and folder of a job process, set before it starts (inherited by fork, else sent once).
-_job_plan: tuple[ConversionPlan, Path] | None = None
-
-
-def _start_job(plan: ConversionPlan, folder: Path) -> None:
-    global _job_plan
-    _job_plan = plan, folder
+def _job_main(plan: ConversionPlan, folder: Path, indices: list[int], connection: Connection) -> None:
+    """A job process: write the shards ``indices``, sending ``("shard", result)`` after each and
+    ``("done", None)`` at the end, or ``("error", exception)`` for the first failure."""
     torch.set_num_threads(1)  # a job decodes one tensor at a time; the jobs are the parallelism
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the jobs and cleans up
-
-
-def _job(index: int) -> _JobResult:
-    assert _job_plan is not None, "job process not started with _start_job"
-    plan, folder = _job_plan
-    return _write_shard(plan, index, folder)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped by the parent: at once
+    try:
+        for index in indices:
+            connection.send(("shard", _write_shard(plan, index, folder)))
+        connection.send(("done", None))
+    except BaseException as error:
+        try:
+            connection.send(("error", error))
+        except Exception:  # an exception that does not pickle: its text then
+            connection.send(("error", OfflineConversionError(f"{type(error).__name__}: {error}")))
+    finally:
+        connection.close()
 
 
 def _job_context() -> multiprocessing.context.BaseContext:
@@ -205,12 +208,24 @@ def _job_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _assign(plan: ConversionPlan, indices: list[int], jobs: int) -> list[list[int]]:
+    """The shards ``indices`` dealt to ``jobs`` jobs, largest first to the least loaded job."""
+    groups: list[list[int]] = [[] for _ in range(jobs)]
+    loads = [0] * jobs
+    for index in sorted(indices, key=lambda i: (-plan.shards[i].nbytes, i)):
+        job = loads.index(min(loads))
+        groups[job].append(index)
+        loads[job] += plan.shards[index].nbytes
+    return [sorted(group) for group in groups if group]
+
+
 def _write_shards(
     plan: ConversionPlan, indices: list[int], folder: Path, progress: tqdm, jobs: int
 ) -> list[_JobResult]:
-    """Write the output shards ``indices`` of ``plan`` into ``folder``, up to ``jobs`` at a time
-    in their own processes (one shard per process at a time, so each holds at most one fused
-    tensor); every shard's bytes are the same whatever ``jobs``."""
+    """Write the output shards ``indices`` of ``plan`` into ``folder``, spread over up to
+    ``jobs`` processes (one shard at a time in each, so each holds at most one fused tensor);
+    every shard's bytes are the same whatever ``jobs``.  The first job to fail stops the others
+    and its error is raised here."""
     results: list[_JobResult] = []
     jobs = min(jobs, len(indices))
     if jobs <= 1:
@@ -219,25 +234,42 @@ def _write_shards(
             results.append(_write_shard(plan, index, folder, progress))
     else:
         progress.set_description(f"{len(indices)} shards, {jobs} jobs")
-        pool = concurrent.futures.ProcessPoolExecutor(
-            jobs, mp_context=_job_context(), initializer=_start_job, initargs=(plan, folder)
-        )
+        context = _job_context()
+        running: dict[Connection, multiprocessing.process.BaseProcess] = {}
         finished = False
         try:
-            futures = [pool.submit(_job, index) for index in indices]
-            for future in concurrent.futures.as_completed(futures):
-                result = future.result()  # a job's error is raised here, as it was raised there
-                progress.update(result.nbytes)
-                results.append(result)
+            for group in _assign(plan, indices, jobs):
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_job_main, args=(plan, folder, group, sender), daemon=True)
+                process.start()
+                sender.close()  # the job holds the only sending end: its death reads as EOF
+                running[receiver] = process
+            pending = dict(running)
+            while pending:
+                for receiver in multiprocessing.connection.wait(list(pending)):
+                    try:
+                        kind, payload = receiver.recv()
+                    except EOFError:
+                        process = pending[receiver]
+                        process.join()
+                        raise OfflineConversionError(
+                            f"{folder}: conversion job {process.pid} ended without finishing its shards "
+                            f"(exit code {process.exitcode}; killed for memory?)"
+                        ) from None
+                    if kind == "error":
+                        raise payload
+                    if kind == "done":
+                        del pending[receiver]
+                    else:
+                        progress.update(payload.nbytes)
+                        results.append(payload)
             finished = True
-        except concurrent.futures.process.BrokenProcessPool as error:
-            raise OfflineConversionError(f"{folder}: a conversion job died ({error}); killed for memory?") from None
         finally:
-            if not finished:
-                # Stop the other jobs before the temporary folder they write into is removed.
-                for process in list(getattr(pool, "_processes", {}).values()):
-                    process.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
+            for receiver, process in running.items():
+                if not finished and process.is_alive():
+                    process.terminate()  # before the temporary folder it writes into is removed
+                process.join()
+                receiver.close()
     nonzero_identity = [key for result in sorted(results, key=lambda r: r.shard) for key in result.nonzero_identity]
     if nonzero_identity:
         # Not an error: convert_model drops these rows too, and no forward reads them.
