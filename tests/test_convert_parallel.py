@@ -183,6 +183,18 @@ def test_two_jobs_write_the_files_one_job_writes(model_type, qwen_source, gpt_os
 
 
 @pytest.mark.subprocess
+def test_spawned_jobs_write_the_same_files(qwen_source, decoded, tmp_path, monkeypatch):
+    """Where the system cannot fork, the jobs are spawned and get the plan pickled."""
+    import multiprocessing
+
+    from defuser.offline import execute
+
+    monkeypatch.setattr(execute, "_job_context", lambda: multiprocessing.get_context("spawn"))
+    convert_checkpoint(qwen_source, tmp_path / "out", progress=False, jobs=2)
+    assert _files(tmp_path / "out") == decoded["qwen3_moe"]
+
+
+@pytest.mark.subprocess
 def test_an_error_in_a_job_is_raised_and_leaves_nothing(qwen_source, tmp_path, monkeypatch):
     from defuser.offline import OfflineConversionError, safetensors_io
 
@@ -191,6 +203,16 @@ def test_an_error_in_a_job_is_raised_and_leaves_nothing(qwen_source, tmp_path, m
 
     monkeypatch.setattr(safetensors_io.ShardWriter, "copy_range", failing)  # forked jobs inherit it
     with pytest.raises(OfflineConversionError, match=r"model-0000\d-of-0000\d\.safetensors: simulated failure"):
+        convert_checkpoint(qwen_source, tmp_path / "out", progress=False, jobs=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.subprocess
+def test_a_job_that_dies_is_named_and_leaves_nothing(qwen_source, tmp_path, monkeypatch):
+    from defuser.offline import OfflineConversionError, execute
+
+    monkeypatch.setattr(execute, "_write_shard", lambda *args, **kwargs: os._exit(3))  # as if killed
+    with pytest.raises(OfflineConversionError, match=r"conversion job \d+ ended without finishing .*exit code 3"):
         convert_checkpoint(qwen_source, tmp_path / "out", progress=False, jobs=2)
     assert list(tmp_path.iterdir()) == []
 
