@@ -202,10 +202,11 @@ def _job_main(plan: ConversionPlan, folder: Path, indices: list[int], connection
         connection.close()
 
 
-def _job_context() -> multiprocessing.context.BaseContext:
+def _job_context() -> multiprocessing.context.ForkContext | multiprocessing.context.SpawnContext:
     """fork where the system has it (no re-import: a job starts at once), else spawn."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _assign(plan: ConversionPlan, indices: list[int], jobs: int) -> list[list[int]]:
@@ -246,15 +247,16 @@ def _write_shards(
                 running[receiver] = process
             pending = dict(running)
             while pending:
-                for receiver in multiprocessing.connection.wait(list(pending)):
+                ready = multiprocessing.connection.wait(list(pending))
+                for receiver in [receiver for receiver in pending if receiver in ready]:
                     try:
                         kind, payload = receiver.recv()
                     except EOFError:
-                        process = pending[receiver]
-                        process.join()
+                        dead = pending[receiver]
+                        dead.join()
                         raise OfflineConversionError(
-                            f"{folder}: conversion job {process.pid} ended without finishing its shards "
-                            f"(exit code {process.exitcode}; killed for memory?)"
+                            f"{folder}: conversion job {dead.pid} ended without finishing its shards "
+                            f"(exit code {dead.exitcode}; killed for memory?)"
                         ) from None
                     if kind == "error":
                         raise payload
@@ -265,10 +267,10 @@ def _write_shards(
                         results.append(payload)
             finished = True
         finally:
-            for receiver, process in running.items():
-                if not finished and process.is_alive():
-                    process.terminate()  # before the temporary folder it writes into is removed
-                process.join()
+            for receiver, job in running.items():
+                if not finished and job.is_alive():
+                    job.terminate()  # before the temporary folder it writes into is removed
+                job.join()
                 receiver.close()
     nonzero_identity = [key for result in sorted(results, key=lambda r: r.shard) for key in result.nonzero_identity]
     if nonzero_identity:
