@@ -1,22 +1,31 @@
-"""Peak memory and speed of ``defuser convert`` on a checkpoint of several GB, one JSON line.
+"""Speed and peak memory of ``defuser convert`` beside a plain copy of the same folder, one JSON
+line per case.
 
-    python benchmarks/bench_offline.py --gigabytes 3 [--reverse] [--workdir /tmp] [--keep]
+    python benchmarks/bench_offline.py --gigabytes 2 [--jobs 1 2] [--reverse] [--workdir /tmp] [--keep]
 
 Writes a sharded bf16 qwen3_moe checkpoint with random weights in the fused layout (64 experts,
 hidden 2048, expert width 768, as many layers as the size asks), one shard at a time with
-safetensors, so building it never holds more than one shard.  Then runs ``defuser convert`` in a
-subprocess and prints: model bytes, the largest tensor's bytes, the convert process's peak RSS
-(``ru_maxrss`` of the waited child), the peak RSS and seconds of a ``--dry-run`` of the same
-conversion (imports, meta model and plan: the constant part), seconds and MB/s (whole command,
-and with the dry run's seconds taken off), and a spot check that expert 0's per-expert weights
-equal the slices of the fused ones.  ``--reverse`` also converts the result
-back and checks it byte for byte against the source.
+safetensors, so building it never holds more than one shard.  Then, each in its own process:
+
+- ``copy``: ``cp -r SRC DST && sync DST/* DST`` (the copied files flushed to disk, as the
+  conversion flushes its shards), the floor any conversion is compared with, run again right
+  before each conversion because the load of a shared machine drifts;
+- ``convert`` once per ``--jobs`` value (default: 1 and the CPUs available): seconds in all,
+  seconds after planning (what the command reports for writing, verifying and renaming; the
+  rest is the interpreter, imports, the meta model and the plan), the ratio of the part after
+  planning to the plain copy just before it, the jobs used and each job's peak RSS (a forked job counts the
+  pages it shares with its parent as its own, so the figure added during the job is given too),
+  the whole command's peak RSS (``ru_maxrss`` of the waited process tree), and a spot check that
+  expert 0's per-expert weights equal the slices of the fused ones;
+- with ``--reverse``, the result converted back, checked byte for byte against the source.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,18 +103,55 @@ open(sys.argv[1], "w").write(f"{code} {seconds} {resource.getrusage(resource.RUS
 """
 
 
-def _defuser(*args: str) -> tuple[float, int]:
-    """Run ``defuser`` in a subprocess; returns (seconds, peak RSS bytes of that process)."""
-    binary = Path(sys.executable).parent / "defuser"
-    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "defuser.cli"]
+def _measured(command: list[str]) -> tuple[float, int, str]:
+    """Run ``command``; returns (seconds, peak RSS bytes of its process tree, stdout)."""
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
-        done = subprocess.run(
-            [sys.executable, "-c", _MEASURE, report.name, *command, "--quiet", *args], capture_output=True, text=True
-        )
+        done = subprocess.run([sys.executable, "-c", _MEASURE, report.name, *command], capture_output=True, text=True)
         figures = report.read().split()
     if done.returncode != 0 or not figures or figures[0] != "0":
-        raise SystemExit(f"defuser {' '.join(args)} failed:\n{done.stderr}")
-    return float(figures[1]), int(figures[2]) * 1024
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return float(figures[1]), int(figures[2]) * 1024, done.stdout
+
+
+def _defuser(*args: str) -> tuple[float, int, str]:
+    """Run ``defuser --quiet ARGS`` in a subprocess; returns (seconds, peak RSS bytes, stdout)."""
+    binary = Path(sys.executable).parent / "defuser"
+    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "defuser.cli"]
+    return _measured([*command, "--quiet", *args])
+
+
+def _load() -> float:
+    """The 1-minute load average (the machine may be shared)."""
+    return round(os.getloadavg()[0], 2)
+
+
+_WROTE = re.compile(
+    r"^jobs: (\d+), ([0-9.]+) s; peak RSS per job, MiB \(\+ added during the job\): (.*)$", re.MULTILINE
+)
+
+
+def _convert_case(source: Path, result: Path, jobs: int, copy_seconds: float, largest: int) -> dict:
+    """One conversion with ``jobs`` jobs, measured."""
+    seconds, peak_rss, out = _defuser("convert", str(source), str(result), "--jobs", str(jobs))
+    match = _WROTE.search(out)
+    if match is None:
+        raise SystemExit(f"defuser convert printed no timing line:\n{out[-2000:]}")
+    after = float(match.group(2))
+    per_job = [re.match(r"(\d+) \(\+(-?\d+)\)", item.strip()) for item in match.group(3).split(",")]
+    return {
+        "case": "convert",
+        "jobs": int(match.group(1)),
+        "seconds": round(seconds, 2),
+        "planning_seconds": round(seconds - after, 2),
+        "after_planning_seconds": round(after, 2),
+        "after_planning_over_copy": round(after / copy_seconds, 2),
+        "total_over_copy": round(seconds / copy_seconds, 2),
+        "peak_rss_mib_per_job": [int(m.group(1)) for m in per_job if m],
+        "rss_added_in_job_mib": [int(m.group(2)) for m in per_job if m],
+        "largest_tensor_mib": round(largest / (1 << 20)),
+        "peak_rss_mib_whole_command": round(peak_rss / (1 << 20)),
+        "load_1min": _load(),
+    }
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
@@ -151,46 +197,64 @@ def _same_tensors(first: Path, second: Path) -> bool:
     return True
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def main() -> None:
-    """Build the checkpoint, convert it, print the JSON line."""
+    """Build the checkpoint, copy it, convert it, print one JSON line per case."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gigabytes", type=float, default=3.0, help="approximate checkpoint size")
     parser.add_argument("--workdir", default=None, help="where to build (default: a new folder in the temp dir)")
     parser.add_argument("--reverse", action="store_true", help="also convert back and compare byte for byte")
+    parser.add_argument("--jobs", type=int, nargs="+", help="job counts to convert with (default: 1 and the CPUs)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="defuser-bench-offline-", dir=args.workdir))
     try:
-        source, result, back = workdir / "fused", workdir / "per_expert", workdir / "back"
+        source, result, back, copied = workdir / "fused", workdir / "per_expert", workdir / "back", workdir / "copy"
         started = time.perf_counter()
         model_bytes, largest = _write_checkpoint(source, args.gigabytes)
         build_seconds = time.perf_counter() - started
-        # Each measurement needs its own process: ru_maxrss of children is the largest so far.
-        plan_seconds, plan_rss = _defuser("convert", str(source), str(result), "--dry-run")
-        seconds, peak_rss = _defuser("convert", str(source), str(result))
-        figures = {
-            "model_bytes": model_bytes,
-            "largest_tensor_bytes": largest,
-            "shards": len(list(source.glob("*.safetensors"))),
-            "peak_rss_bytes": peak_rss,
-            "dry_run_rss_bytes": plan_rss,
-            "peak_rss_minus_dry_run_over_largest_tensor": round((peak_rss - plan_rss) / largest, 3),
-            "seconds": round(seconds, 2),
-            "dry_run_seconds": round(plan_seconds, 2),
-            "mb_per_s": round(model_bytes / 1e6 / seconds, 1),
-            "mb_per_s_after_planning": round(model_bytes / 1e6 / max(seconds - plan_seconds, 1e-9), 1),
-            "build_seconds": round(build_seconds, 1),
-            "spot_check": _spot_check(source, result),
-        }
-        if args.reverse:
-            reverse_seconds, reverse_rss = _defuser("convert", str(result), str(back), "--reverse")
-            figures["reverse"] = {
-                "peak_rss_bytes": reverse_rss,
-                "seconds": round(reverse_seconds, 2),
-                "mb_per_s": round(model_bytes / 1e6 / reverse_seconds, 1),
-                "byte_identical": _same_tensors(source, back),
-            }
-        print(json.dumps(figures))
+        common = {"model_bytes": model_bytes, "shards": len(list(source.glob("*.safetensors"))), "cpus": os.cpu_count()}
+        subprocess.run(["sync"], check=True)  # the build's dirty pages are not the copy's to write
+
+        def copy_case() -> float:
+            """``cp -r`` then fsync of the copied files (``sync FILE...``): what the conversion
+            does to its own files; a bare ``sync`` would also wait for other processes' writes."""
+            seconds, _, _ = _measured(["sh", "-c", f"cp -r '{source}' '{copied}' && sync '{copied}'/* '{copied}'"])
+            shutil.rmtree(copied)
+            copy = {"case": "copy", "command": "cp -r SRC DST && sync DST/* DST", **common}
+            figures = {"seconds": round(seconds, 2), "load_1min": _load(), "build_seconds": round(build_seconds, 1)}
+            print(json.dumps({**copy, **figures}), flush=True)
+            return seconds
+
+        for jobs in args.jobs or sorted({1, _cpus()}):
+            # Each conversion right after its own plain copy: a shared machine's load drifts.
+            copy_seconds = copy_case()
+            figures = _convert_case(source, result, jobs, copy_seconds, largest)
+            figures["spot_check"] = _spot_check(source, result)
+            print(json.dumps({**figures, **common}), flush=True)
+            if args.reverse and jobs == (args.jobs or [_cpus()])[-1]:
+                reverse_seconds, reverse_rss, _ = _defuser("convert", str(result), str(back), "--reverse")
+                print(
+                    json.dumps(
+                        {
+                            "case": "reverse",
+                            **common,
+                            "seconds": round(reverse_seconds, 2),
+                            "peak_rss_mib_whole_command": round(reverse_rss / (1 << 20)),
+                            "byte_identical": _same_tensors(source, back),
+                            "load_1min": _load(),
+                        }
+                    ),
+                    flush=True,
+                )
+                shutil.rmtree(back)
+            shutil.rmtree(result)
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)

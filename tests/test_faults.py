@@ -821,6 +821,19 @@ def _header(text: bytes) -> Callable[[Path, Path], list[str]]:
     return prepare
 
 
+def _part_one_of_two(source: Path, destination: Path) -> list[str]:
+    """A part folder ``DST.part-1-of-2`` as ``--shards 1/2`` leaves it (the tiny checkpoint has one
+    output shard, so a real run would refuse two parts): the manifest of this plan, the shard."""
+    from defuser.offline import plan_conversion
+    from defuser.offline.parts import MANIFEST_NAME, plan_fingerprint
+
+    part = destination.with_name(f"{destination.name}.part-1-of-2")
+    part.mkdir()
+    manifest = {"part": 1, "parts": 2, "plan": plan_fingerprint(plan_conversion(source, destination)), "shards": []}
+    (part / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return ["--merge"]
+
+
 def _list_model_type(source: Path, destination: Path) -> list[str]:
     config = json.loads((source / "config.json").read_text())
     config["model_type"] = ["qwen3_moe"]
@@ -886,6 +899,11 @@ CONVERT_BAD_INPUTS = [
     ),
     ConvertBadInput('`"model_type": ["qwen3_moe"]` in SRC/config.json', _list_model_type, "model_type"),
     ConvertBadInput("the disk fills up while a shard is written", lambda source, destination: [], "model.safetensors"),
+    ConvertBadInput("`--shards 2/2` for a result of one shard", lambda source, destination: ["--shards", "2/2"], "2/2"),
+    ConvertBadInput(
+        "`--merge` with no part folders beside DST", lambda source, destination: ["--merge"], "part-I-of-N"
+    ),
+    ConvertBadInput("`--merge` with part 1 of 2 only", _part_one_of_two, "DST.part-2-of-2: missing"),
 ]
 
 

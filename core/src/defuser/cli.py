@@ -421,15 +421,55 @@ def _new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _part(text: str) -> Any:
+    """argparse type of ``--shards``: ``I/N``, part I of N."""
+    from defuser.offline.parts import parse_part
+
+    try:
+        return parse_part(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _default_jobs() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _mebibytes(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.0f}"
+
+
 def _convert(args: argparse.Namespace) -> int:
-    from defuser.offline import execute_plan, format_plan, plan_conversion
+    from defuser.offline import carry_out, format_plan, merge_parts, part_folder, plan_conversion
 
     plan = plan_conversion(args.source, args.destination, reverse=args.reverse, overwrite=args.overwrite)
     print(format_plan(plan), flush=True)
+    if args.shards is not None:
+        from defuser.offline.parts import part_shards
+
+        names = [plan.shards[index].name for index in part_shards(plan, args.shards)]
+        print(f"part {args.shards}: {len(names)} shard(s) into {part_folder(plan.destination, args.shards)}")
+    if args.merge:
+        from defuser.offline.parts import find_parts
+
+        parts = find_parts(plan)  # checked in a dry run too
+        print(f"merge: parts 1 to {len(parts)} of {len(parts)} found, made from this plan")
     if args.dry_run:
         print("dry run: nothing written")
-    else:
-        print(f"wrote {plan.destination} in {execute_plan(plan):.1f} s")
+        return 0
+    if args.merge:
+        report = merge_parts(plan)
+        print(f"wrote {report.folder} in {report.seconds:.1f} s from {args.destination}.part-*")
+        return 0
+    jobs = args.jobs if args.jobs is not None else _default_jobs()
+    report = carry_out(plan, jobs=jobs, part=args.shards)
+    memory = ", ".join(f"{_mebibytes(peak)} (+{_mebibytes(peak - start)})" for _, start, peak in report.job_memory)
+    print(f"wrote {report.folder} in {report.seconds:.1f} s")
+    print(f"jobs: {report.jobs}, {report.seconds:.3f} s; peak RSS per job, MiB (+ added during the job): {memory}")
     return 0
 
 
@@ -484,6 +524,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("--reverse", action="store_true", help="per-expert -> fused instead")
     convert.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        help="output shards written at a time, each in its own process (default: the CPUs available)",
+    )
+    several = convert.add_mutually_exclusive_group()
+    several.add_argument(
+        "--shards",
+        type=_part,
+        metavar="I/N",
+        help="write only part I of N of the output shards, into DST.part-I-of-N (one per machine; then --merge)",
+    )
+    several.add_argument(
+        "--merge", action="store_true", help="make DST from the N part folders DST.part-I-of-N that --shards wrote"
+    )
     convert.set_defaults(run=_convert)
     plugins = commands.add_parser("plugins", parents=[switches], help="list installed plugins")
     plugins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")

@@ -11,12 +11,17 @@ tensors are written under transformers' stock per-expert names where it has them
 converted model writes the stock fused layout instead where stock checkpoints are fused);
 ``--reverse`` reads either those or the converted model's state-dict names.
 
-Tensors are read with plain file reads into one buffer each.  ``safetensors.safe_open`` maps
+Per-expert slices that are contiguous byte ranges of the fused tensor as stored (a zero-copy
+layout: stacked ``[E, 2I, H]`` gate-up halves, ``[E, H, I]`` down), and every tensor copied
+unchanged, are copied as bytes by the kernel (:mod:`~defuser.offline.ranges`), never decoded.
+Other fused tensors (interleaved, stored transposed, with identity rows) are decoded: read with
+plain file reads into one buffer each.  ``safetensors.safe_open`` maps
 the whole file instead, and every page touched while reading a shard stays in the process's
 resident memory until the file is closed, so a multi-GB shard would cost its full size.  The
 output is written by a streaming safetensors writer (header first, computed from the plan, then
 each tensor's bytes as soon as it exists), so peak memory is one fused tensor plus one expert's
-slice, whatever the checkpoint size.  Everything goes to a temporary folder beside the
+slice per job, whatever the checkpoint size; output shards are written by ``jobs`` processes
+at a time, each shard the same bytes whatever the count.  Everything goes to a temporary folder beside the
 destination that is renamed into place only when complete and verified.
 
 Modules, bottom up: :mod:`~defuser.offline.safetensors_io` (the file format),
@@ -24,13 +29,22 @@ Modules, bottom up: :mod:`~defuser.offline.safetensors_io` (the file format),
 :mod:`~defuser.offline.model_layout` (fused tensors of the model and how they split),
 :mod:`~defuser.offline.plan` (every step decided, and told, before writing),
 :mod:`~defuser.offline.workspace` (the marked temporary folder, swapping it into place, and
-removing what killed runs left), :mod:`~defuser.offline.execute` (writing, verifying,
-renaming into place).
+removing what killed runs left), :mod:`~defuser.offline.ranges` (byte ranges copied by the
+kernel), :mod:`~defuser.offline.parts` (one conversion on several machines, merged after),
+:mod:`~defuser.offline.execute` (writing in parallel jobs, verifying, renaming into place).
 """
 
 from defuser.offline.checkpoint import Checkpoint, open_checkpoint
-from defuser.offline.execute import ConversionReport, convert_checkpoint, execute_plan
+from defuser.offline.execute import (
+    ConversionReport,
+    ExecutionReport,
+    carry_out,
+    convert_checkpoint,
+    execute_plan,
+    merge_parts,
+)
 from defuser.offline.model_layout import FusedSpec, ModelLayout, describe_model_layout
+from defuser.offline.parts import Part, parse_part, part_folder
 from defuser.offline.plan import ConversionPlan, ShardPlan, Step, format_plan, plan_conversion
 from defuser.offline.safetensors_io import (
     DTYPE_SIZES,
@@ -45,18 +59,24 @@ __all__ = [
     "Checkpoint",
     "ConversionPlan",
     "ConversionReport",
+    "ExecutionReport",
     "FusedSpec",
     "ModelLayout",
     "OfflineConversionError",
     "OutputTensor",
+    "Part",
     "ShardPlan",
     "Step",
     "TensorEntry",
+    "carry_out",
     "convert_checkpoint",
     "describe_model_layout",
     "execute_plan",
     "format_plan",
+    "merge_parts",
     "open_checkpoint",
+    "parse_part",
+    "part_folder",
     "plan_conversion",
     "read_safetensors_header",
 ]

@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defuser.offline.checkpoint import INDEX_NAME, Checkpoint, check_destination, checked_file
+from defuser.offline.parts import MANIFEST_NAME, Part, find_parts, manifest, part_folder, part_shards, read_manifest
 from defuser.offline.plan import ConversionPlan, Step, plan_conversion
 from defuser.offline.safetensors_io import (
     OfflineConversionError,
@@ -36,11 +41,9 @@ from defuser.offline.safetensors_io import (
 )
 from defuser.offline.workspace import Workspace, remove_stale_workspaces
 
-__all__ = ["ConversionReport", "convert_checkpoint", "execute_plan"]
+__all__ = ["ConversionReport", "ExecutionReport", "carry_out", "convert_checkpoint", "execute_plan", "merge_parts"]
 
 logger = logging.getLogger(__name__)
-
-_COPY_CHUNK = 32 << 20
 
 
 @dataclass
@@ -70,12 +73,11 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 class _Sources:
-    """Open source shards (plain file handles, opened once) and a reusable copy buffer."""
+    """Open source shards: plain file handles, opened once per process."""
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self._handles: dict[str, BinaryIO] = {}
-        self.buffer = torch.empty(_COPY_CHUNK, dtype=torch.uint8)
 
     def handle(self, key: str) -> BinaryIO:
         shard = self.checkpoint.shard_of[key]
@@ -98,7 +100,22 @@ def _run_step(
     identity rows hold anything but zeros adds its source key to ``nonzero_identity``."""
     if step.kind == "copy":
         entry = plan.checkpoint.tensors[step.sources[0]]
-        yield from writer.copy(entry, sources.handle(entry.name), sources.buffer, step.outputs[0].name)
+        yield writer.copy(entry, sources.handle(entry.name), step.outputs[0].name)
+        return
+    if step.kind == "split" and step.ranges is not None:
+        # Every piece is a contiguous byte range of the stored fused tensor: no decoding.
+        entry = plan.checkpoint.tensors[step.sources[0]]
+        handle = sources.handle(entry.name)
+        for output, (offset, count) in zip(step.outputs, step.ranges, strict=True):
+            yield writer.copy_range(output.name, handle, entry.start + offset, count)
+        return
+    if step.kind == "join" and step.ranges is not None:
+        # The pieces' bytes one after the other are the fused tensor's: no decoding.
+        parts = [
+            (sources.handle(key), plan.checkpoint.tensors[key].start, plan.checkpoint.tensors[key].nbytes)
+            for key in step.sources
+        ]
+        yield writer.copy_ranges(step.outputs[0].name, parts)
         return
     spec = plan.layout.specs[step.fused_key]
     if step.kind == "split":
@@ -118,23 +135,144 @@ def _run_step(
     yield writer.write(step.outputs[0].name, out)
 
 
-def _write_shards(plan: ConversionPlan, folder: Path, progress: tqdm) -> None:
+@dataclass
+class _JobResult:
+    """What writing one shard gave: its index, bytes, the fused tensors with non-zero identity
+    rows, and the memory of the process that wrote it."""
+
+    shard: int
+    nbytes: int
+    nonzero_identity: list[str]
+    pid: int
+    rss_at_start: int
+    peak_rss: int
+
+
+def _memory() -> tuple[int, int]:
+    """``(resident bytes now, peak resident bytes)`` of this process (``/proc``; else ``ru_maxrss``)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) << 10, int(fields["VmHWM"].split()[0]) << 10
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak if sys.platform == "darwin" else peak << 10
+        return peak, peak
+
+
+def _write_shard(plan: ConversionPlan, index: int, folder: Path, progress: tqdm | None = None) -> _JobResult:
+    """Write output shard ``index`` of ``plan`` into ``folder``: one job's work."""
+    rss_at_start, _ = _memory()
+    shard = plan.shards[index]
     sources = _Sources(plan.checkpoint)
     nonzero_identity: list[str] = []
     try:
-        for number, shard in enumerate(plan.shards, 1):
-            progress.set_description(f"shard {number}/{len(plan.shards)}")
-            writer = ShardWriter(folder / shard.name, shard.tensors, shard.metadata)
-            try:
-                for step in shard.steps:
-                    for count in _run_step(step, plan, sources, writer, nonzero_identity):
+        writer = ShardWriter(folder / shard.name, shard.tensors, shard.metadata)
+        try:
+            for step in shard.steps:
+                for count in _run_step(step, plan, sources, writer, nonzero_identity):
+                    if progress is not None:
                         progress.update(count)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         sources.close()
+    return _JobResult(index, shard.nbytes, nonzero_identity, os.getpid(), rss_at_start, _memory()[1])
+
+
+def _job_main(plan: ConversionPlan, folder: Path, indices: list[int], connection: Connection) -> None:
+    """A job process: write the shards ``indices``, sending ``("shard", result)`` after each and
+    ``("done", None)`` at the end, or ``("error", exception)`` for the first failure."""
+    torch.set_num_threads(1)  # a job decodes one tensor at a time; the jobs are the parallelism
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the jobs and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped by the parent: at once
+    try:
+        for index in indices:
+            connection.send(("shard", _write_shard(plan, index, folder)))
+        connection.send(("done", None))
+    except BaseException as error:
+        try:
+            connection.send(("error", error))
+        except Exception:  # an exception that does not pickle: its text then
+            connection.send(("error", OfflineConversionError(f"{type(error).__name__}: {error}")))
+    finally:
+        connection.close()
+
+
+def _job_context() -> multiprocessing.context.ForkContext | multiprocessing.context.SpawnContext:
+    """fork where the system has it (no re-import: a job starts at once), else spawn."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _assign(plan: ConversionPlan, indices: list[int], jobs: int) -> list[list[int]]:
+    """The shards ``indices`` dealt to ``jobs`` jobs, largest first to the least loaded job."""
+    groups: list[list[int]] = [[] for _ in range(jobs)]
+    loads = [0] * jobs
+    for index in sorted(indices, key=lambda i: (-plan.shards[i].nbytes, i)):
+        job = loads.index(min(loads))
+        groups[job].append(index)
+        loads[job] += plan.shards[index].nbytes
+    return [sorted(group) for group in groups if group]
+
+
+def _write_shards(
+    plan: ConversionPlan, indices: list[int], folder: Path, progress: tqdm, jobs: int
+) -> list[_JobResult]:
+    """Write the output shards ``indices`` of ``plan`` into ``folder``, spread over up to
+    ``jobs`` processes (one shard at a time in each, so each holds at most one fused tensor);
+    every shard's bytes are the same whatever ``jobs``.  The first job to fail stops the others
+    and its error is raised here."""
+    results: list[_JobResult] = []
+    jobs = min(jobs, len(indices))
+    if jobs <= 1:
+        for number, index in enumerate(indices, 1):
+            progress.set_description(f"shard {number}/{len(indices)}")
+            results.append(_write_shard(plan, index, folder, progress))
+    else:
+        progress.set_description(f"{len(indices)} shards, {jobs} jobs")
+        context = _job_context()
+        running: dict[Connection, multiprocessing.process.BaseProcess] = {}
+        finished = False
+        try:
+            for group in _assign(plan, indices, jobs):
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_job_main, args=(plan, folder, group, sender), daemon=True)
+                process.start()
+                sender.close()  # the job holds the only sending end: its death reads as EOF
+                running[receiver] = process
+            pending = dict(running)
+            while pending:
+                ready = multiprocessing.connection.wait(list(pending))
+                for receiver in [receiver for receiver in pending if receiver in ready]:
+                    try:
+                        kind, payload = receiver.recv()
+                    except EOFError:
+                        dead = pending[receiver]
+                        dead.join()
+                        raise OfflineConversionError(
+                            f"{folder}: conversion job {dead.pid} ended without finishing its shards "
+                            f"(exit code {dead.exitcode}; killed for memory?)"
+                        ) from None
+                    if kind == "error":
+                        raise payload
+                    if kind == "done":
+                        del pending[receiver]
+                    else:
+                        progress.update(payload.nbytes)
+                        results.append(payload)
+            finished = True
+        finally:
+            for receiver, job in running.items():
+                if not finished and job.is_alive():
+                    job.terminate()  # before the temporary folder it writes into is removed
+                job.join()
+                receiver.close()
+    nonzero_identity = [key for result in sorted(results, key=lambda r: r.shard) for key in result.nonzero_identity]
     if nonzero_identity:
         # Not an error: convert_model drops these rows too, and no forward reads them.
         logger.warning(
@@ -143,6 +281,7 @@ def _write_shards(plan: ConversionPlan, folder: Path, progress: tqdm) -> None:
             len(nonzero_identity),
             nonzero_identity[0],
         )
+    return sorted(results, key=lambda r: r.shard)
 
 
 def _write_index(plan: ConversionPlan, folder: Path) -> None:
@@ -168,11 +307,11 @@ def _copy_files(plan: ConversionPlan, folder: Path) -> None:
             shutil.copy2(source, target)
 
 
-def _verify(plan: ConversionPlan, folder: Path) -> None:
-    """Read the written headers back and check that they hold exactly the planned tensors and
-    that every source tensor's elements are accounted for."""
+def _verify_headers(plan: ConversionPlan, indices: list[int], folder: Path) -> dict[str, TensorEntry]:
+    """Read the written headers of the output shards ``indices`` back and check that they hold
+    exactly the planned tensors; returns them by name."""
     written: dict[str, TensorEntry] = {}
-    for shard in plan.shards:
+    for shard in (plan.shards[index] for index in indices):
         entries, _ = read_safetensors_header(folder / shard.name)
         planned = {tensor.name: tensor for tensor in shard.tensors}
         if entries.keys() != planned.keys():
@@ -182,6 +321,13 @@ def _verify(plan: ConversionPlan, folder: Path) -> None:
             if (entry.dtype, entry.shape) != (planned[name].dtype, planned[name].shape):
                 raise OfflineConversionError(f"{shard.name}: {name!r} was written as {entry.dtype} {list(entry.shape)}")
         written.update(entries)
+    return written
+
+
+def _verify(plan: ConversionPlan, folder: Path) -> None:
+    """Read the written headers back and check that they hold exactly the planned tensors and
+    that every source tensor's elements are accounted for."""
+    written = _verify_headers(plan, list(range(len(plan.shards))), folder)
     accounted: list[str] = []
     identity = 0  # identity-expert elements: dropped by splits (-), zero rows added by joins (+)
     for step in plan.steps:
@@ -201,34 +347,121 @@ def _verify(plan: ConversionPlan, folder: Path) -> None:
         raise OfflineConversionError(f"{plan.destination}: element counts of source and result differ")
 
 
-def execute_plan(plan: ConversionPlan, progress: bool | None = None) -> float:
-    """Carry out ``plan``: write every shard into a temporary folder beside the destination,
-    write the index (more than one shard) and the non-weight files, verify, then move the
-    folder into place (replacing an old destination only when the plan allows it, atomically
-    where the system can; see :mod:`defuser.offline.workspace`).  Anything that stops it, an
-    interrupt included, removes the temporary folder and leaves the destination as it was;
-    temporary folders of earlier runs that were killed are removed first.  Returns the seconds
-    it took.  ``progress=None`` shows a tqdm bar on a terminal."""
-    started = time.perf_counter()
-    check_destination(plan.source, plan.destination, plan.overwrite)
-    parent = plan.destination.resolve().parent
+@dataclass
+class ExecutionReport:
+    """What :func:`carry_out` did: the folder it wrote (the destination, or a part folder), the
+    seconds, the job processes used and the memory of each (``(pid, resident bytes at its
+    start, peak resident bytes)``; a forked job starts with the pages it shares with its parent
+    counted as its own)."""
+
+    folder: Path
+    seconds: float
+    jobs: int
+    job_memory: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def _prepare(plan: ConversionPlan, target: Path, nbytes: int) -> Path:
+    """Checks before writing into ``target``; returns its parent after removing what killed runs left there."""
+    check_destination(plan.source, target, plan.overwrite)
+    parent = target.resolve().parent
     remove_stale_workspaces(parent)
     free = shutil.disk_usage(parent).free
-    if free < plan.nbytes:
-        raise OfflineConversionError(f"{parent}: {free:,} bytes free, the result needs {plan.nbytes:,}")
+    if free < nbytes:
+        raise OfflineConversionError(f"{parent}: {free:,} bytes free, the result needs {nbytes:,}")
     if plan.layout is None:
         raise OfflineConversionError("the plan carries no model layout (make it with plan_conversion)")
-    with Workspace(parent, plan.destination) as workspace, _terminate_as_interrupt():
+    return parent
+
+
+def carry_out(
+    plan: ConversionPlan, progress: bool | None = None, jobs: int = 1, part: Part | None = None
+) -> ExecutionReport:
+    """Carry out ``plan``: write every output shard (``jobs`` processes at a time) into a
+    temporary folder beside the destination, write the index (more than one shard) and the
+    non-weight files, verify, then move the folder into place (replacing an old destination
+    only when the plan allows it, atomically where the system can; see
+    :mod:`defuser.offline.workspace`).  With ``part``, only that part's shards and a manifest go
+    to the part folder beside the destination (:mod:`defuser.offline.parts`; :func:`merge_parts`
+    makes the destination).  Anything that stops it, an interrupt included, removes the
+    temporary folder and leaves the destination as it was; temporary folders of earlier runs
+    that were killed are removed first.  ``progress=None`` shows a tqdm bar on a terminal."""
+    started = time.perf_counter()
+    if jobs < 1:
+        raise OfflineConversionError(f"jobs must be 1 or more, got {jobs}")
+    indices = part_shards(plan, part) if part is not None else list(range(len(plan.shards)))
+    target = part_folder(plan.destination, part) if part is not None else plan.destination
+    nbytes = sum(plan.shards[index].nbytes for index in indices)
+    parent = _prepare(plan, target, nbytes)
+    with Workspace(parent, target) as workspace, _terminate_as_interrupt():
         disable = None if progress is None else not progress
-        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=disable) as bar:
-            _write_shards(plan, workspace.folder, bar)
+        with tqdm(total=nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=disable) as bar:
+            results = _write_shards(plan, indices, workspace.folder, bar, jobs)
+        if part is None:
+            _write_index(plan, workspace.folder)
+            _copy_files(plan, workspace.folder)
+            _verify(plan, workspace.folder)
+        else:
+            _verify_headers(plan, indices, workspace.folder)
+            with written_to(workspace.folder / MANIFEST_NAME):
+                text = json.dumps(manifest(plan, part), indent=2) + "\n"
+                (workspace.folder / MANIFEST_NAME).write_text(text)
+        workspace.install()
+    seconds = time.perf_counter() - started
+    logger.info("wrote %s: %d shard(s), %d bytes in %.1f s", target, len(indices), nbytes, seconds)
+    memory = sorted({(r.pid, r.rss_at_start, r.peak_rss) for r in results if r.pid != os.getpid()})
+    if not memory:  # written here
+        memory = [(os.getpid(), min((r.rss_at_start for r in results), default=0), _memory()[1])]
+    return ExecutionReport(target, seconds, max(1, min(jobs, len(indices))), _merged_memory(memory))
+
+
+def _merged_memory(memory: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """One row per process: the lowest start and the highest peak of its shards."""
+    by_pid: dict[int, tuple[int, int, int]] = {}
+    for pid, start, peak in memory:
+        known = by_pid.get(pid, (pid, start, peak))
+        by_pid[pid] = (pid, min(known[1], start), max(known[2], peak))
+    return list(by_pid.values())
+
+
+def execute_plan(plan: ConversionPlan, progress: bool | None = None, jobs: int = 1) -> float:
+    """Carry out ``plan`` with :func:`carry_out` (every shard, ``jobs`` processes at a time);
+    returns the seconds it took."""
+    return carry_out(plan, progress=progress, jobs=jobs).seconds
+
+
+def _gather(source: Path, target: Path) -> None:
+    """``source`` as ``target``: a hard link where the file system allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def merge_parts(plan: ConversionPlan) -> ExecutionReport:
+    """Make ``plan.destination`` from the part folders that ``carry_out(plan, part=...)`` wrote
+    for every part (:func:`defuser.offline.parts.find_parts` refuses a missing part or one of
+    another plan): their shards are linked (or copied) into a temporary folder with the index
+    and the other files, the whole is verified as a single conversion would be, moved into
+    place, and only then are the part folders removed.  A failure leaves them and the
+    destination as they were."""
+    started = time.perf_counter()
+    parts = find_parts(plan)
+    parent = _prepare(plan, plan.destination, 0)
+    with Workspace(parent, plan.destination) as workspace, _terminate_as_interrupt():
+        for number, folder in parts.items():
+            for name in read_manifest(folder)["shards"]:
+                with written_to(workspace.folder / name):
+                    _gather(folder / name, workspace.folder / name)
+            logger.debug("gathered part %d from %s", number, folder)
         _write_index(plan, workspace.folder)
         _copy_files(plan, workspace.folder)
         _verify(plan, workspace.folder)
         workspace.install()
+    for folder in parts.values():
+        shutil.rmtree(folder, ignore_errors=True)
     seconds = time.perf_counter() - started
-    logger.info("wrote %s: %d shard(s), %d bytes in %.1f s", plan.destination, len(plan.shards), plan.nbytes, seconds)
-    return seconds
+    logger.info("merged %d part(s) into %s in %.1f s", len(parts), plan.destination, seconds)
+    return ExecutionReport(plan.destination, seconds, 1)
 
 
 def convert_checkpoint(
@@ -238,13 +471,14 @@ def convert_checkpoint(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> ConversionReport:
     """Convert the safetensors checkpoint in ``source`` from the fused layout to the per-expert
     layout that ``convert_model`` gives, under transformers' stock per-expert names where it has
     them (``reverse=True``: back to fused, from either naming) into the new folder ``destination``,
-    tensor by tensor; ``dry_run`` only plans.  See :func:`plan_conversion` for
-    the checks and :func:`execute_plan` for the writing."""
+    tensor by tensor, ``jobs`` output shards at a time; ``dry_run`` only plans.  See
+    :func:`plan_conversion` for the checks and :func:`carry_out` for the writing."""
     plan = plan_conversion(source, destination, reverse=reverse, overwrite=overwrite)
     if dry_run:
         return ConversionReport(plan, written=False)
-    return ConversionReport(plan, written=True, seconds=execute_plan(plan, progress=progress))
+    return ConversionReport(plan, written=True, seconds=execute_plan(plan, progress=progress, jobs=jobs))

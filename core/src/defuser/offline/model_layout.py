@@ -117,6 +117,28 @@ class FusedSpec:
             else:
                 yield from zip(names, split_gate_up(part, self.layout, dim=self._gate_up_dim), strict=True)
 
+    def piece_ranges(self, element_size: int, transposed: bool = False) -> tuple[tuple[int, int], ...] | None:
+        """``(byte offset, byte count)`` of every piece inside the fused tensor as stored (last
+        two dimensions swapped when ``transposed``), in :meth:`pieces` order, when each piece is
+        a contiguous range of it: the pieces can then be copied as bytes, without decoding.
+        ``None`` when a piece is strided or a copy (interleaved gate-up, a transposed layout)
+        or the fused tensor holds identity rows (their content is checked by decoding).
+
+        Found by slicing a meta tensor of the stored shape exactly as :meth:`pieces` slices the
+        real one: a piece that is a view of it and contiguous starts at its storage offset."""
+        if self.identity_rows:
+            return None
+        dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[element_size]
+        shape = (*self.shape[:-2], self.shape[-1], self.shape[-2]) if transposed else self.shape
+        stored = torch.empty(shape, dtype=dtype, device="meta")
+        fused = stored.transpose(-1, -2) if transposed else stored
+        ranges = []
+        for _, piece in self.pieces(fused):
+            if not (piece is stored or piece._base is stored) or not piece.is_contiguous():
+                return None
+            ranges.append((piece.storage_offset() * element_size, piece.numel() * element_size))
+        return tuple(ranges)
+
     def join(self, out: torch.Tensor, fetch: PieceFetcher) -> None:
         """Fill ``out`` (the module's orientation) from the pieces ``fetch(name)`` returns: the
         inverse of :meth:`pieces`; identity rows become zeros."""

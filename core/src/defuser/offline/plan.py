@@ -44,6 +44,10 @@ class Step:
     fused_key: str | None = None  # the model's state-dict key of the fused tensor
     transposed: bool = False  # the checkpoint stores the fused tensor transposed (last two dims)
     identity_elements: int = 0  # identity-expert elements of the fused tensor: dropped (split), zeros (join)
+    # (byte offset in the fused tensor, byte count) of each piece, in order, when every piece is
+    # a contiguous range of the fused tensor as stored: a split copies them out as bytes, a join
+    # writes the pieces' bytes one after the other; nothing is decoded.  None: decoded.
+    ranges: tuple[tuple[int, int], ...] | None = None
 
     @property
     def piece_count(self) -> int:
@@ -359,7 +363,18 @@ def _split_step(entry: TensorEntry, spec: FusedSpec, model: ModelLayout, to_chec
         for name, shape in model.pieces[spec.key]
     )
     identity = spec.identity_elements
-    return Step("split", (entry.name,), outputs, fused_key=spec.key, transposed=transposed, identity_elements=identity)
+    ranges = spec.piece_ranges(DTYPE_SIZES[entry.dtype], transposed)
+    if ranges is not None and [count for _, count in ranges] != [output.nbytes for output in outputs]:
+        ranges = None  # cannot happen (describe_model_layout checked the shapes); decoding checks again
+    return Step(
+        "split",
+        (entry.name,),
+        outputs,
+        fused_key=spec.key,
+        transposed=transposed,
+        identity_elements=identity,
+        ranges=ranges,
+    )
 
 
 def _join_step(
@@ -395,7 +410,21 @@ def _join_step(
             f"{checkpoint.folder}: the pieces of {to_checkpoint(spec.key)!r} mix dtypes {sorted(dtypes)}"
         )
     output = _planned_output(to_checkpoint(spec.key), dtypes.pop(), tuple(spec.shape))
-    return Step("join", tuple(sources), (output,), fused_key=spec.key, identity_elements=spec.identity_elements)
+    ranges = spec.piece_ranges(DTYPE_SIZES[output.dtype])
+    # Byte ranges when the pieces, in order, tile the fused tensor from its start (no identity rows).
+    if ranges is not None:
+        tiled = [offset for offset, _ in ranges] == [sum(c for _, c in ranges[:i]) for i in range(len(ranges))]
+        counts = [count for _, count in ranges] == [checkpoint.tensors[key].nbytes for key in sources]
+        if not (tiled and counts and sum(c for _, c in ranges) == output.nbytes):
+            ranges = None
+    return Step(
+        "join",
+        tuple(sources),
+        (output,),
+        fused_key=spec.key,
+        identity_elements=spec.identity_elements,
+        ranges=ranges,
+    )
 
 
 # -- the plan in words --------------------------------------------------------------------
@@ -438,7 +467,8 @@ def format_plan(plan: ConversionPlan) -> str:
         first = steps[0]
         tensor = _fused_tensor(first, checkpoint)
         shape = "x".join(map(str, tensor.shape)) + (" (stored transposed)" if first.transposed else "")
-        arrow = f"{'->' if kind == 'split' else '<-'} {first.piece_count} tensors each"
+        how = "byte ranges" if all(step.ranges is not None for step in steps) else "decoded"
+        arrow = f"{'->' if kind == 'split' else '<-'} {first.piece_count} tensors each ({how})"
         rows.append((kind, pattern, f"x{len(steps)}", tensor.dtype, shape, _size(tensor.nbytes) + " each", arrow))
     if rows:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from defuser.offline.ranges import SourceEndedError, copy_range
+
 __all__ = [
     "DTYPE_SIZES",
     "OfflineConversionError",
@@ -214,6 +216,8 @@ class ShardWriter:
         with written_to(path):
             self._handle = open(path, "wb")  # closed by close() or abort()
             self._handle.write(struct.pack("<Q", len(raw)) + raw)
+        self._position = 8 + len(raw)  # where the next tensor's bytes go
+        self._pending_range: tuple[BinaryIO, int, int] | None = None  # (source, start, bytes) not yet copied
 
     def _next(self, name: str, nbytes: int) -> None:
         expected = self._pending.pop() if self._pending else None
@@ -228,27 +232,61 @@ class ShardWriter:
         tensor = tensor.contiguous()
         data = byte_view(tensor)
         self._next(name, len(data))
+        self._copy_pending()
         with written_to(self.path):
             self._handle.write(data)
+        self._position += len(data)
         return len(data)
 
-    def copy(self, entry: TensorEntry, source: BinaryIO, buffer: torch.Tensor, name: str) -> Iterator[int]:
-        """Append the bytes of ``entry`` from ``source`` as ``name``, chunk by chunk; yields byte counts."""
-        self._next(name, entry.nbytes)
-        view = byte_view(buffer)
-        done = 0
-        while done < entry.nbytes:
-            count = min(len(view), entry.nbytes - done)
-            _read_exact(source, entry.start + done, view[:count])
-            with written_to(self.path):
-                self._handle.write(view[:count])
-            done += count
-            yield count
+    def copy_range(self, name: str, source: BinaryIO, start: int, nbytes: int) -> int:
+        """Append ``nbytes`` bytes at ``start`` of the open file ``source`` as the planned
+        tensor ``name``, undecoded; returns the byte count.  Ranges that continue one another
+        in the same source are copied with one call, when the next one comes or at close."""
+        self._next(name, nbytes)
+        self._append_range(source, start, nbytes)
+        return nbytes
+
+    def copy_ranges(self, name: str, parts: list[tuple[BinaryIO, int, int]]) -> int:
+        """Append the planned tensor ``name`` as the concatenation of byte ranges ``(source,
+        start, bytes)`` (the per-expert tensors of a fused one, in order); returns the byte count."""
+        nbytes = sum(count for _, _, count in parts)
+        self._next(name, nbytes)
+        for source, start, count in parts:
+            self._append_range(source, start, count)
+        return nbytes
+
+    def _append_range(self, source: BinaryIO, start: int, nbytes: int) -> None:
+        pending = self._pending_range
+        if pending is not None and pending[0] is source and pending[1] + pending[2] == start:
+            self._pending_range = (source, pending[1], pending[2] + nbytes)
+        else:
+            self._copy_pending()
+            self._pending_range = (source, start, nbytes)
+
+    def _copy_pending(self) -> None:
+        if self._pending_range is None:
+            return
+        source, start, nbytes = self._pending_range
+        self._pending_range = None
+        with written_to(self.path):
+            self._handle.flush()  # what is buffered goes first
+            target = self._handle.fileno()
+            try:
+                copy_range(source.fileno(), target, start, self._position, nbytes)
+            except SourceEndedError:
+                raise OfflineConversionError(f"{source.name}: file ends early (truncated while reading?)") from None
+            self._position += nbytes
+            os.lseek(target, self._position, os.SEEK_SET)  # the buffered writes go on after the copy
+
+    def copy(self, entry: TensorEntry, source: BinaryIO, name: str) -> int:
+        """Append the bytes of ``entry`` from ``source`` unchanged as ``name``; returns the byte count."""
+        return self.copy_range(name, source, entry.start, entry.nbytes)
 
     def close(self) -> None:
         """Flush to disk; fails when planned tensors were not written."""
         if self._pending:
             raise OfflineConversionError(f"{self.path.name}: {self._pending[-1].name!r} was planned but not written")
+        self._copy_pending()
         with written_to(self.path):
             self._handle.flush()
             os.fsync(self._handle.fileno())
