@@ -214,7 +214,7 @@ def _load_for_verify(source: str, config: Any) -> tuple[Any, str]:
 
     from defuser import defused_blocks
 
-    autos = (AutoModelForCausalLM, AutoModel)
+    autos: tuple[Any, ...] = (AutoModelForCausalLM, AutoModel)
     auto = next((a for a in autos if type(config) in getattr(a, "_model_mapping", {})), None)
     if auto is None:
         raise ValueError(f"{source}: no Auto class loads model type {config.model_type!r}")

@@ -178,6 +178,7 @@ class Workspace:
             _rename_new(new, destination)
             return
         if not exchange(new, destination):
+            assert self.root is not None, "used outside its with block"
             old = self.root / _OLD
             os.rename(destination, old)
             os.rename(new, destination)  # the window: until here there is no destination (__exit__ restores)
