@@ -36,6 +36,7 @@ from defuser.engine.layout import (
     linear_from,
     stacked_expert_weights,
 )
+from defuser.engine.pickling import reduce_generated
 from defuser.engine.transaction import consumed_releaser
 from defuser.engine.weight_init import initializing_weights, install_weight_init_window
 
@@ -292,6 +293,17 @@ class DefusedExperts(nn.ModuleList):
         shape, dtype = shapes[name]
         return torch.empty(shape, dtype=dtype, device="meta")
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time and no module attribute holds it: pickled as the class
+        # defused_class_for makes for the stock class, rebuilt by it on load (see
+        # defuser.engine.pickling).
+        fused_class = type(self).fused_class
+        if fused_class is None:
+            return super().__reduce_ex__(protocol)
+        return reduce_generated(
+            self, _defused_class_from, fused_class, type(self).layout_overrides, stock_modules=("_fused_skeleton",)
+        )
+
     # -- sequence behaviour ---------------------------------------------------------------
 
     # nn.Module's repr: ModuleList's would list the routed experts only and drop the rest
@@ -459,6 +471,13 @@ def defused_class_for(fused_class: type[nn.Module], **layout_overrides: Any) -> 
     if key is not None:
         _DEFUSED_CLASSES[key] = defused
     return defused
+
+
+def _defused_class_from(found: type[nn.Module], **layout_overrides: Any) -> type[DefusedExperts]:
+    """:func:`defused_class_for` the stock class behind ``found`` (the class under the stock
+    name, which is a replacement while ``replace_fused_blocks`` patches it)."""
+    stock = found.fused_class if issubclass(found, DefusedExperts) and found.fused_class is not None else found
+    return defused_class_for(stock, **layout_overrides)
 
 
 def register_experts_implementation() -> None:
