@@ -36,7 +36,7 @@ from defuser.engine.layout import (
     linear_from,
     stacked_expert_weights,
 )
-from defuser.engine.pickling import reduce_generated
+from defuser.engine.pickling import StockFunction, reduce_generated
 from defuser.engine.transaction import consumed_releaser
 from defuser.engine.weight_init import initializing_weights, install_weight_init_window
 
@@ -94,6 +94,14 @@ class GateActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return "own gate of the fused class" if self._gate_fn is not None else ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The gate is the stock class's function: pickled by name, which finds it while
+        # replace_fused_blocks has the class replaced too (see defuser.engine.pickling).
+        state = dict(super().__getstate__())
+        if state.get("_gate_fn") is not None:
+            state["_gate_fn"] = StockFunction(state["_gate_fn"])
+        return state
 
 
 class ExpertMLP(nn.Module):
@@ -301,7 +309,7 @@ class DefusedExperts(nn.ModuleList):
         if fused_class is None:
             return super().__reduce_ex__(protocol)
         return reduce_generated(
-            self, _defused_class_from, fused_class, type(self).layout_overrides, stock_modules=("_fused_skeleton",)
+            self, defused_class_for, fused_class, type(self).layout_overrides, stock_modules=("_fused_skeleton",)
         )
 
     # -- sequence behaviour ---------------------------------------------------------------
@@ -471,13 +479,6 @@ def defused_class_for(fused_class: type[nn.Module], **layout_overrides: Any) -> 
     if key is not None:
         _DEFUSED_CLASSES[key] = defused
     return defused
-
-
-def _defused_class_from(found: type[nn.Module], **layout_overrides: Any) -> type[DefusedExperts]:
-    """:func:`defused_class_for` the stock class behind ``found`` (the class under the stock
-    name, which is a replacement while ``replace_fused_blocks`` patches it)."""
-    stock = found.fused_class if issubclass(found, DefusedExperts) and found.fused_class is not None else found
-    return defused_class_for(stock, **layout_overrides)
 
 
 def register_experts_implementation() -> None:

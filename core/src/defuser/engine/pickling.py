@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["StockByName", "reduce_generated", "stock_class_named"]
+__all__ = ["StockByName", "StockFunction", "reduce_generated", "stock_class_named"]
 
 # Builds the generated class from the class found under the stock name (and options).
 ClassFactory = Callable[..., type]
@@ -46,6 +46,10 @@ def stock_class_named(module_name: str, qualname: str) -> type:
         raise pickle.UnpicklingError(
             f"cannot rebuild a defused module of {module_name}.{qualname}: not an nn.Module class"
         )
+    from defuser.engine.experts import DefusedExperts
+
+    if issubclass(found, DefusedExperts) and found.fused_class is not None:
+        return found.fused_class
     original = found.__dict__.get("_defuser_original")
     return original if isinstance(original, type) else found
 
@@ -119,3 +123,30 @@ class StockByName:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(self.module, memo)
+
+
+def _function_named(module_name: str, qualname: str) -> Callable[..., Any]:
+    owner, _, name = qualname.rpartition(".")
+    if not owner:
+        return getattr(importlib.import_module(module_name), name)
+    found = getattr(stock_class_named(module_name, owner), name, None)
+    if found is None:
+        raise pickle.UnpicklingError(f"cannot rebuild a defused module: {module_name}.{qualname} is not found here")
+    return found
+
+
+class StockFunction:
+    """Wraps a function of a stock class kept in a defused module's state (the fused class's own
+    ``_apply_gate``) so it pickles by name through :func:`stock_class_named`, inside a
+    ``replace_fused_blocks`` patch too; deep-copied, it is the function itself."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[..., Any]):
+        self.function = function
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_function_named, (self.function.__module__, self.function.__qualname__))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
+        return self.function
