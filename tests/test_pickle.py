@@ -113,6 +113,26 @@ def test_deepcopy_keeps_the_classes_and_outputs(model_type: str) -> None:
     _check_same_model(twin, model, inputs, reference)
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "phi3"])
+def test_shallow_copy_of_a_defused_module_is_the_same_module(model_type: str) -> None:
+    model, _, _ = _converted(model_type)
+    mlp = model.model.layers[0].mlp
+    module = getattr(mlp, "experts", mlp)
+    twin = copy.copy(module)
+    assert type(twin) is type(module) and twin is not module
+    assert vars(twin).keys() == vars(module).keys()
+    assert all(vars(twin)[name] is value for name, value in vars(module).items())
+    hidden = torch.randn(5, model.config.hidden_size)
+    if isinstance(module, DefusedExperts):
+        gate = module[0].act_fn
+        gate_twin = copy.copy(gate)
+        assert gate_twin._gate_fn is gate._gate_fn is not None
+        up = module[0].up_proj(hidden)
+        assert torch.equal(gate_twin(up, up), gate(up, up))
+    else:
+        assert torch.equal(twin(hidden), module(hidden))
+
+
 @pytest.mark.parametrize("model_type", PRELOAD_TYPES)
 def test_model_built_defused_pickles_inside_and_after_the_patch(model_type: str) -> None:
     with defused_blocks(model_type):

@@ -36,7 +36,7 @@ from defuser.engine.layout import (
     linear_from,
     stacked_expert_weights,
 )
-from defuser.engine.pickling import StockFunction, reduce_generated
+from defuser.engine.pickling import StockFunction, reduce_generated, restored_state
 from defuser.engine.transaction import consumed_releaser
 from defuser.engine.weight_init import initializing_weights, install_weight_init_window
 
@@ -102,6 +102,9 @@ class GateActivation(nn.Module):
         if state.get("_gate_fn") is not None:
             state["_gate_fn"] = StockFunction(state["_gate_fn"])
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(restored_state(state))
 
 
 class ExpertMLP(nn.Module):
@@ -311,6 +314,9 @@ class DefusedExperts(nn.ModuleList):
         return reduce_generated(
             self, defused_class_for, fused_class, type(self).layout_overrides, stock_modules=("_fused_skeleton",)
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(restored_state(state))
 
     # -- sequence behaviour ---------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["StockByName", "StockFunction", "reduce_generated", "stock_class_named"]
+__all__ = ["StockByName", "StockFunction", "reduce_generated", "restored_state", "stock_class_named"]
 
 # Builds the generated class from the class found under the stock name (and options).
 ClassFactory = Callable[..., type]
@@ -77,8 +77,27 @@ class _GeneratedClass:
         return self.generated
 
 
-def _new_instance(cls: type) -> Any:
+def _new_instance(cls: type | _GeneratedClass) -> Any:
+    # ``copy.copy`` hands the reduce arguments over as they are (no pickling, no deep copy).
+    if isinstance(cls, _GeneratedClass):
+        cls = cls.generated
     return cls.__new__(cls)
+
+
+def restored_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the :class:`StockByName` / :class:`StockFunction` wrappers put in it by
+    ``__getstate__`` / :func:`reduce_generated` replaced by what they wrap; ``copy.copy`` hands
+    them to ``__setstate__`` as they are (pickle and deepcopy have replaced them already)."""
+    if not any(isinstance(value, StockByName | StockFunction) for value in state.values()):
+        return state
+    return {
+        name: value.module
+        if isinstance(value, StockByName)
+        else value.function
+        if isinstance(value, StockFunction)
+        else value
+        for name, value in state.items()
+    }
 
 
 def reduce_generated(
@@ -124,6 +143,10 @@ class StockByName:
     def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(self.module, memo)
 
+    def wrapped(self) -> nn.Module:
+        """The module itself."""
+        return self.module
+
 
 def _function_named(module_name: str, qualname: str) -> Callable[..., Any]:
     owner, _, name = qualname.rpartition(".")
@@ -149,4 +172,8 @@ class StockFunction:
         return (_function_named, (self.function.__module__, self.function.__qualname__))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
+        return self.function
+
+    def wrapped(self) -> Callable[..., Any]:
+        """The function itself."""
         return self.function
