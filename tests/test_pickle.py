@@ -113,6 +113,19 @@ def test_deepcopy_keeps_the_classes_and_outputs(model_type: str) -> None:
     _check_same_model(twin, model, inputs, reference)
 
 
+def test_experts_held_for_expert_parallel_load_as_held_experts() -> None:
+    from defuser.engine.sharded import HeldExperts, hold_experts
+
+    model, _, _ = _converted("qwen3_moe")
+    experts = hold_experts(model.model.layers[0].mlp.experts, first=2, count=3)
+    for loaded in (pickle.loads(pickle.dumps(experts)), copy.deepcopy(experts)):
+        assert type(loaded) is type(experts) and isinstance(loaded, HeldExperts)
+        assert loaded.first_expert == 2 and list(loaded.expert_ids) == [2, 3, 4]
+        assert sorted(loaded.state_dict()) == sorted(experts.state_dict())
+        hidden = torch.randn(4, model.config.hidden_size)
+        assert torch.equal(loaded[1](hidden), experts[1](hidden))
+
+
 @pytest.mark.parametrize("model_type", ["gpt_oss", "phi3"])
 def test_shallow_copy_of_a_defused_module_is_the_same_module(model_type: str) -> None:
     model, _, _ = _converted(model_type)

@@ -312,11 +312,21 @@ class DefusedExperts(nn.ModuleList):
         if fused_class is None:
             return super().__reduce_ex__(protocol)
         return reduce_generated(
-            self, defused_class_for, fused_class, type(self).layout_overrides, stock_modules=("_fused_skeleton",)
+            self,
+            type(self).class_factory(),
+            fused_class,
+            type(self).layout_overrides,
+            stock_modules=("_fused_skeleton",),
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(restored_state(state))
+
+    @classmethod
+    def class_factory(cls) -> Callable[..., type[DefusedExperts]]:
+        """What makes this class from the stock class and layout overrides when a pickled
+        instance loads (a subclass adding behaviour, as expert-parallel holding does, names its own)."""
+        return defused_class_for
 
     # -- sequence behaviour ---------------------------------------------------------------
 
