@@ -88,16 +88,10 @@ def restored_state(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with the :class:`StockByName` / :class:`StockFunction` wrappers put in it by
     ``__getstate__`` / :func:`reduce_generated` replaced by what they wrap; ``copy.copy`` hands
     them to ``__setstate__`` as they are (pickle and deepcopy have replaced them already)."""
-    if not any(isinstance(value, StockByName | StockFunction) for value in state.values()):
+    wrappers = StockByName | StockFunction
+    if not any(isinstance(value, wrappers) for value in state.values()):
         return state
-    return {
-        name: value.module
-        if isinstance(value, StockByName)
-        else value.function
-        if isinstance(value, StockFunction)
-        else value
-        for name, value in state.items()
-    }
+    return {name: value.wrapped() if isinstance(value, wrappers) else value for name, value in state.items()}
 
 
 def reduce_generated(
