@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from defuser.engine.candidates import DenseLayout
+from defuser.engine.pickling import reduce_generated
 from defuser.engine.skeleton import skeleton_of
 
 __all__ = [
@@ -95,6 +96,12 @@ def _split_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return stock.forward(_ForwardView(self, layout), *args, **kwargs)
 
 
+def _split_reduce_ex(self: nn.Module, protocol: Any) -> Any:
+    # The class is made at run time under the stock name, which names the stock class: pickled
+    # as the class split_class_for makes for it, rebuilt by it on load (defuser.engine.pickling).
+    return reduce_generated(self, split_class_for, type(self)._defuser_original)
+
+
 _SPLIT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
@@ -106,7 +113,12 @@ def split_class_for(stock: type[nn.Module]) -> type[nn.Module]:
         split = type(
             stock.__name__,
             (stock,),
-            {"forward": _split_forward, "__module__": stock.__module__, "_defuser_original": stock},
+            {
+                "forward": _split_forward,
+                "__reduce_ex__": _split_reduce_ex,
+                "__module__": stock.__module__,
+                "_defuser_original": stock,
+            },
         )
         _SPLIT_CLASSES[stock] = split
     return split

@@ -35,6 +35,7 @@ from defuser.engine.layout import (
     linear_from,
     stacked_expert_weights,
 )
+from defuser.engine.pickling import StockFunction, reduce_generated, restored_state
 from defuser.engine.skeleton import skeleton_of
 from defuser.engine.transaction import consumed_releaser
 from defuser.engine.weight_init import initializing_weights, install_weight_init_window
@@ -93,6 +94,17 @@ class GateActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return "own gate of the fused class" if self._gate_fn is not None else ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The gate is the stock class's function: pickled by name, which finds it while
+        # replace_fused_blocks has the class replaced too (see defuser.engine.pickling).
+        state = dict(super().__getstate__())
+        if state.get("_gate_fn") is not None:
+            state["_gate_fn"] = StockFunction(state["_gate_fn"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(restored_state(state))
 
 
 class ExpertMLP(nn.Module):
@@ -290,6 +302,30 @@ class DefusedExperts(nn.ModuleList):
         # a no-op (see defuser.engine.weight_init).  Anywhere else fused names do not exist.
         shape, dtype = shapes[name]
         return torch.empty(shape, dtype=dtype, device="meta")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time and no module attribute holds it: pickled as the class
+        # defused_class_for makes for the stock class, rebuilt by it on load (see
+        # defuser.engine.pickling).
+        fused_class = type(self).fused_class
+        if fused_class is None:
+            return super().__reduce_ex__(protocol)
+        return reduce_generated(
+            self,
+            type(self).class_factory(),
+            fused_class,
+            type(self).layout_overrides,
+            stock_modules=("_fused_skeleton",),
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(restored_state(state))
+
+    @classmethod
+    def class_factory(cls) -> Callable[..., type[DefusedExperts]]:
+        """What makes this class from the stock class and layout overrides when a pickled
+        instance loads (a subclass adding behaviour, as expert-parallel holding does, names its own)."""
+        return defused_class_for
 
     # -- sequence behaviour ---------------------------------------------------------------
 

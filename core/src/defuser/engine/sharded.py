@@ -34,6 +34,8 @@ from defuser.engine.distributed import DistributedPlanError, is_dtensor
 __all__ = [
     "HeldExperts",
     "expert_parameters",
+    "held_class_for",
+    "held_defused_class_for",
     "hold_experts",
     "install_experts_tp_forward",
     "local_expert_bytes",
@@ -218,8 +220,33 @@ class HeldExperts:
         held = f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} held here"
         return f"{super().extra_repr()}, {held}"
 
+    @classmethod
+    def class_factory(cls) -> Any:
+        """What makes this class again when a pickled instance loads (see
+        ``DefusedExperts.class_factory``): the held form of the defused class."""
+        return held_defused_class_for
+
 
 _HELD_CLASSES: dict[type, type] = {}
+
+
+def held_class_for(cls: type) -> type:
+    """The class of a ``cls`` instance that holds only some experts (one per class)."""
+    if issubclass(cls, HeldExperts):
+        return cls
+    held = _HELD_CLASSES.get(cls)
+    if held is None:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        held = type(cls.__name__, (HeldExperts, cls), namespace)
+        _HELD_CLASSES[cls] = held
+    return held
+
+
+def held_defused_class_for(fused_class: type[nn.Module], **layout_overrides: Any) -> type:
+    """:func:`held_class_for` the defused class of ``fused_class`` (a pickled held module loads as it)."""
+    from defuser.engine.experts import defused_class_for
+
+    return held_class_for(defused_class_for(fused_class, **layout_overrides))
 
 
 def hold_experts(module: nn.Module, first: int, count: int, numbered_locally: bool = False) -> nn.Module:
@@ -227,14 +254,8 @@ def hold_experts(module: nn.Module, first: int, count: int, numbered_locally: bo
     model-wide names; ``num_experts`` becomes ``count``.  A module holding every expert
     (children ``0 .. E-1``) drops the others; with ``numbered_locally`` its ``count`` children
     ``0 .. count-1`` are those experts and are renamed."""
-    cls = type(module)
-    if not issubclass(cls, HeldExperts):
-        held = _HELD_CLASSES.get(cls)
-        if held is None:
-            namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-            held = type(cls.__name__, (HeldExperts, cls), namespace)
-            _HELD_CLASSES[cls] = held
-        module.__class__ = held
+    if not isinstance(module, HeldExperts):
+        module.__class__ = held_class_for(type(module))
         module.__dict__["first_expert"] = 0
     offset = first if numbered_locally else 0
     kept = {}
