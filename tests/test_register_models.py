@@ -72,3 +72,12 @@ def test_model_code_must_name_modules():
 
     with pytest.raises(DeclarationError, match="model_code holds 'acme-models'"):
         Family("acme", [TypeSupport("acme_moe")], model_code=["acme-models"])
+
+
+def test_the_testkit_registers_model_code_before_deriving_cases(acme_package):
+    from defuser_testkit.conformance import cases_for
+
+    cases, unavailable = cases_for(Family("acme", [TypeSupport("acme_moe")], model_code=[acme_package]))
+    assert list(cases) == ["acme_moe"] and unavailable == {}
+    assert acme_package in sys.modules
+
