@@ -87,7 +87,7 @@ def test_refuses_an_invalid_name(name, tmp_path, capsys):
 def test_refuses_an_unknown_model_type_with_close_matches(tmp_path, capsys):
     assert main(["new-plugin", "acme", "--model-type", "qwen3moe", "--dest", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "'qwen3moe'" in err and "qwen3_moe" in err
+    assert "'qwen3moe'" in err and "qwen3_moe" in err and "model_code" in err
     assert not (tmp_path / "out").exists()
 
 

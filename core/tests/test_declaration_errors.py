@@ -227,6 +227,15 @@ def test_a_declared_storage_rank_the_tensors_do_not_have_is_refused(defuser_plug
     assert "tensor 'gate_up_proj' has shape (3, 8, 8), but flattened=True expects 2 dimensions" in message
 
 
+@pytest.mark.parametrize("orientation", [{"is_transposed": True}, {"down_transposed": True}])
+def test_an_orientation_the_shapes_contradict_is_refused_naming_the_fields(defuser_plugin_manager, orientation):
+    family = _family(experts_classes={"RoutedExperts": orientation})
+    message = _refusal(defuser_plugin_manager, family, RoutedExperts())
+    assert "plugin 'p', class 'RoutedExperts': is_transposed=" in message
+    assert "'gate_up_proj' (3, 8, 8)" in message and "'down_proj' (3, 8, 4)" in message
+    assert "disagree on H or I: check the orientation fields" in message
+
+
 def test_a_strict_manager_raises_the_declaration_error_as_a_plugin_error(monkeypatch):
     manager = DefuserPluginManager(autoload=False, strict=True)
     monkeypatch.setattr(plugins, "_manager", manager)

@@ -417,7 +417,10 @@ def _new_plugin(args: argparse.Namespace) -> int:
     from defuser.scaffold import new_plugin
 
     folder = new_plugin(args.name, args.model_type or (), args.dest)
-    print(f"wrote {folder}: pip install -e {folder} defuser-testkit, then run pytest there")
+    print(
+        f"wrote {folder}: pip install -e {folder} (with defuser-core and defuser-testkit from the"
+        " defuser checkout, see docs/writing-a-plugin.md), then run pytest there"
+    )
     return 0
 
 
@@ -615,6 +618,11 @@ def _run(args: argparse.Namespace) -> int:
     for model_type in _model_types_of(args):
         unknown = _unknown_model_type(model_type)
         if unknown:
+            if args.command == "new-plugin":  # a type the author's own package registers
+                unknown += (
+                    "; for a type your own package registers, leave --model-type out and add it to"
+                    " hooks.py with model_code"
+                )
             print(f"defuser {args.command}: error: {unknown}", file=sys.stderr)
             return 2  # a usage error, as argparse's own
     try:

@@ -93,6 +93,7 @@ class ExpertsDecl:
                 return None
             raise DeclarationError(f"{where}: {_shape_problem(module, wanted)}")
         _check_activation(module, layout, where)
+        _check_shapes(module, layout, where)
         return layout
 
 
@@ -289,4 +290,32 @@ def _check_activation(module: nn.Module, layout: ExpertsLayout, where: str) -> N
     raise DeclarationError(
         f"{where}: field 'activation' names {layout.activation!r}, which is not a callable attribute of the "
         f"module{hint}; its submodules: {listed}"
+    )
+
+
+def _check_shapes(module: nn.Module, layout: ExpertsLayout, where: str) -> None:
+    """Raise :class:`DeclarationError` when the declared orientation makes the first tensor and
+    ``down`` disagree on the hidden or the expert intermediate size (``is_transposed`` or
+    ``down_transposed`` wrong).  Checked for 3D tensors with gate and up in one tensor (or no
+    gate); other layouts are left to the run-time self-check."""
+    if layout.flattened or layout.separate_gate_up:
+        return
+    first, down = resolve_tensor(module, layout.first_name), resolve_tensor(module, layout.down_name)
+    if getattr(first, "ndim", 0) != 3 or getattr(down, "ndim", 0) != 3:
+        return
+    rows, columns = first.shape[1:]
+    first_hidden, first_width = (rows, columns) if layout.is_transposed else (columns, rows)
+    inner, outer = down.shape[1:]
+    down_intermediate, down_hidden = (inner, outer) if layout.transposed_down else (outer, inner)
+    if first_hidden == down_hidden and first_width == (2 if layout.has_gate else 1) * down_intermediate:
+        return
+    first_picture = "[E, H, 2I]" if layout.is_transposed else "[E, 2I, H]"
+    if not layout.has_gate:
+        first_picture = first_picture.replace("2I", "I")
+    down_picture = "[E, I, H]" if layout.transposed_down else "[E, H, I]"
+    raise DeclarationError(
+        f"{where}: is_transposed={layout.is_transposed}"
+        + ("" if layout.down_transposed is None else f", down_transposed={layout.down_transposed}")
+        + f" reads {layout.first_name!r} {tuple(first.shape)} as {first_picture} and {layout.down_name!r} "
+        f"{tuple(down.shape)} as {down_picture}, which disagree on H or I: check the orientation fields"
     )

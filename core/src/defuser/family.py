@@ -314,6 +314,8 @@ def modeling_modules_for(model_type: str, nested: bool = True) -> list[str]:
             continue
         names.append(config_class.__module__.replace(".configuration_", ".modeling_"))
         names += _auto_model_modules(current)
+        if not config_class.__module__.startswith("transformers."):
+            names += _registered_model_modules(config_class)
     found = []
     for name in dict.fromkeys(names):
         try:
@@ -336,6 +338,21 @@ def _auto_model_modules(model_type: str) -> list[str]:
                 modules.append(getattr(transformers, name).__module__)
             except Exception:  # not importable here
                 continue
+    return modules
+
+
+def _registered_model_modules(config_class: type) -> list[str]:
+    """Modules of the model classes a package registered for ``config_class`` with
+    ``AutoModel.register`` / ``AutoModelForCausalLM.register`` (a family transformers does not
+    ship, whose modules need not follow its ``configuration_*`` / ``modeling_*`` naming)."""
+    from transformers.models.auto import modeling_auto
+
+    modules = []
+    for mapping in (modeling_auto.MODEL_MAPPING, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING):
+        try:
+            modules.append(mapping[config_class].__module__)
+        except Exception:  # not registered there
+            continue
     return modules
 
 

@@ -363,7 +363,7 @@ class DefuserPluginManager:
             like = f"the hook {attribute!r}" if close[0] == attribute else f"the hook {close[0]!r} (misspelt?)"
             return (
                 f"plugin {name!r}: {owner} is named like {like} but has no @hookimpl, "
-                "so it would never be called (decorate it with defuser.hookimpl)"
+                "so it would never be called (decorate it with defuser.plugin.hookimpl)"
             )
         return None
 

@@ -93,6 +93,7 @@ plugin = Family(
 {supports}    ],
     # Layouts the generic engine cannot infer go here (see defuser.plugin, docs/writing-a-plugin.md):
     # experts_classes, parallel_classes, dense_classes, key_renames, model_patches, ...
+    # Model types your own package registers with transformers: model_code=["your_package"].
     # The transformers releases the tests pass on; `defuser plugins` flags the others.
     tested_on=[],
 )
@@ -122,7 +123,9 @@ defuser plugin `{name}` for the model types {listed}: see `src/{package}/hooks.p
 model types it claims and how each is handled.
 
 ```sh
-pip install -e . defuser-testkit pytest
+# defuser-core and defuser-testkit come from a defuser checkout (not PyPI):
+# pip install -e <checkout>/core -e <checkout>/packages/defuser-testkit
+pip install -e . pytest
 pytest                 # conformance of every claimed model type on the installed transformers
 defuser plugins        # lists {name} once installed (entry point group "defuser")
 ```

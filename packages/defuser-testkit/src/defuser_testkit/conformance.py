@@ -43,9 +43,15 @@ def _type_known(model_type: str) -> bool:
 
 def cases_for(plugin: Any) -> tuple[dict[str, Callable[[], nn.Module]], dict[str, str]]:
     """Tiny-model factories for every model type ``plugin`` declares, and the types left out
-    on the installed transformers with the reason (reported as skips, never silent)."""
+    on the installed transformers with the reason (reported as skips, never silent).
+
+    A plugin whose own package registers its model types with transformers (``Family``'s
+    ``model_code``) has them registered first, as the ``defuser`` command does."""
     import transformers
 
+    register = getattr(plugin, "defuser_register_models", None)
+    if register is not None:
+        register()
     version = transformers.__version__
     cases: dict[str, Callable[[], nn.Module]] = {}
     unavailable: dict[str, str] = {}
