@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConversionError", "DeclarationError", "DeclarationMismatch"]
+__all__ = ["ConversionError", "DeclarationError", "DeclarationMismatch", "PluginError"]
 
 
 class ConversionError(RuntimeError):
@@ -26,3 +26,7 @@ class DeclarationError(ValueError):
     The message names the plugin, the class and the field.  Raised when the plugin is built
     (``Family(...)``, so the plugin fails to load) or when a module of the class is first
     detected (``convert_model`` then refuses it before changing anything)."""
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load or a hook of it raised; the message names plugin and hook."""

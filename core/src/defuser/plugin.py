@@ -189,7 +189,9 @@ Raw hooks
 A plugin that declarations cannot describe implements hooks (see :mod:`defuser.hookspecs` for
 the contract of each) with :data:`hookimpl`.  A method overriding a hook on a :class:`Family`
 subclass needs its own ``@hookimpl`` decorator: pluggy reads the marker from the function, and
-an override without it is not a hook.  ``defuser_detect_candidate`` returns a
+an override without it is not a hook.  A plugin that fails to load, or a hook that raises,
+is reported as :class:`PluginError` naming the plugin and the hook (raised where the manager
+is strict, a warning otherwise).  ``defuser_detect_candidate`` returns a
 :class:`Candidate`; ``defuser_preload_plan`` returns a :class:`PreloadPlan`.
 """
 
@@ -202,7 +204,7 @@ from typing import TYPE_CHECKING, Any
 
 from defuser.declarations import ExpertsDecl, LayoutOverride
 from defuser.engine.candidates import Candidate, DenseLayout, ExpertsLayout, ParallelLayout
-from defuser.errors import ConversionError, DeclarationError, DeclarationMismatch
+from defuser.errors import ConversionError, DeclarationError, DeclarationMismatch, PluginError
 from defuser.family import Family
 from defuser.hookspecs import hookimpl
 from defuser.plugin_info import (
@@ -245,6 +247,7 @@ __all__ = [
     "Family",
     "LayoutOverride",
     "ParallelLayout",
+    "PluginError",
     "PluginInfo",
     "PreloadPlan",
     "TinyModel",

@@ -62,7 +62,7 @@ from defuser.engine.candidates import Candidate, ExpertsLayout
 from defuser.engine.contract import looks_fused
 from defuser.engine.generic import GENERIC_PLUGIN_NAME, GenericEngine
 from defuser.engine.preload import PreloadPlan
-from defuser.errors import DeclarationError, DeclarationMismatch
+from defuser.errors import DeclarationError, DeclarationMismatch, PluginError
 from defuser.plugin_info import PluginInfo
 
 __all__ = [
@@ -84,10 +84,6 @@ ENTRY_POINT_GROUP = "defuser"
 ENV_DISABLE_AUTOLOAD = "DEFUSER_DISABLE_PLUGIN_AUTOLOAD"
 ENV_LOAD_PLUGINS = "DEFUSER_LOAD_PLUGINS"
 ENV_DISABLED_PLUGINS = "DEFUSER_DISABLED_PLUGINS"
-
-
-class PluginError(RuntimeError):
-    """A plugin failed to load or a hook of it raised; the message names plugin and hook."""
 
 
 @dataclass
