@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from defuser._hf import converter_patterns, forget_checkpoint_conversion_mapping
+from defuser._hf import converter_patterns, forget_checkpoint_conversion_mapping, set_unrenamed_key_fallback
 from defuser.engine.parallel_preload import parallel_converters
 from defuser.engine.preload.plan import PreloadPlan
 from defuser.engine.preload.state import PATCHES, ActivePatch
@@ -40,6 +40,18 @@ def install_mappings(keys: set[str]) -> None:
             del PATCHES.stock_mappings[key]
             continue
         register_checkpoint_conversion_mapping(key, patched_mapping(stock, owners), overwrite=True)
+    # A fused checkpoint already in the model's names: where stock renamings misfire on its keys,
+    # transformers loads a key under its own name, which a defused model no longer has; the
+    # splits take such a fused key instead (see set_unrenamed_key_fallback).
+    set_unrenamed_key_fallback(_plain_splits if PATCHES.active else None)
+
+
+def _plain_splits(converters: list[Any]) -> list[Any]:
+    """The converters that split a fused tensor (or dense gate-up) of a defused module as it is,
+    with no stock reordering before: what takes a fused key under its own name."""
+    from defuser.engine.checkpoint import is_plain_split
+
+    return [converter for converter in converters if is_plain_split(converter)]
 
 
 def _register_stock(key: str, stock: list[Any] | None) -> None:
