@@ -103,7 +103,7 @@ def set_unrenamed_key_fallback(select: Callable[[list[Any]], list[Any]] | None) 
     This extends to converters the fallback transformers takes for a key its renamings do not
     fit (a checkpoint already in the model's names, where ``(^|model\\.)layers\\.`` still matches
     ``language_model.layers.``): it loads the key under its own name when that is a key of the
-    model, and a fused tensor of a defused block is none.  Wraps the module-level
+    model, which the fused tensor of a defused block no longer is.  Wraps the module-level
     ``core_model_loading.rename_source_key`` that ``convert_and_load_state_dict_in_model`` calls,
     with the key, renamings, converters, base model prefix and the model's meta state dict
     (transformers 5.3.0 - 5.25.0)."""

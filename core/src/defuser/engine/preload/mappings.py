@@ -6,7 +6,8 @@ checkpoint keys are dropped, so those keys load as they are, and their per-exper
 renamings (``experts.N.w1`` loads as ``experts.N.gate_proj``, and saves back as ``w1``);
 transforms that reorder a fused checkpoint tensor keep their operations and then split it;
 fused tensors and fused dense Linears are split per expert with each module's own layout
-(:mod:`defuser.engine.checkpoint`).
+(:mod:`defuser.engine.checkpoint`).  A fused key that stock renamings turn into no key of the
+model goes to the splits under its own name, as transformers loads it into the fused model.
 """
 
 from __future__ import annotations
