@@ -58,3 +58,26 @@ def test_recorded_output_classes_are_named():
     # A class recorded directly (hidden states) and one named by a recorder (router logits).
     assert {"Qwen3MoeDecoderLayer", "Qwen3MoeTopKRouter"} <= names
     assert _hf.recorded_output_class_names(object) == set()
+
+
+def test_a_key_no_renaming_fits_falls_back_to_the_selected_converters():
+    from transformers import core_model_loading
+    from transformers.core_model_loading import Concatenate
+
+    stock = core_model_loading.rename_source_key
+    misfiring = WeightRenaming(r"(^|model\.)layers\.", r"\1language_model.layers.")
+    split = WeightConverter(r"experts\.gate_up_proj$", "experts.0.gate_proj.weight", operations=[Concatenate(dim=0)])
+    model_keys = {"language_model.layers.0.mlp.experts.0.gate_proj.weight": None}
+    key = "language_model.layers.0.mlp.experts.gate_up_proj"
+    renamed, pattern = stock(key, [misfiring], [split], None, model_keys)
+    assert renamed not in model_keys and pattern is not None
+    _hf.set_unrenamed_key_fallback(lambda converters: [c for c in converters if c is split])
+    try:
+        renamed, pattern = core_model_loading.rename_source_key(key, [misfiring], [split], None, model_keys)
+        assert renamed in model_keys and pattern is not None
+        # Nothing selected: transformers' own answer.
+        _hf.set_unrenamed_key_fallback(lambda converters: [])
+        assert core_model_loading.rename_source_key(key, [misfiring], [split], None, model_keys)[0] not in model_keys
+    finally:
+        _hf.set_unrenamed_key_fallback(None)
+    assert core_model_loading.rename_source_key is stock

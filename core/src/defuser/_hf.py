@@ -7,6 +7,8 @@ the releases it was verified on, so a release that changes one breaks here, in o
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "own_tied_weights_keys",
     "recorded_output_class_names",
     "set_tied_weights_keys",
+    "set_unrenamed_key_fallback",
 ]
 
 
@@ -89,3 +92,51 @@ def recorded_output_class_names(model_class: type) -> set[str]:
             for item in targets:
                 names.add(item if isinstance(item, str) else getattr(item, "__name__", ""))
     return names
+
+
+def set_unrenamed_key_fallback(select: Callable[[list[Any]], list[Any]] | None) -> None:
+    """While ``select`` is set, a checkpoint key whose renamed name is no key of the model (and
+    whose own name is none either) is renamed once more by the converters ``select`` picks from
+    the mapping's, without its renamings; that name is kept when it is a key of the model (None:
+    stop).
+
+    This extends to converters the fallback transformers takes for a key its renamings do not
+    fit (a checkpoint already in the model's names, where ``(^|model\\.)layers\\.`` still matches
+    ``language_model.layers.``): it loads the key under its own name when that is a key of the
+    model, which the fused tensor of a defused block no longer is.  Wraps the module-level
+    ``core_model_loading.rename_source_key`` that ``convert_and_load_state_dict_in_model`` calls,
+    with the key, renamings, converters, base model prefix and the model's meta state dict
+    (transformers 5.3.0 - 5.25.0)."""
+    from transformers import core_model_loading
+
+    current = core_model_loading.rename_source_key
+    original = getattr(current, "_defuser_original", current)
+    if select is None:
+        core_model_loading.rename_source_key = original
+        return
+    signature = inspect.signature(original)
+
+    def rename_source_key(*args: Any, **kwargs: Any) -> tuple[str, str | None]:
+        renamed, pattern = original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        arguments = bound.arguments
+        model_keys = arguments.get("meta_state_dict")
+        if (
+            model_keys is None
+            or arguments.get("reverse")
+            or renamed in model_keys
+            or arguments["source_key"] in model_keys
+        ):
+            return renamed, pattern
+        converters = select(list(arguments.get("weight_converters") or []))
+        if not converters:
+            return renamed, pattern
+        arguments["weight_renamings"] = []
+        arguments["weight_converters"] = converters
+        retried, retried_pattern = original(*bound.args, **bound.kwargs)
+        if retried_pattern is not None and retried in model_keys:
+            return retried, retried_pattern
+        return renamed, pattern
+
+    rename_source_key._defuser_original = original  # type: ignore[attr-defined]
+    core_model_loading.rename_source_key = rename_source_key

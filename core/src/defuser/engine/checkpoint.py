@@ -39,6 +39,7 @@ __all__ = [
     "expert_projection_renames",
     "fuses_dense_halves",
     "fuses_expert_keys",
+    "is_plain_split",
     "per_expert_renames",
     "split_on_load_converter",
     "stock_save_conversions",
@@ -267,6 +268,17 @@ class _LoadOnlyConverter(WeightConverter):
 
     def reverse_transform(self) -> WeightRenaming:
         return WeightRenaming(source_patterns=_NEVER, target_patterns="unused")
+
+
+def is_plain_split(converter: Any) -> bool:
+    """True for a load-only converter that only splits a fused tensor of a defused module (no
+    stock reordering before the split)."""
+    operations = _operations(converter)
+    return (
+        isinstance(converter, _LoadOnlyConverter)
+        and len(operations) == 1
+        and isinstance(operations[0], (SplitFusedExperts, SplitFusedDense, SplitFusedParallel))
+    )
 
 
 def split_on_load_converter(source: str, target: str | list[str], operations: list[ConversionOps]) -> WeightConverter:

@@ -6,7 +6,8 @@ checkpoint keys are dropped, so those keys load as they are, and their per-exper
 renamings (``experts.N.w1`` loads as ``experts.N.gate_proj``, and saves back as ``w1``);
 transforms that reorder a fused checkpoint tensor keep their operations and then split it;
 fused tensors and fused dense Linears are split per expert with each module's own layout
-(:mod:`defuser.engine.checkpoint`).
+(:mod:`defuser.engine.checkpoint`).  A fused key that stock renamings turn into no key of the
+model goes to the splits under its own name, as transformers loads it into the fused model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from defuser._hf import converter_patterns, forget_checkpoint_conversion_mapping
+from defuser._hf import converter_patterns, forget_checkpoint_conversion_mapping, set_unrenamed_key_fallback
 from defuser.engine.parallel_preload import parallel_converters
 from defuser.engine.preload.plan import PreloadPlan
 from defuser.engine.preload.state import PATCHES, ActivePatch
@@ -40,6 +41,18 @@ def install_mappings(keys: set[str]) -> None:
             del PATCHES.stock_mappings[key]
             continue
         register_checkpoint_conversion_mapping(key, patched_mapping(stock, owners), overwrite=True)
+    # A fused checkpoint already in the model's names: where stock renamings misfire on its keys,
+    # transformers loads a key under its own name, which a defused model no longer has; the
+    # splits take such a fused key instead (see set_unrenamed_key_fallback).
+    set_unrenamed_key_fallback(_plain_splits if PATCHES.active else None)
+
+
+def _plain_splits(converters: list[Any]) -> list[Any]:
+    """The converters that split a fused tensor (or dense gate-up) of a defused module as it is,
+    with no stock reordering before: what takes a fused key under its own name."""
+    from defuser.engine.checkpoint import is_plain_split
+
+    return [converter for converter in converters if is_plain_split(converter)]
 
 
 def _register_stock(key: str, stock: list[Any] | None) -> None:
