@@ -269,7 +269,9 @@ class _LoadOnlyConverter(WeightConverter):
         return WeightRenaming(source_patterns=_NEVER, target_patterns="unused")
 
 
-def split_on_load_converter(source: str, target: str | list[str], operations: list[ConversionOps]) -> WeightConverter:
+def split_on_load_converter(
+    source: str | list[str], target: str | list[str], operations: list[ConversionOps]
+) -> WeightConverter:
     """A converter applying ``operations`` to keys matching ``source`` on load only.
 
     The matched part of a key is replaced by ``target`` to name what the operations receive as

@@ -142,9 +142,10 @@ def _merges_expert_keys(transform: Any, tensor_names: list[str]) -> bool:
 
 
 def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any | None:
-    """For a stock converter that reorders one fused checkpoint tensor (transpose, interleave,
-    split into gate and up) into fused experts tensors: a converter doing the same and then
-    splitting each result per expert."""
+    """For a stock converter that reorders fused checkpoint tensors (transpose, interleave,
+    split into gate and up, concatenate separately stored gate and up, dequantize with companion
+    scales) into fused experts tensors: a converter doing the same and then splitting each
+    result per expert."""
     from transformers.core_model_loading import WeightConverter
 
     from defuser.engine.checkpoint import SplitFusedExperts, split_on_load_converter, unescape_pattern
@@ -154,7 +155,9 @@ def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any 
         return None
     sources = converter_patterns(transform, "source_patterns")
     stock_targets = converter_patterns(transform, "target_patterns")
-    if len(sources) != 1 or "*" in sources[0]:
+    # Several sources: fused tensors concatenated (Step3p7's stacked gate and up) or one tensor
+    # with optional companions (Inkling2-Loop's quantization scales), read as the stock one reads them.
+    if not sources or any("*" in source for source in sources):
         return None
     by_length = sorted(targets, key=len, reverse=True)
     names = []
@@ -175,7 +178,7 @@ def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any 
     inputs = {target: name for target, (_, name) in zip(new_targets, names, strict=True)} if len(names) > 1 else None
     first = names[0][1]
     split = SplitFusedExperts(first, targets[first], inputs=inputs)
-    converter = split_on_load_converter(sources[0], new_targets, [*steps, split])
+    converter = split_on_load_converter(sources if len(sources) > 1 else sources[0], new_targets, [*steps, split])
     for attribute in ("scope_prefix", "base_model_prefix"):
         if getattr(transform, attribute, None) is not None:
             setattr(converter, attribute, getattr(transform, attribute))
