@@ -39,9 +39,11 @@ __all__ = [
     "expert_projection_renames",
     "fuses_dense_halves",
     "fuses_expert_keys",
+    "leaving_per_expert_keys",
     "per_expert_renames",
     "split_on_load_converter",
     "stock_save_conversions",
+    "takes_per_expert_keys",
     "unescape_pattern",
 ]
 
@@ -278,6 +280,51 @@ def split_on_load_converter(
     ``full_layer_name``; transformers hands a key over only when that name is a key of the model
     (a key of a module that is not defused keeps its own name and loads as it is)."""
     return _LoadOnlyConverter(source_patterns=source, target_patterns=target, operations=list(operations))
+
+
+# A defused per-expert key: what per-expert checkpoint keys load as (renamed to defuser's names).
+_PER_EXPERT_KEY = re.compile(r"[.][0-9]+[.](?:gate_proj|up_proj|down_proj)[.](?:weight|bias)$")
+
+
+class _LeavesPerExpertKeys(WeightConverter):
+    """A stock converter that takes no defused per-expert key: MiniMax-M3-VL's dense
+    ``gate_proj`` + ``up_proj`` -> ``gate_up_proj`` concatenation would otherwise take the
+    per-expert keys its checkpoint's ``experts.N.w1`` / ``w3`` load as."""
+
+    def rename_source_key(self, source_key: str) -> tuple[str, str | None]:
+        if _PER_EXPERT_KEY.search(source_key):
+            return source_key, None
+        return super().rename_source_key(source_key)
+
+
+def takes_per_expert_keys(transform: Any) -> bool:
+    """True for a stock converter whose sources match a defused per-expert key."""
+    if not isinstance(transform, WeightConverter) or isinstance(transform, _LeavesPerExpertKeys):
+        return False
+    samples = [
+        f"layers.0.mlp.experts.0.{projection}.{kind}"
+        for projection in ("gate_proj", "up_proj", "down_proj")
+        for kind in ("weight", "bias")
+    ]
+    patterns = converter_patterns(transform, "source_patterns")
+    return any(re.search(pattern, sample) for pattern in patterns for sample in samples)
+
+
+def leaving_per_expert_keys(transform: WeightConverter) -> WeightConverter:
+    """``transform`` (a plain stock converter) made to leave defused per-expert keys alone;
+    ``transform`` itself when it is of a class of its own (which this cannot rebuild)."""
+    if type(transform) is not WeightConverter:
+        logger.warning("%r may take defused per-expert keys and is kept as it is", transform)
+        return transform
+    leaving = _LeavesPerExpertKeys(
+        source_patterns=converter_patterns(transform, "source_patterns"),
+        target_patterns=converter_patterns(transform, "target_patterns"),
+        operations=list(transform.operations),
+    )
+    for name in ("scope_prefix", "base_model_prefix"):
+        if getattr(transform, name, None) is not None:
+            setattr(leaving, name, getattr(transform, name))
+    return leaving
 
 
 class PerExpertRenaming(WeightRenaming):

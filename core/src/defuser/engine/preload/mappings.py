@@ -68,8 +68,10 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
         expert_projection_renames,
         fuses_dense_halves,
         fuses_expert_keys,
+        leaving_per_expert_keys,
         per_expert_renames,
         split_on_load_converter,
+        takes_per_expert_keys,
     )
     from defuser.engine.save import fused_on_save_converter
 
@@ -93,7 +95,8 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
         if reordered is not None:
             chained.append(reordered)
             continue
-        kept.append(transform)
+        # Per-expert checkpoint keys now load as they are: no other converter may take them.
+        kept.append(leaving_per_expert_keys(transform) if takes_per_expert_keys(transform) else transform)
     splits = [
         split_on_load_converter(
             rf"(?<![^.])(?:{re.escape(name)})$", targets[name], [SplitFusedExperts(name, targets[name])]
