@@ -85,11 +85,13 @@ def _owner(model: nn.Module | None, layer_name: str | None, suffix: str) -> tupl
     return path, None
 
 
-def _defused_owner(op: ConversionOps, kwargs: dict[str, Any], kind: type, what: str) -> tuple[str, nn.Module]:
-    """Path and module of the key a converter ``op`` was handed (``op.target`` ends it); a
-    ValueError naming the key when that module is not a ``kind``."""
+def _defused_owner(
+    op: ConversionOps, kwargs: dict[str, Any], kind: type, what: str, target: str | None = None
+) -> tuple[str, nn.Module]:
+    """Path and module of the key a converter ``op`` was handed (``target``, default ``op.target``,
+    ends it); a ValueError naming the key when that module is not a ``kind``."""
     layer_name = kwargs.get("full_layer_name")
-    path, module = _owner(kwargs.get("model"), layer_name, op.target)
+    path, module = _owner(kwargs.get("model"), layer_name, target or op.target)
     if not isinstance(module, kind):
         raise ValueError(f"{op!r}: {layer_name!r} does not belong to a {what}")
     return path, module
@@ -104,7 +106,13 @@ class SplitFusedExperts(ConversionOps):
     its shape.  Rows past the last routed expert (LongCat's identity experts) are dropped.
     """
 
-    def __init__(self, tensor_name: str, target: str = "0.gate_proj.weight", inputs: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tensor_name: str,
+        target: str = "0.gate_proj.weight",
+        inputs: dict[str, str] | None = None,
+        input_targets: dict[str, str] | None = None,
+    ):
         self.tensor_name = tensor_name
         # The key the converter renames the fused key to (expert 0's first projection here):
         # transformers hands that name over, and it must be a key of the defused model.
@@ -112,6 +120,10 @@ class SplitFusedExperts(ConversionOps):
         # Where earlier operations of the converter produce several fused tensors (keyed by the
         # converter's target names): which fused tensor each one is.
         self.inputs = dict(inputs or {})
+        # The defused key each of those target names ends with: given, each fused tensor is split
+        # into the module its own target names (Ernie-4.5-VL's text and vision experts), else all
+        # into the module of the key transformers hands over.
+        self.input_targets = dict(input_targets or {})
 
     def __repr__(self) -> str:
         return f"SplitFusedExperts({self.tensor_name!r}, {self.target!r})"
@@ -120,22 +132,39 @@ class SplitFusedExperts(ConversionOps):
     def convert(
         self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
     ) -> dict[str, torch.Tensor]:
+        from defuser.engine.distributed_preload import refuse_presliced_fused
         from defuser.engine.experts import DefusedExperts
 
         path, module = _defused_owner(self, kwargs, DefusedExperts, "defused experts module")
-        if self.inputs:
-            pieces = {self.inputs[key]: _first_tensor({key: value}) for key, value in input_dict.items()}
-        else:
-            pieces = {self.tensor_name: _first_tensor(input_dict)}
-        from defuser.engine.distributed_preload import refuse_presliced_fused
-
-        refuse_presliced_fused(module, path, pieces)
-        # Under expert parallel a module holds experts first_expert .. first_expert + num_experts - 1.
-        first = module.__dict__.get("first_expert", 0)
+        groups: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {path: (module, {})}
+        if not self.inputs:
+            groups[path][1][self.tensor_name] = _first_tensor(input_dict)
+        for key, value in input_dict.items() if self.inputs else ():
+            owner_path, owner = path, module
+            if key in self.input_targets:
+                owner_path, owner = _defused_owner(
+                    self,
+                    {**kwargs, "full_layer_name": self._layer_of(kwargs.get("full_layer_name"), key)},
+                    DefusedExperts,
+                    "defused experts module",
+                    self.input_targets[key],
+                )
+            groups.setdefault(owner_path, (owner, {}))[1][self.inputs[key]] = _first_tensor({key: value})
         result = {}
-        for name, tensor in pieces.items():
-            result.update(self.split(tensor, module.layout, path, _fused_shape(module, name), name, first))
+        for owner_path, (owner, pieces) in groups.items():
+            refuse_presliced_fused(owner, owner_path, pieces)
+            # Under expert parallel a module holds experts first_expert .. first_expert + num_experts - 1.
+            first = owner.__dict__.get("first_expert", 0)
+            for name, tensor in pieces.items():
+                result.update(self.split(tensor, owner.layout, owner_path, _fused_shape(owner, name), name, first))
         return result
+
+    def _layer_of(self, layer_name: str | None, key: str) -> str | None:
+        """The full key of the converter's target name ``key``: ``layer_name`` ends with the first one."""
+        first = next(iter(self.inputs))
+        if layer_name is None or not layer_name.endswith(first):
+            return layer_name
+        return layer_name[: len(layer_name) - len(first)] + key
 
     def split(
         self,

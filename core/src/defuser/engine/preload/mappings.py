@@ -86,6 +86,12 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
     chained: list[Any] = []
     for transform in deepcopy(stock or []):
         if fuses_expert_keys(transform) or _merges_expert_keys(transform, tensor_names):
+            # A converter doing more than stacking (Ernie-4.5-VL's split of the checkpoint's
+            # experts between text and vision experts) keeps its operations, then splits.
+            reordered = None if _stacks_only(transform) else _reordering_of_fused_tensor(transform, targets, True)
+            if reordered is not None:
+                chained.append(reordered)
+                continue
             # Per-expert checkpoint keys now load as they are (under defuser's names).
             renames.extend(per_expert_renames(transform))
             continue
@@ -144,7 +150,13 @@ def _merges_expert_keys(transform: Any, tensor_names: list[str]) -> bool:
     return any("*" in source for source in sources) and _target_tensor(transform, tensor_names) is not None
 
 
-def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any | None:
+def _stacks_only(transform: Any) -> bool:
+    """A stock converter that only stacks per-expert keys (and concatenates gate and up)."""
+    operations = [type(op).__name__ for op in getattr(transform, "operations", None) or []]
+    return operations in (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
+
+
+def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str], per_expert: bool = False) -> Any | None:
     """For a stock converter that reorders fused checkpoint tensors (transpose, interleave,
     split into gate and up, concatenate separately stored gate and up, dequantize with companion
     scales) into fused experts tensors: a converter doing the same and then splitting each
@@ -160,7 +172,7 @@ def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any 
     stock_targets = converter_patterns(transform, "target_patterns")
     # Several sources: fused tensors concatenated (Step3p7's stacked gate and up) or one tensor
     # with optional companions (Inkling2-Loop's quantization scales), read as the stock one reads them.
-    if not sources or any("*" in source for source in sources):
+    if not sources or (not per_expert and any("*" in source for source in sources)):
         return None
     by_length = sorted(targets, key=len, reverse=True)
     names = []
@@ -173,14 +185,16 @@ def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any 
     # A transpose that checks the model's tensor shape cannot run against a defused module; the
     # split recognises the checkpoint's orientation by shape instead.
     steps = [op for op in operations if not getattr(op, "check_dims", False)]
-    if any(getattr(op, "supports_many_to_many", False) for op in steps):
+    if not per_expert and any(getattr(op, "supports_many_to_many", False) for op in steps):
         return None
     # The converter's targets name defused keys (transformers hands over only keys of the
     # model); the earlier operations key their results by them.
     new_targets = [f"{plain.removesuffix(name)}{targets[name]}" for plain, name in names]
     inputs = {target: name for target, (_, name) in zip(new_targets, names, strict=True)} if len(names) > 1 else None
     first = names[0][1]
-    split = SplitFusedExperts(first, targets[first], inputs=inputs)
+    # Each result is split into the module its own target names.
+    owners = {target: targets[name] for target, (_, name) in zip(new_targets, names, strict=True)} if inputs else None
+    split = SplitFusedExperts(first, targets[first], inputs=inputs, input_targets=owners)
     converter = split_on_load_converter(sources if len(sources) > 1 else sources[0], new_targets, [*steps, split])
     for attribute in ("scope_prefix", "base_model_prefix"):
         if getattr(transform, attribute, None) is not None:
