@@ -16,6 +16,7 @@ __all__ = [
     "is_experts_forward",
     "own_tied_weights_keys",
     "recorded_output_class_names",
+    "set_load_check",
     "set_tied_weights_keys",
 ]
 
@@ -89,3 +90,24 @@ def recorded_output_class_names(model_class: type) -> set[str]:
             for item in targets:
                 names.add(item if isinstance(item, str) else getattr(item, "__name__", ""))
     return names
+
+
+def set_load_check(check: Any) -> None:
+    """Call ``check(model, missing_keys, unexpected_keys)`` at the end of every ``from_pretrained``
+    (None: stop).  Wraps ``PreTrainedModel._adjust_missing_and_unexpected_keys``, which the
+    loader calls once with its ``LoadStateDictInfo`` after the weights are in, just before the
+    load report is logged (transformers 5.3.0 - 5.25.0)."""
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.__dict__["_adjust_missing_and_unexpected_keys"]
+    original = getattr(current, "_defuser_original", current)
+    if check is None:
+        PreTrainedModel._adjust_missing_and_unexpected_keys = original  # type: ignore[method-assign]
+        return
+
+    def _adjust_missing_and_unexpected_keys(self: Any, loading_info: Any) -> None:
+        original(self, loading_info)
+        check(self, set(loading_info.missing_keys), set(loading_info.unexpected_keys))
+
+    _adjust_missing_and_unexpected_keys._defuser_original = original  # type: ignore[attr-defined]
+    PreTrainedModel._adjust_missing_and_unexpected_keys = _adjust_missing_and_unexpected_keys  # type: ignore[method-assign]
