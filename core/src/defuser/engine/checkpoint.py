@@ -159,12 +159,14 @@ class SplitFusedExperts(ConversionOps):
                 result.update(self.split(tensor, owner.layout, owner_path, _fused_shape(owner, name), name, first))
         return result
 
-    def _layer_of(self, layer_name: str | None, key: str) -> str | None:
-        """The full key of the converter's target name ``key``: ``layer_name`` ends with the first one."""
+    def _layer_of(self, layer_name: str | None, key: str) -> str:
+        """The full key of the converter's target name ``key``: ``layer_name`` is the first one's,
+        with another expert index where expert parallel holds the module in part."""
         first = next(iter(self.inputs))
-        if layer_name is None or not layer_name.endswith(first):
-            return layer_name
-        return layer_name[: len(layer_name) - len(first)] + key
+        stem = first.removesuffix(self.input_targets.get(first, ""))
+        if layer_name is None or not stem or stem not in layer_name:
+            raise ValueError(f"{self!r}: cannot tell which module {key!r} of {layer_name!r} belongs to")
+        return layer_name[: layer_name.rfind(stem)] + key
 
     def split(
         self,
@@ -335,8 +337,11 @@ def takes_per_expert_keys(transform: Any) -> bool:
         for projection in ("gate_proj", "up_proj", "down_proj")
         for kind in ("weight", "bias")
     ]
-    patterns = converter_patterns(transform, "source_patterns")
-    return any(re.search(pattern, sample) for pattern in patterns for sample in samples)
+    try:
+        compiled = [re.compile(pattern) for pattern in converter_patterns(transform, "source_patterns")]
+    except re.error:  # not a regex as written: transformers rewrites it, this cannot tell
+        return False
+    return any(pattern.search(sample) for pattern in compiled for sample in samples)
 
 
 def leaving_per_expert_keys(transform: WeightConverter) -> WeightConverter:
