@@ -163,10 +163,12 @@ class SplitFusedExperts(ConversionOps):
         """The full key of the converter's target name ``key``: ``layer_name`` is the first one's,
         with another expert index where expert parallel holds the module in part."""
         first = next(iter(self.inputs))
-        stem = first.removesuffix(self.input_targets.get(first, ""))
-        if layer_name is None or not stem or stem not in layer_name:
+        target = self.input_targets.get(first, first)
+        stem, after = first.removesuffix(target), target.partition(".")[2]
+        held = re.fullmatch(rf"(.*){re.escape(stem)}[0-9]+\.{re.escape(after)}", layer_name or "")
+        if held is None:
             raise ValueError(f"{self!r}: cannot tell which module {key!r} of {layer_name!r} belongs to")
-        return layer_name[: layer_name.rfind(stem)] + key
+        return held[1] + key
 
     def split(
         self,
