@@ -123,8 +123,10 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
     parallel = parallel_converters([active.parallel for active in owners if active.parallel])
     # Last: transformers reverses the mapping on save, so this takes its keys first and writes
     # them as stock transformers writes the fused model.
+    # A copy: transformers 5.3.0 reverses a converter (on save) into one sharing its pattern
+    # lists and strips their anchors in place, which must not reach the stock mapping restored later.
     on_save = fused_on_save_converter(
-        stock or [], experts=bool(tensor_names), dense=bool(dense_names), parallel=bool(parallel)
+        deepcopy(stock or []), experts=bool(tensor_names), dense=bool(dense_names), parallel=bool(parallel)
     )
     return kept + renames + extra + chained + splits + parallel + [on_save]
 
