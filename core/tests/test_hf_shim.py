@@ -81,3 +81,26 @@ def test_a_key_no_renaming_fits_falls_back_to_the_selected_converters():
     finally:
         _hf.set_unrenamed_key_fallback(None)
     assert core_model_loading.rename_source_key is stock
+
+
+def test_load_check_sees_missing_and_unexpected_keys_of_from_pretrained(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import PreTrainedModel
+
+    from defuser.plugin import build_tiny_model
+
+    model = build_tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = next(key for key in tensors if key.endswith("input_layernorm.weight"))
+    tensors["renamed." + name] = tensors.pop(name)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    seen = []
+    _hf.set_load_check(lambda model, missing, unexpected: seen.append((type(model), missing, unexpected)))
+    try:
+        type(model).from_pretrained(tmp_path, config=model.config, dtype=torch.float32)
+    finally:
+        _hf.set_load_check(None)
+    assert seen == [(type(model), {name}, {"renamed." + name})]
+    assert not hasattr(PreTrainedModel._adjust_missing_and_unexpected_keys, "_defuser_original")

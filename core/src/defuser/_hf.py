@@ -18,6 +18,7 @@ __all__ = [
     "is_experts_forward",
     "own_tied_weights_keys",
     "recorded_output_class_names",
+    "set_load_check",
     "set_tied_weights_keys",
     "set_unrenamed_key_fallback",
 ]
@@ -140,3 +141,24 @@ def set_unrenamed_key_fallback(select: Callable[[list[Any]], list[Any]] | None) 
 
     rename_source_key._defuser_original = original  # type: ignore[attr-defined]
     core_model_loading.rename_source_key = rename_source_key
+
+
+def set_load_check(check: Any) -> None:
+    """Call ``check(model, missing_keys, unexpected_keys)`` at the end of every ``from_pretrained``
+    (None: stop).  Wraps ``PreTrainedModel._adjust_missing_and_unexpected_keys``, which the
+    loader calls once with its ``LoadStateDictInfo`` after the weights are in, just before the
+    load report is logged (transformers 5.3.0 - 5.25.0)."""
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.__dict__["_adjust_missing_and_unexpected_keys"]
+    original = getattr(current, "_defuser_original", current)
+    if check is None:
+        PreTrainedModel._adjust_missing_and_unexpected_keys = original  # type: ignore[method-assign]
+        return
+
+    def _adjust_missing_and_unexpected_keys(self: Any, loading_info: Any) -> None:
+        original(self, loading_info)
+        check(self, set(loading_info.missing_keys), set(loading_info.unexpected_keys))
+
+    _adjust_missing_and_unexpected_keys._defuser_original = original  # type: ignore[attr-defined]
+    PreTrainedModel._adjust_missing_and_unexpected_keys = _adjust_missing_and_unexpected_keys  # type: ignore[method-assign]

@@ -40,9 +40,11 @@ __all__ = [
     "fuses_dense_halves",
     "fuses_expert_keys",
     "is_plain_split",
+    "leaving_per_expert_keys",
     "per_expert_renames",
     "split_on_load_converter",
     "stock_save_conversions",
+    "takes_per_expert_keys",
     "unescape_pattern",
 ]
 
@@ -84,11 +86,13 @@ def _owner(model: nn.Module | None, layer_name: str | None, suffix: str) -> tupl
     return path, None
 
 
-def _defused_owner(op: ConversionOps, kwargs: dict[str, Any], kind: type, what: str) -> tuple[str, nn.Module]:
-    """Path and module of the key a converter ``op`` was handed (``op.target`` ends it); a
-    ValueError naming the key when that module is not a ``kind``."""
+def _defused_owner(
+    op: ConversionOps, kwargs: dict[str, Any], kind: type, what: str, target: str | None = None
+) -> tuple[str, nn.Module]:
+    """Path and module of the key a converter ``op`` was handed (``target``, default ``op.target``,
+    ends it); a ValueError naming the key when that module is not a ``kind``."""
     layer_name = kwargs.get("full_layer_name")
-    path, module = _owner(kwargs.get("model"), layer_name, op.target)
+    path, module = _owner(kwargs.get("model"), layer_name, target or op.target)
     if not isinstance(module, kind):
         raise ValueError(f"{op!r}: {layer_name!r} does not belong to a {what}")
     return path, module
@@ -103,7 +107,13 @@ class SplitFusedExperts(ConversionOps):
     its shape.  Rows past the last routed expert (LongCat's identity experts) are dropped.
     """
 
-    def __init__(self, tensor_name: str, target: str = "0.gate_proj.weight", inputs: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tensor_name: str,
+        target: str = "0.gate_proj.weight",
+        inputs: dict[str, str] | None = None,
+        input_targets: dict[str, str] | None = None,
+    ):
         self.tensor_name = tensor_name
         # The key the converter renames the fused key to (expert 0's first projection here):
         # transformers hands that name over, and it must be a key of the defused model.
@@ -111,6 +121,10 @@ class SplitFusedExperts(ConversionOps):
         # Where earlier operations of the converter produce several fused tensors (keyed by the
         # converter's target names): which fused tensor each one is.
         self.inputs = dict(inputs or {})
+        # The defused key each of those target names ends with: given, each fused tensor is split
+        # into the module its own target names (Ernie-4.5-VL's text and vision experts), else all
+        # into the module of the key transformers hands over.
+        self.input_targets = dict(input_targets or {})
 
     def __repr__(self) -> str:
         return f"SplitFusedExperts({self.tensor_name!r}, {self.target!r})"
@@ -119,22 +133,43 @@ class SplitFusedExperts(ConversionOps):
     def convert(
         self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
     ) -> dict[str, torch.Tensor]:
+        from defuser.engine.distributed_preload import refuse_presliced_fused
         from defuser.engine.experts import DefusedExperts
 
         path, module = _defused_owner(self, kwargs, DefusedExperts, "defused experts module")
-        if self.inputs:
-            pieces = {self.inputs[key]: _first_tensor({key: value}) for key, value in input_dict.items()}
-        else:
-            pieces = {self.tensor_name: _first_tensor(input_dict)}
-        from defuser.engine.distributed_preload import refuse_presliced_fused
-
-        refuse_presliced_fused(module, path, pieces)
-        # Under expert parallel a module holds experts first_expert .. first_expert + num_experts - 1.
-        first = module.__dict__.get("first_expert", 0)
+        groups: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {path: (module, {})}
+        if not self.inputs:
+            groups[path][1][self.tensor_name] = _first_tensor(input_dict)
+        for key, value in input_dict.items() if self.inputs else ():
+            owner_path, owner = path, module
+            if key in self.input_targets:
+                owner_path, owner = _defused_owner(
+                    self,
+                    {**kwargs, "full_layer_name": self._layer_of(kwargs.get("full_layer_name"), key)},
+                    DefusedExperts,
+                    "defused experts module",
+                    self.input_targets[key],
+                )
+            groups.setdefault(owner_path, (owner, {}))[1][self.inputs[key]] = _first_tensor({key: value})
         result = {}
-        for name, tensor in pieces.items():
-            result.update(self.split(tensor, module.layout, path, _fused_shape(module, name), name, first))
+        for owner_path, (owner, pieces) in groups.items():
+            refuse_presliced_fused(owner, owner_path, pieces)
+            # Under expert parallel a module holds experts first_expert .. first_expert + num_experts - 1.
+            first = owner.__dict__.get("first_expert", 0)
+            for name, tensor in pieces.items():
+                result.update(self.split(tensor, owner.layout, owner_path, _fused_shape(owner, name), name, first))
         return result
+
+    def _layer_of(self, layer_name: str | None, key: str) -> str:
+        """The full key of the converter's target name ``key``: ``layer_name`` is the first one's,
+        with another expert index where expert parallel holds the module in part."""
+        first = next(iter(self.inputs))
+        target = self.input_targets.get(first, first)
+        stem, after = first.removesuffix(target), target.partition(".")[2]
+        held = re.fullmatch(rf"(.*){re.escape(stem)}[0-9]+\.{re.escape(after)}", layer_name or "")
+        if held is None:
+            raise ValueError(f"{self!r}: cannot tell which module {key!r} of {layer_name!r} belongs to")
+        return held[1] + key
 
     def split(
         self,
@@ -281,13 +316,63 @@ def is_plain_split(converter: Any) -> bool:
     )
 
 
-def split_on_load_converter(source: str, target: str | list[str], operations: list[ConversionOps]) -> WeightConverter:
+def split_on_load_converter(
+    source: str | list[str], target: str | list[str], operations: list[ConversionOps]
+) -> WeightConverter:
     """A converter applying ``operations`` to keys matching ``source`` on load only.
 
     The matched part of a key is replaced by ``target`` to name what the operations receive as
     ``full_layer_name``; transformers hands a key over only when that name is a key of the model
     (a key of a module that is not defused keeps its own name and loads as it is)."""
     return _LoadOnlyConverter(source_patterns=source, target_patterns=target, operations=list(operations))
+
+
+# A defused per-expert key: what per-expert checkpoint keys load as (renamed to defuser's names).
+_PER_EXPERT_KEY = re.compile(r"[.][0-9]+[.](?:gate_proj|up_proj|down_proj)[.](?:weight|bias)$")
+
+
+class _LeavesPerExpertKeys(WeightConverter):
+    """A stock converter that takes no defused per-expert key: MiniMax-M3-VL's dense
+    ``gate_proj`` + ``up_proj`` -> ``gate_up_proj`` concatenation would otherwise take the
+    per-expert keys its checkpoint's ``experts.N.w1`` / ``w3`` load as."""
+
+    def rename_source_key(self, source_key: str) -> tuple[str, str | None]:
+        if _PER_EXPERT_KEY.search(source_key):
+            return source_key, None
+        return super().rename_source_key(source_key)
+
+
+def takes_per_expert_keys(transform: Any) -> bool:
+    """True for a stock converter whose sources match a defused per-expert key."""
+    if not isinstance(transform, WeightConverter) or isinstance(transform, _LeavesPerExpertKeys):
+        return False
+    samples = [
+        f"layers.0.mlp.experts.0.{projection}.{kind}"
+        for projection in ("gate_proj", "up_proj", "down_proj")
+        for kind in ("weight", "bias")
+    ]
+    try:
+        compiled = [re.compile(pattern) for pattern in converter_patterns(transform, "source_patterns")]
+    except re.error:  # not a regex as written: transformers rewrites it, this cannot tell
+        return False
+    return any(pattern.search(sample) for pattern in compiled for sample in samples)
+
+
+def leaving_per_expert_keys(transform: WeightConverter) -> WeightConverter:
+    """``transform`` (a plain stock converter) made to leave defused per-expert keys alone;
+    ``transform`` itself when it is of a class of its own (which this cannot rebuild)."""
+    if type(transform) is not WeightConverter:
+        logger.warning("%r may take defused per-expert keys and is kept as it is", transform)
+        return transform
+    leaving = _LeavesPerExpertKeys(
+        source_patterns=converter_patterns(transform, "source_patterns"),
+        target_patterns=converter_patterns(transform, "target_patterns"),
+        operations=list(transform.operations),
+    )
+    for name in ("scope_prefix", "base_model_prefix"):
+        if getattr(transform, name, None) is not None:
+            setattr(leaving, name, getattr(transform, name))
+    return leaving
 
 
 class PerExpertRenaming(WeightRenaming):

@@ -9,6 +9,10 @@ A :class:`PreloadPlan` (from a plugin) changes two things, each in its own modul
 * checkpoint mappings (:mod:`.mappings`): the stock conversions that fuse per-expert keys are
   dropped and fused checkpoint tensors are split per expert on load.
 
+While any model type is patched, every ``from_pretrained`` is checked (:mod:`.loadcheck`): a
+load leaving weights of defused blocks missing raises (the checkpoint held keys nothing took)
+or warns (the checkpoint lacks them).
+
 :mod:`.state` holds what is patched and what was there before; :mod:`.patching` applies and
 undoes a plan; every private transformers internal this touches is behind :mod:`defuser._hf`.
 Several model types may patch the same class or mapping; each stays patched while any patched

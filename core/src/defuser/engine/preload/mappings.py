@@ -81,8 +81,10 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
         expert_projection_renames,
         fuses_dense_halves,
         fuses_expert_keys,
+        leaving_per_expert_keys,
         per_expert_renames,
         split_on_load_converter,
+        takes_per_expert_keys,
     )
     from defuser.engine.save import fused_on_save_converter
 
@@ -97,6 +99,12 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
     chained: list[Any] = []
     for transform in deepcopy(stock or []):
         if fuses_expert_keys(transform) or _merges_expert_keys(transform, tensor_names):
+            # A converter doing more than stacking (Ernie-4.5-VL's split of the checkpoint's
+            # experts between text and vision experts) keeps its operations, then splits.
+            reordered = None if _stacks_only(transform) else _reordering_of_fused_tensor(transform, targets, True)
+            if reordered is not None:
+                chained.append(reordered)
+                continue
             # Per-expert checkpoint keys now load as they are (under defuser's names).
             renames.extend(per_expert_renames(transform))
             continue
@@ -106,7 +114,8 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
         if reordered is not None:
             chained.append(reordered)
             continue
-        kept.append(transform)
+        # Per-expert checkpoint keys now load as they are: no other converter may take them.
+        kept.append(leaving_per_expert_keys(transform) if takes_per_expert_keys(transform) else transform)
     splits = [
         split_on_load_converter(
             rf"(?<![^.])(?:{re.escape(name)})$", targets[name], [SplitFusedExperts(name, targets[name])]
@@ -127,8 +136,10 @@ def patched_mapping(stock: list[Any] | None, owners: list[ActivePatch]) -> list[
     parallel = parallel_converters([active.parallel for active in owners if active.parallel])
     # Last: transformers reverses the mapping on save, so this takes its keys first and writes
     # them as stock transformers writes the fused model.
+    # A copy: transformers 5.3.0 reverses a converter (on save) into one sharing its pattern
+    # lists and strips their anchors in place, which must not reach the stock mapping restored later.
     on_save = fused_on_save_converter(
-        stock or [], experts=bool(tensor_names), dense=bool(dense_names), parallel=bool(parallel)
+        deepcopy(stock or []), experts=bool(tensor_names), dense=bool(dense_names), parallel=bool(parallel)
     )
     return kept + renames + extra + chained + splits + parallel + [on_save]
 
@@ -154,10 +165,17 @@ def _merges_expert_keys(transform: Any, tensor_names: list[str]) -> bool:
     return any("*" in source for source in sources) and _target_tensor(transform, tensor_names) is not None
 
 
-def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any | None:
-    """For a stock converter that reorders one fused checkpoint tensor (transpose, interleave,
-    split into gate and up) into fused experts tensors: a converter doing the same and then
-    splitting each result per expert."""
+def _stacks_only(transform: Any) -> bool:
+    """A stock converter that only stacks per-expert keys (and concatenates gate and up)."""
+    operations = [type(op).__name__ for op in getattr(transform, "operations", None) or []]
+    return operations in (["MergeModulelist"], ["MergeModulelist", "Concatenate"])
+
+
+def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str], per_expert: bool = False) -> Any | None:
+    """For a stock converter that reorders fused checkpoint tensors (transpose, interleave,
+    split into gate and up, concatenate separately stored gate and up, dequantize with companion
+    scales) into fused experts tensors: a converter doing the same and then splitting each
+    result per expert."""
     from transformers.core_model_loading import WeightConverter
 
     from defuser.engine.checkpoint import SplitFusedExperts, split_on_load_converter, unescape_pattern
@@ -167,7 +185,9 @@ def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any 
         return None
     sources = converter_patterns(transform, "source_patterns")
     stock_targets = converter_patterns(transform, "target_patterns")
-    if len(sources) != 1 or "*" in sources[0]:
+    # Several sources: fused tensors concatenated (Step3p7's stacked gate and up) or one tensor
+    # with optional companions (Inkling2-Loop's quantization scales), read as the stock one reads them.
+    if not sources or (not per_expert and any("*" in source for source in sources)):
         return None
     by_length = sorted(targets, key=len, reverse=True)
     names = []
@@ -180,15 +200,17 @@ def _reordering_of_fused_tensor(transform: Any, targets: dict[str, str]) -> Any 
     # A transpose that checks the model's tensor shape cannot run against a defused module; the
     # split recognises the checkpoint's orientation by shape instead.
     steps = [op for op in operations if not getattr(op, "check_dims", False)]
-    if any(getattr(op, "supports_many_to_many", False) for op in steps):
+    if not per_expert and any(getattr(op, "supports_many_to_many", False) for op in steps):
         return None
     # The converter's targets name defused keys (transformers hands over only keys of the
     # model); the earlier operations key their results by them.
     new_targets = [f"{plain.removesuffix(name)}{targets[name]}" for plain, name in names]
     inputs = {target: name for target, (_, name) in zip(new_targets, names, strict=True)} if len(names) > 1 else None
     first = names[0][1]
-    split = SplitFusedExperts(first, targets[first], inputs=inputs)
-    converter = split_on_load_converter(sources[0], new_targets, [*steps, split])
+    # Each result is split into the module its own target names.
+    owners = {target: targets[name] for target, (_, name) in zip(new_targets, names, strict=True)} if inputs else None
+    split = SplitFusedExperts(first, targets[first], inputs=inputs, input_targets=owners)
+    converter = split_on_load_converter(sources if len(sources) > 1 else sources[0], new_targets, [*steps, split])
     for attribute in ("scope_prefix", "base_model_prefix"):
         if getattr(transform, attribute, None) is not None:
             setattr(converter, attribute, getattr(transform, attribute))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from defuser._hf import set_load_check
 from defuser.engine.parallel_preload import install_post_init, resolve_parallel
 from defuser.engine.preload.classes import install_classes, recorded_class_names, resolve_classes
+from defuser.engine.preload.loadcheck import check_defused_loaded
 from defuser.engine.preload.mappings import install_mappings, mapping_keys
 from defuser.engine.preload.plan import PreloadPlan
 from defuser.engine.preload.state import PATCHES, ActivePatch
@@ -21,6 +23,7 @@ def _install() -> None:
 
     install_classes()
     install_ties()
+    set_load_check(check_defused_loaded if PATCHES.active else None)
     # Parallel plans of models built while patched must match their defused blocks.
     sync_distributed_preload(active=bool(PATCHES.active))
     roots = {root for active in PATCHES.active.values() if active.parallel for root in active.parallel.roots}
