@@ -72,10 +72,16 @@ def test_each_kind_defuses_recognises_and_fuses_back():
 
 
 def test_dense_mlp_fused_back_gives_equal_outputs():
+    torch.manual_seed(0)
     mlp, x = DenseMLP(), torch.randn(5, H)
     with torch.no_grad():
         reference = mlp(x)
+        fused_storage = mlp.gate_up_proj.weight.untyped_storage().data_ptr()
         kind = KINDS["dense"]
         defused = kind.defuse(Candidate("mlp", mlp, "dense", "test", DenseLayout()))
-        assert torch.equal(defused(x), reference)
-        assert torch.equal(kind.fuse(defused, "mlp")(x), reference)
+        # Two [I, H] matmuls instead of one [2I, H]: BLAS may block them differently, so the
+        # last bit can differ on some machines (seen in CI); the weights themselves are views.
+        torch.testing.assert_close(defused(x), reference, rtol=1e-6, atol=1e-6)
+        assert defused.gate_proj.weight.untyped_storage().data_ptr() == fused_storage
+        fused = kind.fuse(defused, "mlp")
+        torch.testing.assert_close(fused(x), reference, rtol=1e-6, atol=1e-6)

@@ -70,7 +70,9 @@ def cases_for(plugin: Any) -> tuple[dict[str, Callable[[], nn.Module]], dict[str
 
 def preload_for(plugin: Any, model_types: Iterable[str]) -> set[str]:
     """The ``model_types`` that ``plugin`` patches before load on the installed transformers:
-    declared with ``preload`` (the default) and not before their ``preload_min_transformers``."""
+    declared with ``preload`` (the default) and not before their ``min_transformers`` or
+    ``preload_min_transformers`` (a case a plugin builds by hand may exist on older releases
+    the declaration does not claim)."""
     import transformers
 
     version = Version(transformers.__version__)
@@ -79,7 +81,8 @@ def preload_for(plugin: Any, model_types: Iterable[str]) -> set[str]:
         support = plugin.info.support_for(model_type)
         if support is None or not support.preload:
             continue
-        if support.preload_min_transformers and version < Version(support.preload_min_transformers):
+        first = [Version(v) for v in (support.min_transformers, support.preload_min_transformers) if v]
+        if any(version < release for release in first):
             continue
         found.add(model_type)
     return found
