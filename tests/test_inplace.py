@@ -300,3 +300,26 @@ def test_relayout_failing_at_any_copy_leaves_the_tensor_as_it_was(monkeypatch, f
         relayout_experts(fused, transposed, deinterleave)
     assert calls[0] == failing_call
     assert torch.equal(fused, original)
+
+
+def test_the_undo_kept_for_the_conversion_does_not_keep_the_buffer(monkeypatch):
+    # The undo waits in the conversion's snapshot until the whole conversion ends: holding
+    # the buffer would keep one block alive per re-laid-out tensor of every layer until then.
+    import weakref
+
+    made = []
+    real = inplace_module._buffer
+
+    def buffer(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(inplace_module, "_buffer", buffer)
+    shape, transposed, deinterleave = LAYOUTS["transpose-deinterleave"]
+    fused = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    original = fused.clone()
+    stacked, undo = relayout_experts(fused, transposed, deinterleave)
+    alive = weakref.ref(made.pop())
+    assert alive() is None
+    undo()
+    assert torch.equal(fused, original)

@@ -148,8 +148,13 @@ def relayout_experts(
         _restore(fused, order, blocks, buffer, done)
         raise
 
+    # The undo waits in the conversion's snapshot until the whole conversion ends: it keeps
+    # the buffer's shape, never the buffer, or every module's buffer would stay alive that long.
+    buffer_shape, dtype, device = tuple(buffer.shape), buffer.dtype, buffer.device
+    del buffer
+
     def undo() -> None:
-        _restore(fused, order, blocks, torch.empty_like(buffer), experts)
+        _restore(fused, order, blocks, torch.empty(buffer_shape, dtype=dtype, device=device), experts)
 
     return blocks.view(experts, *order.new_shape), undo
 
