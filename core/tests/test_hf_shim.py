@@ -104,3 +104,12 @@ def test_load_check_sees_missing_and_unexpected_keys_of_from_pretrained(tmp_path
         _hf.set_load_check(None)
     assert seen == [(type(model), {name}, {"renamed." + name})]
     assert not hasattr(PreTrainedModel._adjust_missing_and_unexpected_keys, "_defuser_original")
+
+
+def test_the_eager_experts_forward_is_the_one_the_decorator_wrapped():
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as modeling
+
+    eager = _hf.eager_experts_forward(modeling.Qwen3MoeExperts)
+    assert eager is not None and eager is not modeling.Qwen3MoeExperts.forward
+    assert eager.__qualname__.endswith("Qwen3MoeExperts.forward")
+    assert _hf.eager_experts_forward(modeling.Qwen3MoeMLP) is None

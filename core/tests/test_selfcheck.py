@@ -448,3 +448,29 @@ def test_tiny_models_convert_with_equal_outputs_under_every_mode(monkeypatch):
         reference = tiny_forward(model, inputs)
         assert convert_model(model) is True
         assert (tiny_forward(model, inputs) - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_the_probe_compares_with_the_eager_loop_whatever_the_model_dispatches_to(monkeypatch, caplog, implementation):
+    # batched_mm and grouped_mm gather expert weights per route (copies) and round
+    # differently; the probe's reference is transformers' exact per-expert loop.
+    from transformers.integrations.moe import ExpertsInterface
+
+    dispatched = []
+    real = ExpertsInterface._global_mapping[implementation]
+
+    def spy(*args, **kwargs):
+        dispatched.append(implementation)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(ExpertsInterface._global_mapping, implementation, spy)
+    model = build_tiny_model("qwen3_moe")
+    model.config._experts_implementation = implementation
+    inputs = tiny_inputs(model)
+    reference = tiny_forward(model, inputs)
+    assert dispatched, "the fused model did not dispatch to the chosen implementation"
+    dispatched.clear()
+    with caplog.at_level(logging.DEBUG, logger="defuser"):
+        assert convert_model(model) is True
+    assert _probes(caplog) == 1 and dispatched == []
+    torch.testing.assert_close(tiny_forward(model, inputs), reference, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "converter_patterns",
+    "eager_experts_forward",
     "forget_checkpoint_conversion_mapping",
     "has_experts_gate",
     "is_experts_forward",
@@ -31,6 +32,20 @@ def is_experts_forward(function: Any) -> bool:
     closes over a free variable named ``original_forward`` (transformers 5.3.0 - 5.25.0)."""
     code = getattr(function, "__code__", None)
     return hasattr(function, "__wrapped__") and code is not None and "original_forward" in code.co_freevars
+
+
+def eager_experts_forward(cls: type) -> Callable[..., Any] | None:
+    """The class's own (eager) experts forward when ``cls.forward`` is the dispatching wrapper
+    ``@use_experts_implementation`` installs, else None.
+
+    The wrapper picks ``config._experts_implementation`` (grouped_mm, batched_mm, ...) at each
+    call; the one it wraps is transformers' exact per-expert loop, reached through the
+    ``__wrapped__`` that ``functools.wraps`` sets (transformers 5.3.0 - 5.25.0)."""
+    forward = getattr(cls, "forward", None)
+    if forward is None or not is_experts_forward(forward):
+        return None
+    wrapped = forward.__wrapped__
+    return wrapped if callable(wrapped) else None
 
 
 def has_experts_gate(cls: type) -> bool:
