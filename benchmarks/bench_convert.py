@@ -171,10 +171,11 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
 
     get_checkpoint_conversion_mapping(model_type)
     # The modeling module and what it imports on first use are libraries too: a throwaway
-    # tiny model of the same type loads them before the baseline is taken.
+    # tiny model of the same type loads them before the baseline is taken, and converting it
+    # loads what defuser imports on first use (the engine's modules, the plugins).
     from defuser.tiny import build_tiny_model
 
-    build_tiny_model(model_type, dtype=dtype)
+    convert_model(build_tiny_model(model_type, dtype=dtype), cleanup_original=cleanup_original)
     _return_free_memory()
     baseline = _rss()  # the interpreter and libraries, before any weight exists
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

@@ -318,7 +318,7 @@ def test_the_undo_kept_for_the_conversion_does_not_keep_the_buffer(monkeypatch):
     shape, transposed, deinterleave = LAYOUTS["transpose-deinterleave"]
     fused = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     original = fused.clone()
-    stacked, undo = relayout_experts(fused, transposed, deinterleave)
+    _, undo = relayout_experts(fused, transposed, deinterleave)
     alive = weakref.ref(made.pop())
     assert alive() is None
     undo()
