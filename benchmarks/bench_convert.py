@@ -76,14 +76,14 @@ def _return_free_memory() -> None:
         pass
 
 
-def _config(model_type: str, size: str):
+def _config(model_type: str, size: str, layers: int = 2):
     from defuser.tiny import tiny_config
 
     dims = SIZES[size]
     hidden, inner = dims["hidden_size"], dims["moe_intermediate_size"]
     overrides = dict(
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=4,
         head_dim=hidden // 8,
@@ -152,7 +152,9 @@ def _every_expert_probe_seconds(model) -> float:
     return time.perf_counter() - start
 
 
-def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, cleanup_original: bool = False) -> dict:
+def one_run(
+    model_type: str, size: str, dtype_name: str, forward: bool = True, cleanup_original: bool = False, layers: int = 2
+) -> dict:
     """Build, convert (measured), fuse back, then compare fused and defused forwards."""
     import torch
 
@@ -163,7 +165,7 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
-    config = _config(model_type, size)
+    config = _config(model_type, size, layers)
     # from_pretrained builds transformers' checkpoint-mapping table once per process (saving
     # after conversion consults it); a model made from a config has not, so build it here
     # instead of billing that one-time cost to the conversion.
@@ -223,6 +225,7 @@ def one_run(model_type: str, size: str, dtype_name: str, forward: bool = True, c
     conversion = {
         "model_type": model_type,
         "size": size,
+        "layers": layers,
         "dtype": dtype_name,
         "zero_copy_layout": zero_copy,
         "cleanup_original": cleanup_original,
@@ -305,10 +308,14 @@ def main() -> None:
     parser.add_argument(
         "--cleanup-original", action="store_true", help="cleanup_original=True: copies release fused weights"
     )
+    parser.add_argument(
+        "--layers", type=int, default=2, help="decoder layers (default 2): growth that follows the layers shows here"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        figures = one_run(args.model_type, args.size, args.dtype, not args.no_forward, args.cleanup_original)
+        forward = not args.no_forward
+        figures = one_run(args.model_type, args.size, args.dtype, forward, args.cleanup_original, args.layers)
         print(json.dumps(figures))
         return
     results = []
@@ -316,11 +323,13 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", "--model-type", args.model_type]
         command += ["--size", args.size, "--dtype", args.dtype] + (["--no-forward"] if args.no_forward else [])
         command += ["--cleanup-original"] if args.cleanup_original else []
+        command += ["--layers", str(args.layers)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         print(output, flush=True)
         results.append(json.loads(output))
     keys = [k for k, v in results[0].items() if isinstance(v, float)]
-    summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "runs": len(results)}
+    summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "layers": args.layers}
+    summary["runs"] = len(results)
     summary["cleanup_original"] = args.cleanup_original
     # Other work on the machine moves every absolute time: say how busy it was.
     summary["load_average_1min"] = os.getloadavg()[0]
