@@ -152,8 +152,26 @@ def _every_expert_probe_seconds(model) -> float:
     return time.perf_counter() - start
 
 
+def _warm_matmul_kernels(size: str, dtype) -> None:
+    """One matmul per expert weight shape of ``size``: the CPU's matmul library (oneDNN for
+    bf16) sets up about 5 MB once per process on its first product above a small size, which
+    the tiny model's shapes stay below. That is a library's one-time cost, paid by any first
+    forward too; ``--cold-kernels`` leaves it to the conversion instead."""
+    import torch
+
+    hidden, inner = SIZES[size]["hidden_size"], SIZES[size]["moe_intermediate_size"]
+    for rows, columns in ((inner, hidden), (hidden, inner)):
+        torch.nn.functional.linear(torch.zeros(1, columns, dtype=dtype), torch.zeros(rows, columns, dtype=dtype))
+
+
 def one_run(
-    model_type: str, size: str, dtype_name: str, forward: bool = True, cleanup_original: bool = False, layers: int = 2
+    model_type: str,
+    size: str,
+    dtype_name: str,
+    forward: bool = True,
+    cleanup_original: bool = False,
+    layers: int = 2,
+    warm_kernels: bool = True,
 ) -> dict:
     """Build, convert (measured), fuse back, then compare fused and defused forwards."""
     import torch
@@ -178,6 +196,8 @@ def one_run(
     from defuser.tiny import build_tiny_model
 
     convert_model(build_tiny_model(model_type, dtype=dtype), cleanup_original=cleanup_original)
+    if warm_kernels:
+        _warm_matmul_kernels(size, dtype)
     _return_free_memory()
     baseline = _rss()  # the interpreter and libraries, before any weight exists
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -311,11 +331,18 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=2, help="decoder layers (default 2): growth that follows the layers shows here"
     )
+    parser.add_argument(
+        "--cold-kernels",
+        action="store_true",
+        help="no matmul at the model's shapes before the baseline: the conversion's first one pays the library's setup",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         forward = not args.no_forward
-        figures = one_run(args.model_type, args.size, args.dtype, forward, args.cleanup_original, args.layers)
+        figures = one_run(
+            args.model_type, args.size, args.dtype, forward, args.cleanup_original, args.layers, not args.cold_kernels
+        )
         print(json.dumps(figures))
         return
     results = []
@@ -323,7 +350,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", "--model-type", args.model_type]
         command += ["--size", args.size, "--dtype", args.dtype] + (["--no-forward"] if args.no_forward else [])
         command += ["--cleanup-original"] if args.cleanup_original else []
-        command += ["--layers", str(args.layers)]
+        command += ["--layers", str(args.layers)] + (["--cold-kernels"] if args.cold_kernels else [])
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         print(output, flush=True)
         results.append(json.loads(output))
@@ -331,6 +358,7 @@ def main() -> None:
     summary = {"summary": "median", "model_type": args.model_type, "size": args.size, "layers": args.layers}
     summary["runs"] = len(results)
     summary["cleanup_original"] = args.cleanup_original
+    summary["warm_kernels"] = not args.cold_kernels
     # Other work on the machine moves every absolute time: say how busy it was.
     summary["load_average_1min"] = os.getloadavg()[0]
     summary["cpu_count"] = os.cpu_count()
