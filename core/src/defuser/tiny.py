@@ -123,6 +123,7 @@ SHRINK: dict[str, Any] = {
     "thinker_hidden_size": 32,
     "output_dim": 32,
     "vision_hidden_size": 32,
+    "audio_hidden_size": 32,
     "adapter_in_dim": 32,
     "adapter_input_size": 32,
     "adapter_out_dim": 32,
@@ -212,6 +213,7 @@ def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
                 continue
     _fit_layer_types(config)
     _fit_mlp_layer_types(config)
+    _fit_per_layer_lists(config, before.get("num_hidden_layers"))
     _fit_token_ids(config)
     _fit_rope_sections(config)
     _fit_mla_dims(config)
@@ -219,7 +221,7 @@ def _shrink(config: Any, overrides: dict[str, Any], seen: set[int]) -> None:
         if _is_config(value):
             _shrink(value, {}, seen)
     _rederive(config, before)
-    _attach_per_layer(config, per_layer)
+    _attach_per_layer(config, per_layer, before)
     for name, value in values.items():
         if "." in name:
             owner, _, attribute = name.rpartition(".")
@@ -288,7 +290,9 @@ def _detach_per_layer(config: Any) -> tuple[dict[int, dict[str, Any]], list[str]
     return spec.per_layer_overrides, layer_types
 
 
-def _attach_per_layer(config: Any, per_layer: tuple[dict[int, dict[str, Any]], list[str] | None] | None) -> None:
+def _attach_per_layer(
+    config: Any, per_layer: tuple[dict[int, dict[str, Any]], list[str] | None] | None, released: dict[str, Any]
+) -> None:
     if per_layer is None:
         return
     old_overrides, old_types = per_layer
@@ -298,11 +302,32 @@ def _attach_per_layer(config: Any, per_layer: tuple[dict[int, dict[str, Any]], l
         # A new layer copies the first old layer of its kind (or the old layer at its index).
         kind = new_types[layer] if new_types else None
         source = old_types.index(kind) if old_types and kind in old_types else layer
-        values = {k: v for k, v in old_overrides.get(source, {}).items() if k not in SHRINK}
+        old = old_overrides.get(source, {})
+        values = {k: v for k, v in old.items() if k not in SHRINK}
+        values.update(_mla_head_of_layer(config, {**released, **old}, kind))
         if values:
             kept[layer] = values
     if kept:
         config.per_layer_config = kept
+
+
+def _mla_head_of_layer(config: Any, released: dict[str, Any], kind: str | None) -> dict[str, Any]:
+    # A layer whose released head size is the sum of its latent-attention parts (dots3's
+    # sliding-window layers, unlike its other layers) keeps that sum when shrunk, and its rotary
+    # share of the head follows (the config's validation checks the sum).
+    parts = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
+    if not all(type(released.get(name)) is int for name in parts):
+        return {}
+    if released["head_dim"] != released["qk_nope_head_dim"] + released["qk_rope_head_dim"]:
+        return {}
+    nope, rope = (config._getattr_without_heterogeneous_validation(name, None) for name in parts[1:])
+    if not (type(nope) is int and type(rope) is int):
+        return {}
+    rope_parameters = getattr(config, "rope_parameters", None)
+    kind_rope = rope_parameters.get(kind) if isinstance(rope_parameters, dict) else None
+    if isinstance(kind_rope, dict) and "partial_rotary_factor" in kind_rope:
+        kind_rope["partial_rotary_factor"] = rope / (nope + rope)
+    return {"head_dim": nope + rope}
 
 
 # Hybrid layer kinds that hold the fused block (nemotron_h's moe, zamba2's hybrid).
@@ -353,11 +378,31 @@ def _fit_mlp_layer_types(config: Any) -> None:
         )
 
 
+def _fit_per_layer_lists(config: Any, released_layers: Any) -> None:
+    # Per-layer lists keep the released model's depth, which the config's validation refuses
+    # once the depth is shrunk.  Two kinds are refitted, each with its meaning kept: a list of a
+    # shrunk size (laguna's ``num_attention_heads_per_layer``) gets the shrunk size per layer, and
+    # the layer indices 0..N-1 (mistral_large4's ``kv_source_layers``: each layer its own source)
+    # become 0..n-1.  Any other per-layer list is left as it is.
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return
+    for name, value in list(vars(config).items()):
+        if not isinstance(value, list) or not all(type(entry) is int for entry in value):
+            continue
+        size = getattr(config, name.removesuffix("_per_layer"), None) if name.endswith("_per_layer") else None
+        if type(size) is int:
+            setattr(config, name, [size] * layers)
+        elif isinstance(released_layers, int) and value == list(range(released_layers)):
+            setattr(config, name, list(range(layers)))
+
+
 def _fit_token_ids(config: Any) -> None:
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
         return
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+    # CTC heads put the blank class last (nemo_speechlm's word timestamps).
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "blank_token_id"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value >= vocab:
             setattr(config, name, vocab - 1)

@@ -1,13 +1,8 @@
 """Single-model families: conformance of every claimed model type on the installed transformers."""
 
 from defuser_community.hooks import plugin
-from defuser_testkit.conformance import FamilyConformance, xfail_for
-
-# Found when pre-load tests were derived from the declarations (issue 15), on transformers
-# 5.25.0; the tests stay visible as xfail until fixed.
-_KNOWN = "transformers refuses to save the tiny config: num_attention_heads_per_layer needs one entry per layer"
+from defuser_testkit.conformance import FamilyConformance
 
 
 class TestCommunity(FamilyConformance):
     plugin = plugin
-    xfail = xfail_for(_KNOWN, ("laguna",), tests=("test_preload_patch_loads_both_layouts",))

@@ -65,6 +65,9 @@ plugin = Family(
     tiny_models={
         # Optional parts that the default leaves unset but the model always builds.
         "lfm2_moe": TinyModel(config={"layer_types": ["conv", "full_attention"]}),
+        # The audio tower's layers are its four downsampling stages, each listed in
+        # patch_sizes / hidden_sizes / depths: all four kept.
+        "muse_spark_audio": TinyModel(config={"num_hidden_layers": 4}),
         "dia": TinyModel(inputs="defuser_community.tiny_inputs:dia_inputs"),
         "dia_decoder": TinyModel(inputs="defuser_community.tiny_inputs:dia_decoder_inputs"),
         # Trunk widths the generic names miss; the single inputs are the atom encoder output plus

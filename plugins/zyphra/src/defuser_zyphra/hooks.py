@@ -21,5 +21,7 @@ plugin = Family(
     tiny_models={
         # 5.3.0's model always applies the shared-block rotary embedding.
         "zamba2": TinyModel(config={"use_mem_rope": True}),
+        # ZAYA's config refuses any other top-k (validate_architecture, 5.25.0).
+        "zaya": TinyModel(config={"num_experts_per_tok": 1}),
     },
 )
