@@ -36,6 +36,9 @@ SIZES = {
     # 2 layers, 64 experts, top-k 8, as the medium size; "large" doubles hidden and I.
     "medium": {"hidden_size": 1024, "moe_intermediate_size": 512},
     "large": {"hidden_size": 2048, "moe_intermediate_size": 1024},
+    # gpt-oss-20b's expert dimensions (hidden 2880, expert width 2880): one expert's gate-up
+    # block is 33 MB in bf16, as in the released model; with --layers 1 the model is 3.2 GB.
+    "real": {"hidden_size": 2880, "moe_intermediate_size": 2880},
 }
 
 
