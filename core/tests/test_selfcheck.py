@@ -221,8 +221,124 @@ def test_a_wrong_declared_layout_is_caught_by_the_self_check_and_rolled_back(def
     message = str(caught.value)
     assert message.startswith("defusing layers.0.mlp.experts (MadeUpExperts) failed: self-check (1 probe tokens")
     assert "reaching all 4 experts): outputs differ by " in message and "tolerance" in message
+    # The flag that makes the outputs match is named (gate_first flipped back is the answer).
+    assert "the outputs match with gate_first=True instead: the swapped layout of MadeUpExperts" in message
     assert message.endswith("(the module was put back as it was)")
     _assert_unchanged(model, before, classes)
+    for got, expected in zip(_outputs(model), reference, strict=True):
+        assert torch.equal(got, expected)
+
+
+class _TransposedWrongly(_Swapped):
+    """Declares the made-up class as stored transposed: shapes do not fit, the probe fails."""
+
+    @hookimpl
+    def defuser_detect_candidate(self, module, path, model_type):
+        if type(module) is not MadeUpExperts:
+            return None
+        layout = read_experts_layout(module).with_overrides(is_transposed=True)
+        return Candidate(path, module, "experts", "swapped", layout, model_type)
+
+
+def test_a_probe_failing_on_a_wrong_flag_names_the_flag(defuser_plugin_manager):
+    defuser_plugin_manager.register(_TransposedWrongly(), "swapped")
+    model = _Model(MadeUpExperts(_config()))
+    before, classes = _state(model), [type(module) for module in model.modules()]
+    with pytest.raises(ConversionError, match=r"the outputs match with is_transposed=False instead"):
+        convert_model(model)
+    _assert_unchanged(model, before, classes)
+
+
+def test_a_module_above_the_diagnosis_size_gets_no_hint(defuser_plugin_manager, monkeypatch):
+    from defuser.engine import selfcheck
+
+    monkeypatch.setattr(selfcheck, "SUSPECT_FLAGS_MAX_BYTES", 0)
+    defuser_plugin_manager.register(_Swapped(), "swapped")
+    model = _Model(MadeUpExperts(_config()))
+    with pytest.raises(ConversionError) as caught:
+        convert_model(model)
+    assert "outputs differ by" in str(caught.value) and "the outputs match with" not in str(caught.value)
+
+
+def test_a_failure_no_single_flag_explains_gets_no_hint(defuser_plugin_manager):
+    class _Broken(_Swapped):
+        @hookimpl
+        def defuser_detect_candidate(self, module, path, model_type):
+            if type(module) is not MadeUpExperts:
+                return None
+            layout = read_experts_layout(module).with_overrides(gate_first=False, is_transposed=True)
+            return Candidate(path, module, "experts", "swapped", layout, model_type)
+
+    defuser_plugin_manager.register(_Broken(), "swapped")
+    model = _Model(MadeUpExperts(_config()))
+    with pytest.raises(ConversionError) as caught:
+        convert_model(model)
+    assert "self-check" in str(caught.value) and "the outputs match with" not in str(caught.value)
+
+
+def test_gate_and_up_named_wrong_are_caught_where_the_outputs_agree(defuser_plugin_manager):
+    # gpt-oss's own gate function reads the joined gate-up, so the defused experts join their
+    # halves back in the declared order first: a wrong is_concatenated gives equal outputs with
+    # gate_proj holding gate and up rows mixed.  The test of which half the gate is affine in
+    # names it.
+    defuser_plugin_manager.register(
+        Family("wrong", [TypeSupport("gpt_oss")], layout_overrides={"GptOssExperts": {"is_concatenated": True}}),
+        "wrong",
+    )
+    model = build_tiny_model("gpt_oss")
+    before, classes = _state(model), [type(module) for module in model.modules()]
+    with pytest.raises(ConversionError) as caught:
+        convert_model(model)
+    message = str(caught.value)
+    assert "the wrong layout of GptOssExperts names the wrong rows gate_proj and up_proj" in message
+    assert "only when the halves are read with is_concatenated=False" in message
+    _assert_unchanged(model, before, classes)
+
+
+@use_experts_implementation
+class SigmoidGatedExperts(MadeUpExperts):
+    """An own gate function (a sigmoid gate, not zero at zero): the defused experts join their
+    halves back before calling it."""
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.sigmoid(gate) * up
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for token in range(hidden_states.shape[0]):
+            for slot in range(top_k_index.shape[1]):
+                expert = int(top_k_index[token, slot])
+                gated = self._apply_gate(self.gate_up_proj[expert] @ hidden_states[token])
+                out[token] += top_k_weights[token, slot] * (self.down_proj[expert] @ gated)
+        return out
+
+
+def test_an_own_gate_function_declared_right_converts(generic_only):
+    model = _Model(SigmoidGatedExperts(_config()))
+    (candidate,) = find_candidates(model)
+    assert candidate.layout.gate_style == "module"
+    reference = _outputs(model)
+    assert convert_model(model) is True
+    for got, expected in zip(_outputs(model), reference, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+class _SigmoidSwapped(_Swapped):
+    @hookimpl
+    def defuser_detect_candidate(self, module, path, model_type):
+        if type(module) is not SigmoidGatedExperts:
+            return None
+        layout = read_experts_layout(module).with_overrides(gate_first=False)
+        return Candidate(path, module, "experts", "swapped", layout, model_type)
+
+
+def test_an_own_gate_function_declared_swapped_is_caught(defuser_plugin_manager):
+    defuser_plugin_manager.register(_SigmoidSwapped(), "swapped")
+    model = _Model(SigmoidGatedExperts(_config()))
+    reference = _outputs(model)
+    with pytest.raises(ConversionError, match=r"affine in the up half only when .* read with gate_first=True"):
+        convert_model(model)
     for got, expected in zip(_outputs(model), reference, strict=True):
         assert torch.equal(got, expected)
 
@@ -420,6 +536,7 @@ def test_on_the_meta_device_the_class_is_checked_on_a_tiny_cpu_model(monkeypatch
     message = str(caught.value)
     assert "cannot defuse model.layers.0.mlp.experts (Qwen3MoeExperts): its tensors are on the meta device" in message
     assert "failed its self-check on a tiny CPU model built from the model's config" in message
+    assert "the outputs match with gate_first=True instead: the swapped layout of Qwen3MoeExperts" in message
     assert [type(module) for module in model.modules()] == before
     manager.unregister("swapped")
     assert convert_model(model) is True  # the right layout passes

@@ -19,7 +19,7 @@ from defuser.engine.kinds import KINDS, defused_kind
 from defuser.engine.layout import collector_paused
 from defuser.engine.offload import dispatched_conversion
 from defuser.engine.preload import apply_preload_plan, is_patched, restore_preload_patches
-from defuser.engine.selfcheck import SelfCheck
+from defuser.engine.selfcheck import SelfCheck, SelfCheckError
 from defuser.engine.sharded_convert import defuse_sharded, fuse_sharded, is_sharded_defused
 from defuser.engine.transaction import ModuleSnapshot, releasing_consumed, snapshot_module
 from defuser.errors import ConversionError
@@ -302,6 +302,7 @@ def _defuse_one(
     saved = snapshot_module(candidate.module, shared)
     hooks = module_hooks(candidate.module, candidate.path)
     release = releasing_consumed(saved) if cleanup_original else contextlib.nullcontext()
+    probe = None
     try:
         # A sharded module's forward talks to the other ranks: the distributed tests check those.
         probe = check.prepare(candidate) if check is not None and sharding is None else None
@@ -320,8 +321,12 @@ def _defuse_one(
         saved.restore()
         if not isinstance(error, Exception):  # KeyboardInterrupt and friends propagate as they are
             raise
+        hint = ""
+        if isinstance(error, SelfCheckError) and check is not None and probe is not None:
+            hint = check.suspect_flags(candidate, probe)
         raise ConversionError(
-            f"defusing {candidate.path} ({candidate.class_name}) failed: {error} (the module was put back as it was)"
+            f"defusing {candidate.path} ({candidate.class_name}) failed: {error}{hint} "
+            "(the module was put back as it was)"
         ) from error
 
 

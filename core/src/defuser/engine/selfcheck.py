@@ -11,7 +11,13 @@ Two checks guard every module ``convert_model`` defuses, before its replacement 
   and on its own device, routes reaching every expert of a module with up to
   :data:`PROBE_EXPERTS`, else that many spread from the first to the last, plus identity
   experts) through the fused module before defusion and through its replacement after; a
-  difference beyond the dtype's tolerance fails the module, with the measured difference.
+  difference beyond the dtype's tolerance fails the module, with the measured difference and,
+  when flipping one layout flag (``gate_first``, ``is_concatenated``, an orientation) makes
+  the outputs match, that flag.  Where the fused class has its own gate function (the defused
+  experts join their gate and up outputs back before calling it, so misnamed halves give the
+  same outputs), the probe also checks that the function is affine in the half the layout
+  calls ``up``, as a gate function is and not in its gate half: a layout naming gate rows
+  ``up_proj`` fails the module with the reading that fits.
   Those first modules are converted before all others and installed only once every one of
   them passed, so a failed probe leaves the whole model as it was.  Modules on the ``meta``
   device (or offloaded by accelerate, whose tensors wait on ``meta``) cannot run: their class
@@ -105,6 +111,13 @@ _PROBE_TOP_K = 4
 # differ between experts sits at the ends (identity experts, the count), which the spread
 # always includes.
 PROBE_EXPERTS: int | None = 8
+
+
+# Layout flags a declaration can get wrong without changing a single shape, so that only the
+# outputs tell: when a probe's outputs differ, each is tried flipped to name the likely culprit.
+_SUSPECT_FLAGS = ("gate_first", "is_concatenated", "is_transposed", "down_transposed", "transposed")
+# Largest fused module (bytes of its tensors) whose failed probe is diagnosed by flipping flags.
+SUSPECT_FLAGS_MAX_BYTES = 512 << 20
 
 
 class SelfCheckError(RuntimeError):
@@ -445,7 +458,49 @@ class SelfCheck:
         self.probes += 1
         if failure:
             raise SelfCheckError(failure)
+        misread = _misread_gate_halves(candidate, replacement)
+        if misread:
+            raise SelfCheckError(misread)
         self.checked.add(_check_key(candidate))
+
+    def suspect_flags(self, candidate: Candidate, probe: Probe) -> str:
+        """After ``candidate`` failed its probe (and its module is fused again), the layout
+        flags which, flipped one at a time, give the fused module's outputs: a hint naming the
+        likely mistake in the declaration (empty when none does).  Defusions made here are
+        thrown away; a failure of any of them only means that flip is not the answer.  A module
+        larger than :data:`SUSPECT_FLAGS_MAX_BYTES` gets no hint: a flip of a layout that copies
+        costs a copy of the module, too much to risk on an error path."""
+        if probe.reference is None or probe.inputs is None:
+            return ""
+        size = sum(t.numel() * t.element_size() for t in _named_tensors(candidate.module).values())
+        if size > SUSPECT_FLAGS_MAX_BYTES:
+            return ""
+        layout = candidate.layout
+        matches = []
+        for name in _SUSPECT_FLAGS:
+            value = getattr(layout, name, None)
+            if name == "down_transposed" and value is None and isinstance(layout, ExpertsLayout):
+                value = layout.transposed_down
+            if not isinstance(value, bool):
+                continue
+            try:
+                flipped = dataclasses.replace(candidate, layout=dataclasses.replace(layout, **{name: not value}))
+                replacement = self.manager.defuse(flipped)
+                output = _run(replacement, probe.inputs, probe.part)
+            except Exception:  # a flip that does not fit the tensors is not the answer
+                continue
+            if _compare(probe.reference, output, ""):
+                continue
+            # Equal outputs are not enough where the halves are joined back before the gate.
+            readings = _up_readings(flipped, replacement)
+            if readings is None or readings[_declared_reading(flipped.layout)]:
+                matches.append(f"{name}={not value}")
+        if not matches:
+            return ""
+        return (
+            f"; the outputs match with {' or '.join(matches)} instead: the {candidate.plugin} layout of "
+            f"{candidate.class_name} probably declares it wrong"
+        )
 
     def report(self) -> None:
         """Log what the numeric check did in this conversion and what it cost."""
@@ -505,8 +560,86 @@ class SelfCheck:
         try:
             check.verify(twin, probe, self.manager.defuse(twin))
         except Exception as error:
-            return "failed", f"{type(error).__name__}: {error}"
+            hint = check.suspect_flags(twin, probe) if isinstance(error, SelfCheckError) else ""
+            return "failed", f"{type(error).__name__}: {error}{hint}"
         return "passed", ""
+
+
+_READING_FLAGS = ("is_concatenated", "gate_first")
+
+
+def _up_readings(candidate: Candidate, replacement: nn.Module) -> dict[tuple[bool, bool], bool] | None:
+    """For each way to read the gate-up halves (``(is_concatenated, gate_first)``): whether the
+    fused class's own gate function is affine in the half read as ``up`` (an activation of the
+    gate times the up, plus one or not, is; the gate goes through a nonlinearity).  None where
+    the test does not apply (no own gate function) or says nothing (no reading is affine)."""
+    from defuser.engine.experts import GateActivation
+    from defuser.engine.layout import join_gate_up
+
+    layout = candidate.layout
+    if not isinstance(layout, ExpertsLayout) or not layout.has_gate or layout.separate_gate_up:
+        return None
+    activation = next(
+        (m for m in replacement.modules() if isinstance(m, GateActivation) and m._gate_fn is not None), None
+    )
+    gate_proj = next((m for name, m in replacement.named_modules() if name.endswith("gate_proj")), None)
+    if activation is None or not isinstance(gate_proj, nn.Linear):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    # Gates of both signs and well past the activations' near-linear middle; three small ups in
+    # a line (small: gpt-oss clamps its up half at 7).
+    width = gate_proj.out_features
+    gate = torch.randn(4, width, generator=generator) * 3
+    first, last = (torch.randn(4, width, generator=generator) * 0.5 for _ in range(2))
+    middle = (first + last) / 2
+
+    def affine_in_up(concatenated: bool, gate_first: bool) -> bool:
+        reading = dataclasses.replace(layout, is_concatenated=concatenated, gate_first=gate_first)
+        try:
+            with torch.no_grad():
+                at_first, at_last, at_middle = (
+                    activation._gate_fn(activation._owner, join_gate_up(gate, up, reading)).double()
+                    for up in (first, last, middle)
+                )
+        except Exception:  # a reading the gate function cannot take says nothing
+            return False
+        error = (at_first + at_last - 2 * at_middle).abs().max().item()
+        scale = max(at_first.abs().max().item(), at_last.abs().max().item(), 1e-12)
+        return error <= 1e-4 * scale
+
+    readings = {(c, g): affine_in_up(c, g) for c in (True, False) for g in (True, False)}
+    return readings if any(readings.values()) else None
+
+
+def _declared_reading(layout: Any) -> tuple[bool, bool]:
+    return (layout.is_concatenated, layout.gate_first)
+
+
+def _misread_gate_halves(candidate: Candidate, replacement: nn.Module) -> str:
+    """Why the gate and up halves the replacement's experts hold are misnamed, or empty.
+
+    Where the fused class has its own gate function, the defused experts join their gate and up
+    outputs back in the declared order before calling it, so a wrong ``is_concatenated`` or
+    ``gate_first`` computes the same outputs while ``gate_proj`` holds up rows (or a mix): the
+    probe cannot see it.  A gate function is affine in its up half and not in its gate half
+    (SiLU, GELU, sigmoid, gpt-oss's clamped GLU); when the halves read the declared way are not,
+    and read exactly one other way they are, the declaration is what is wrong."""
+    readings = _up_readings(candidate, replacement)
+    if readings is None:
+        return ""
+    declared = _declared_reading(candidate.layout)
+    if readings[declared]:
+        return ""
+    fitting = [reading for reading, affine in readings.items() if affine]
+    if len(fitting) != 1:
+        return ""
+    pairs = zip(_READING_FLAGS, fitting[0], declared, strict=True)
+    changes = [f"{name}={value}" for name, value, was in pairs if value != was]
+    return (
+        f"self-check: the {candidate.plugin} layout of {candidate.class_name} names the wrong rows gate_proj and "
+        f"up_proj: its own gate function is affine in the up half only when the halves are read with "
+        f"{' and '.join(changes)} (the outputs agree either way, because the halves are joined back before it)"
+    )
 
 
 def _twin_candidate(tiny: nn.Module, candidate: Candidate, manager: Any) -> Candidate | None:
