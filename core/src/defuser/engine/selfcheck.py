@@ -577,7 +577,9 @@ def _up_readings(candidate: Candidate, replacement: nn.Module) -> dict[tuple[boo
     from defuser.engine.layout import join_gate_up
 
     layout = candidate.layout
-    if not isinstance(layout, ExpertsLayout) or not layout.has_gate or layout.separate_gate_up:
+    if not isinstance(layout, ExpertsLayout) or layout.gate_style != "module":
+        return None
+    if not layout.has_gate or layout.separate_gate_up:  # gate and up from tensors of their own
         return None
     activation = next(
         (m for m in replacement.modules() if isinstance(m, GateActivation) and m._gate_fn is not None), None
@@ -588,9 +590,10 @@ def _up_readings(candidate: Candidate, replacement: nn.Module) -> dict[tuple[boo
     generator = torch.Generator().manual_seed(0)
     # Gates of both signs and well past the activations' near-linear middle; three small ups in
     # a line (small: gpt-oss clamps its up half at 7).
-    width = gate_proj.out_features
-    gate = torch.randn(4, width, generator=generator) * 3
-    first, last = (torch.randn(4, width, generator=generator) * 0.5 for _ in range(2))
+    # In float32 on the experts' device (a gate function may read the module's own tensors).
+    width, device = gate_proj.out_features, gate_proj.weight.device
+    gate = (torch.randn(4, width, generator=generator) * 3).to(device)
+    first, last = ((torch.randn(4, width, generator=generator) * 0.5).to(device) for _ in range(2))
     middle = (first + last) / 2
 
     def affine_in_up(concatenated: bool, gate_first: bool) -> bool:
