@@ -103,6 +103,37 @@ def test_verify_loads_converts_and_compares(qwen_folder):
 
 
 @pytest.mark.subprocess
+def test_verify_compares_a_bfloat16_model_with_the_eager_loop_within_its_dtype(tmp_path):
+    # transformers' default grouped_mm rounds bfloat16 differently from its eager per-expert
+    # loop, which the defused experts compute; 1e-5 would fail on rounding alone.
+    import torch
+
+    from defuser.tiny import build_tiny_model
+
+    build_tiny_model("mixtral", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    result = _run("verify", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reference: the fused model, experts run by transformers' eager loop" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("logits "))
+    difference, atol = float(row.split()[1]), float(row.split()[3])
+    assert 1e-5 < atol < 0.1 and difference <= atol
+    assert _run("verify", str(tmp_path), "--atol", "-1").returncode == 1  # an explicit --atol is what counts
+
+
+def test_verify_default_tolerance_follows_the_model_dtype():
+    import torch
+
+    from defuser.cli import _default_atol
+
+    logits = torch.tensor([0.5, -2.0])
+    assert _default_atol(logits, torch.float32) == 1e-5
+    assert _default_atol(logits.bfloat16(), torch.bfloat16) == pytest.approx(0.03 * 2.0)
+    # A bfloat16 model whose head casts its logits to float32 still rounds in bfloat16.
+    assert _default_atol(logits, torch.bfloat16) == pytest.approx(0.03 * 2.0)
+    assert _default_atol(torch.tensor([1e-6]), torch.float16) == 1e-5
+
+
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

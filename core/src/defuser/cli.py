@@ -249,6 +249,7 @@ def _verify(args: argparse.Namespace) -> int:
     model, loaded_by = _load_for_verify(args.source, config)
     inputs = tiny_inputs(model, batch=args.batch, length=args.length, seed=args.seed)
     if loaded_by == "stock":
+        reference = _use_eager_experts(model)
         before = _outputs(model, inputs)
         if not convert_model(model, filter=args.filter, max_layers=args.max_layers):
             raise ValueError(f"{args.source}: nothing to defuse in {config.model_type}")
@@ -258,19 +259,55 @@ def _verify(args: argparse.Namespace) -> int:
         after = _outputs(model, inputs)
         if not fuse_model(model, filter=args.filter):
             raise ValueError(f"{args.source}: the model built by replace_fused_blocks has nothing to fuse back")
+        reference = _use_eager_experts(model)
         before = _outputs(model, inputs)
     print(f"model: {type(model).__name__} ({config.model_type}), inputs {args.batch}x{args.length} (seed {args.seed})")
     if loaded_by != "stock":
         print("loaded through replace_fused_blocks (stock transformers cannot load this checkpoint completely)")
-    rows, worst = [], 0.0
-    for name, reference in before.items():
-        absolute = (after[name].float() - reference.float()).abs()
-        relative = (absolute / reference.float().abs().clamp_min(1e-12)).max().item()
-        worst = max(worst, absolute.max().item())
-        verdict = "ok" if absolute.max().item() <= args.atol else "FAIL"
-        rows.append((name, f"{absolute.max().item():.3e}", f"{relative:.3e}", f"{args.atol:g}", verdict))
+    print(f"reference: the fused model, {reference}")
+    computed_in = getattr(model, "dtype", None)
+    rows, failed = [], False
+    for name, expected in before.items():
+        absolute = (after[name].float() - expected.float()).abs()
+        relative = (absolute / expected.float().abs().clamp_min(1e-12)).max().item()
+        atol = args.atol if args.atol is not None else _default_atol(expected, computed_in)
+        ok = absolute.max().item() <= atol  # NaN fails
+        failed = failed or not ok
+        rows.append((name, f"{absolute.max().item():.3e}", f"{relative:.3e}", f"{atol:.3g}", "ok" if ok else "FAIL"))
     print(_table(("output", "max abs diff", "max rel diff", "atol", "result"), rows))
-    return 0 if worst <= args.atol else 1
+    return 1 if failed else 0
+
+
+def _use_eager_experts(model: Any) -> str:
+    """Switch ``model``'s fused experts to transformers' eager per-expert loop, the exact
+    reference of the defused experts (``grouped_mm`` and ``batched_mm`` run other kernels, which
+    round differently in bfloat16); says which experts implementation the reference runs."""
+    default = getattr(model.config, "_experts_implementation", None)
+    if default in (None, "eager"):
+        return "experts as transformers runs them"
+    try:
+        model.set_experts_implementation("eager")
+    except Exception as error:  # a model that cannot switch: compare with what it runs
+        return f"experts run by {default!r} (eager unavailable: {error})"
+    return f"experts run by transformers' eager loop (its default here: {default!r})"
+
+
+_FLOAT32_ATOL = 1e-5
+
+
+def _default_atol(reference: Any, computed_in: Any) -> float:
+    """1e-5 for a model computing in float32 or wider; for narrower ones (bfloat16, float16),
+    whose last bits depend on the kernel, the self-check's tolerance for the dtype times the
+    largest reference magnitude (never below 1e-5), whatever dtype the output is cast to."""
+    import torch
+
+    from defuser.engine.selfcheck import relative_tolerance
+
+    dtype = computed_in if isinstance(computed_in, torch.dtype) else reference.dtype
+    if dtype in (torch.float32, torch.float64):
+        return _FLOAT32_ATOL
+    scale = reference.detach().float().abs().max().item() if reference.numel() else 0.0
+    return max(_FLOAT32_ATOL, relative_tolerance(dtype) * scale)
 
 
 def _outputs(model: Any, inputs: dict) -> dict:
@@ -512,7 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.set_defaults(run=_inspect)
     verify = commands.add_parser("verify", parents=[switches], help="defuse a local model and compare its outputs")
     verify.add_argument("source", help="a local model folder (weights are loaded)")
-    verify.add_argument("--atol", type=float, default=1e-5, help="largest allowed absolute difference")
+    verify.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="largest allowed absolute difference (default: 1e-5 for a float32 model; for bfloat16 and "
+        "float16 the self-check's tolerance for the dtype times the largest output magnitude)",
+    )
     verify.add_argument("--filter", action="append", metavar="RULE", help="PCRE rule; repeatable")
     verify.add_argument("--max-layers", type=_positive_int, help="convert decoder layers 0..N-1 only")
     verify.add_argument("--batch", type=_positive_int, default=2)
