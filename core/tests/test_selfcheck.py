@@ -196,8 +196,13 @@ class _Declaring:
 # --- the numeric self-check ------------------------------------------------------------------
 
 
-class _Swapped:
-    """Declares the made-up class with gate and up swapped: a wrong layout."""
+class _Misdeclared:
+    """Declares one made-up experts class with the decorator's layout but ``overrides``: a wrong
+    layout (by default gate and up swapped)."""
+
+    def __init__(self, experts_class: type = MadeUpExperts, **overrides):
+        self.experts_class = experts_class
+        self.overrides = overrides or {"gate_first": False}
 
     @hookimpl
     def defuser_plugin_info(self):
@@ -205,14 +210,14 @@ class _Swapped:
 
     @hookimpl
     def defuser_detect_candidate(self, module, path, model_type):
-        if type(module) is not MadeUpExperts:
+        if type(module) is not self.experts_class:
             return None
-        layout = read_experts_layout(module).with_overrides(gate_first=False)
+        layout = read_experts_layout(module).with_overrides(**self.overrides)
         return Candidate(path, module, "experts", "swapped", layout, model_type)
 
 
 def test_a_wrong_declared_layout_is_caught_by_the_self_check_and_rolled_back(defuser_plugin_manager):
-    defuser_plugin_manager.register(_Swapped(), "swapped")
+    defuser_plugin_manager.register(_Misdeclared(), "swapped")
     model = _Model(MadeUpExperts(_config()), MadeUpExperts(_config(), seed=1))
     reference = _outputs(model)
     before, classes = _state(model), [type(module) for module in model.modules()]
@@ -229,19 +234,9 @@ def test_a_wrong_declared_layout_is_caught_by_the_self_check_and_rolled_back(def
         assert torch.equal(got, expected)
 
 
-class _TransposedWrongly(_Swapped):
-    """Declares the made-up class as stored transposed: shapes do not fit, the probe fails."""
-
-    @hookimpl
-    def defuser_detect_candidate(self, module, path, model_type):
-        if type(module) is not MadeUpExperts:
-            return None
-        layout = read_experts_layout(module).with_overrides(is_transposed=True)
-        return Candidate(path, module, "experts", "swapped", layout, model_type)
-
-
 def test_a_probe_failing_on_a_wrong_flag_names_the_flag(defuser_plugin_manager):
-    defuser_plugin_manager.register(_TransposedWrongly(), "swapped")
+    # Declared as stored transposed: the shapes do not fit, the probe fails.
+    defuser_plugin_manager.register(_Misdeclared(is_transposed=True), "swapped")
     model = _Model(MadeUpExperts(_config()))
     before, classes = _state(model), [type(module) for module in model.modules()]
     with pytest.raises(ConversionError, match=r"the outputs match with is_transposed=False instead"):
@@ -253,7 +248,7 @@ def test_a_module_above_the_diagnosis_size_gets_no_hint(defuser_plugin_manager, 
     from defuser.engine import selfcheck
 
     monkeypatch.setattr(selfcheck, "SUSPECT_FLAGS_MAX_BYTES", 0)
-    defuser_plugin_manager.register(_Swapped(), "swapped")
+    defuser_plugin_manager.register(_Misdeclared(), "swapped")
     model = _Model(MadeUpExperts(_config()))
     with pytest.raises(ConversionError) as caught:
         convert_model(model)
@@ -261,15 +256,7 @@ def test_a_module_above_the_diagnosis_size_gets_no_hint(defuser_plugin_manager, 
 
 
 def test_a_failure_no_single_flag_explains_gets_no_hint(defuser_plugin_manager):
-    class _Broken(_Swapped):
-        @hookimpl
-        def defuser_detect_candidate(self, module, path, model_type):
-            if type(module) is not MadeUpExperts:
-                return None
-            layout = read_experts_layout(module).with_overrides(gate_first=False, is_transposed=True)
-            return Candidate(path, module, "experts", "swapped", layout, model_type)
-
-    defuser_plugin_manager.register(_Broken(), "swapped")
+    defuser_plugin_manager.register(_Misdeclared(gate_first=False, is_transposed=True), "swapped")
     model = _Model(MadeUpExperts(_config()))
     with pytest.raises(ConversionError) as caught:
         convert_model(model)
@@ -324,17 +311,8 @@ def test_an_own_gate_function_declared_right_converts(generic_only):
         assert torch.allclose(got, expected, atol=1e-5)
 
 
-class _SigmoidSwapped(_Swapped):
-    @hookimpl
-    def defuser_detect_candidate(self, module, path, model_type):
-        if type(module) is not SigmoidGatedExperts:
-            return None
-        layout = read_experts_layout(module).with_overrides(gate_first=False)
-        return Candidate(path, module, "experts", "swapped", layout, model_type)
-
-
 def test_an_own_gate_function_declared_swapped_is_caught(defuser_plugin_manager):
-    defuser_plugin_manager.register(_SigmoidSwapped(), "swapped")
+    defuser_plugin_manager.register(_Misdeclared(SigmoidGatedExperts, gate_first=False), "swapped")
     model = _Model(SigmoidGatedExperts(_config()))
     reference = _outputs(model)
     with pytest.raises(ConversionError, match=r"affine in the up half only when .* read with gate_first=True"):
@@ -346,7 +324,7 @@ def test_an_own_gate_function_declared_swapped_is_caught(defuser_plugin_manager)
 def test_with_the_self_check_off_the_wrong_layout_goes_through(defuser_plugin_manager, monkeypatch):
     # What the check is for: without it, the same declaration silently changes the outputs.
     monkeypatch.setenv(ENV_VERIFY, "0")
-    defuser_plugin_manager.register(_Swapped(), "swapped")
+    defuser_plugin_manager.register(_Misdeclared(), "swapped")
     model = _Model(MadeUpExperts(_config()))
     reference = _outputs(model)
     assert convert_model(model) is True
@@ -356,7 +334,7 @@ def test_with_the_self_check_off_the_wrong_layout_goes_through(defuser_plugin_ma
 def test_a_failed_check_of_a_later_class_leaves_earlier_classes_fused(defuser_plugin_manager):
     # Layer 0 holds a class that passes, layer 1 one that fails: the first modules of every
     # class wait uninstalled until all passed, so the whole model stays as it was.
-    defuser_plugin_manager.register(_Swapped(), "swapped")
+    defuser_plugin_manager.register(_Misdeclared(), "swapped")
     model = _Model(PlainSubclass(_config()), MadeUpExperts(_config(), seed=1), PlainSubclass(_config(), seed=2))
     before, classes = _state(model), [type(module) for module in model.modules()]
     with pytest.raises(ConversionError, match=r"defusing layers\.1\.mlp\.experts \(MadeUpExperts\) failed: self-check"):

@@ -590,10 +590,15 @@ def _up_readings(candidate: Candidate, replacement: nn.Module) -> dict[tuple[boo
         return None
     if not layout.has_gate or layout.separate_gate_up:  # gate and up from tensors of their own
         return None
-    activation = next(
-        (m for m in replacement.modules() if isinstance(m, GateActivation) and m._gate_fn is not None), None
-    )
-    gate_proj = next((m for name, m in replacement.named_modules() if name.endswith("gate_proj")), None)
+    activation: GateActivation | None = None
+    gate_proj: nn.Module | None = None
+    for name, module in replacement.named_modules():  # one walk; the first expert has both
+        if activation is None and isinstance(module, GateActivation) and module._gate_fn is not None:
+            activation = module
+        elif gate_proj is None and name.endswith("gate_proj"):
+            gate_proj = module
+        if activation is not None and gate_proj is not None:
+            break
     if activation is None or not isinstance(gate_proj, nn.Linear):
         return None
     generator = torch.Generator().manual_seed(0)
